@@ -1,0 +1,51 @@
+"""Exact GPU amounts: integer tenths inside, so 0.1 + 0.2 is exactly 0.3.
+
+Valid amounts are 0.1-0.9 in steps of exactly 0.1 (a share of one device) or a whole
+number 1-8 (whole devices). Text and numbers are read through `Decimal` so that binary
+floating point never decides whether an amount is valid.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from .errors import InvalidAmount
+
+TENTHS_PER_GPU = 10
+"""Tenths in one whole device: the most one partition (and one device) can hold."""
+
+MAX_WHOLE_GPUS = 8
+
+
+def parse_amount(value: str | int | float | Decimal) -> int:
+    """The amount in tenths; raises `InvalidAmount` naming the input as given."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise InvalidAmount(value)
+    try:
+        if isinstance(value, str):
+            number = Decimal(value.strip())
+        elif isinstance(value, float):
+            # repr is the shortest text that round-trips, so 0.3 reads as 0.3, not 0.2999...
+            number = Decimal(repr(value))
+        else:
+            number = Decimal(value)
+    except InvalidOperation:
+        raise InvalidAmount(value) from None
+    if not number.is_finite():
+        raise InvalidAmount(value)
+    tenths = number * TENTHS_PER_GPU
+    if tenths != tenths.to_integral_value():
+        raise InvalidAmount(value)
+    whole = int(tenths)
+    if 1 <= whole < TENTHS_PER_GPU:
+        return whole
+    if whole % TENTHS_PER_GPU == 0 and 1 <= whole // TENTHS_PER_GPU <= MAX_WHOLE_GPUS:
+        return whole
+    raise InvalidAmount(value)
+
+
+def format_amount(tenths: int) -> str:
+    """Tenths as the shortest decimal text: 5 -> "0.5", 10 -> "1", 15 -> "1.5"."""
+    sign = "-" if tenths < 0 else ""
+    whole, tenth = divmod(abs(tenths), TENTHS_PER_GPU)
+    return f"{sign}{whole}" if tenth == 0 else f"{sign}{whole}.{tenth}"

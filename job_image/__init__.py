@@ -1,0 +1,1 @@
+"""The job image: the in-container runner and the code package format."""

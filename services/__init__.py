@@ -1,0 +1,1 @@
+"""Cumulus's four services: gateway, scheduler, partitioner, runner."""

@@ -1,0 +1,265 @@
+"""The runner: starts each job once its partition is ready, streams its output, ends it.
+
+Consumes only its worker's `partition_ready` and `cancel` events. For each job it logs a
+Launching record (with the result nonce), starts the job idempotently through its backend,
+emits JobStarted, then watches: every output line becomes part of a JobLog event (batched,
+in order, the unterminated last line included), the duration is enforced (DEADLINE_EXCEEDED),
+a cancel kills within the poll interval, and the exit becomes JobCompleted or JobFailed. After
+a crash it replays its log and re-adopts running jobs from the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from typing import Any
+
+import msgspec
+
+from job_image.runner import parse_frame
+from services.runner import state as st
+from services.runner.backend import Backend, FileTail
+from services.runner.process import ProcessBackend
+from shared import events as ev
+from shared import subjects
+from shared.errors import deadline_exceeded
+from shared.service import ConsumerSpec, EventService
+from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS, child_trace
+
+log = logging.getLogger(__name__)
+
+MAX_LINES_PER_EVENT = 1000
+MAX_BYTES_PER_EVENT = 256 * 1024
+POLL_FAST_S = 0.005
+POLL_SLOW_S = 0.05
+
+
+class Runner(EventService):
+    name = "runner"
+
+    def __init__(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.worker_id = self.config.worker_id
+        self.state = st.RunnerState(self.worker_id)
+        root = self.config.data_path / f"runner-{self.worker_id}"
+        self.ledger = root / "launches.log"
+        self.backend: Backend = backend or ProcessBackend(root / "jobs", ledger=self.ledger)
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def db_path(self) -> Any:
+        return self.config.data_path / f"runner-{self.worker_id}.sqlite"
+
+    def consumers(self) -> list[ConsumerSpec]:
+        return [
+            ConsumerSpec(
+                subjects.JOBS_STREAM,
+                f"runner-{self.worker_id}",
+                subjects.job_events("partition_ready", "cancel", worker_id=self.worker_id),
+            )
+        ]
+
+    def apply(self, event: Any) -> None:
+        self.state.apply(event)
+
+    def decode(self, data: bytes) -> Any:
+        return st.decode(data)
+
+    async def on_start(self) -> None:
+        # A crash between a job's terminal event and its cleanup leaves its directory behind.
+        if isinstance(self.backend, ProcessBackend):
+            for job_id, attempt in self.backend.handles():
+                job = self.state.jobs.get(job_id)
+                if job is None or job.status == "done" or job.attempt != attempt:
+                    await self.backend.cleanup(job_id, attempt)
+
+    async def on_stop(self) -> None:
+        tasks = [*self._watchers.values(), *self._starting.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        WORKER_ACTIVE_JOBS.set(len(self.state.active()))
+        for job in self.state.active():
+            if job.job_id in self._starting or job.job_id in self._watchers:
+                continue
+            if job.status in ("ready", "launching"):
+                if job.cancel and job.status == "ready":
+                    await self._end(job, ev.JobCancelled(
+                        job_id=job.job_id, user=job.user, worker_id=self.worker_id,
+                        message=job.cancel_reason or "cancelled by user",
+                        trace=child_trace(job.trace)))
+                    continue
+                self._starting[job.job_id] = asyncio.create_task(self._start(job))
+            elif job.status == "running":
+                self._watchers[job.job_id] = asyncio.create_task(self._watch(job))
+
+    # -- starting --------------------------------------------------------------------------
+
+    async def _start(self, job: st.RunJob) -> None:
+        try:
+            if job.status == "ready":
+                await self.emit([], internal=[st.Launching(
+                    job_id=job.job_id, attempt=job.attempt, nonce=secrets.token_hex(16))])
+            try:
+                package = await self._package(job.spec.code_ref)
+                handle = await self.backend.start(
+                    job.job_id, job.attempt, package, job.nonce, self._env(job)
+                )
+            except Exception as exc:
+                log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
+                await self._end(job, ev.JobFailed(
+                    job_id=job.job_id, user=job.user, worker_id=self.worker_id, code="INTERNAL",
+                    message=f"Failed to start the job on {self.worker_id}: {exc}",
+                    trace=child_trace(job.trace)))
+                return
+            await self.emit([ev.JobStarted(
+                job_id=job.job_id, user=job.user, worker_id=self.worker_id,
+                backend=self.backend.name, handle=handle, attempt=job.attempt,
+                trace=child_trace(job.trace))])
+        finally:
+            self._starting.pop(job.job_id, None)
+            self.wake()
+
+    async def _package(self, code_ref: str) -> bytes:
+        assert self.js is not None
+        store = await self.js.object_store(subjects.CODE_BUCKET)
+        result = await store.get(code_ref)
+        return result.data or b""
+
+    def _env(self, job: st.RunJob) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")}
+        env.update(job.env)
+        env.update(job.spec.env)
+        env.update({
+            "PYTHONUNBUFFERED": "1",
+            "CUMULUS_JOB_ID": job.job_id,
+            "CUMULUS_WORKER_ID": self.worker_id,
+            "CUMULUS_REQUIREMENTS": msgspec.json.encode(job.spec.requirements).decode(),
+            "CUMULUS_MAX_UNPACKED": str(self.config.limits.max_unpacked_bytes),
+        })
+        return env
+
+    # -- watching --------------------------------------------------------------------------
+
+    async def _watch(self, job: st.RunJob) -> None:
+        try:
+            await self._watch_until_end(job)
+        finally:
+            self._watchers.pop(job.job_id, None)
+
+    async def _watch_until_end(self, job: st.RunJob) -> None:
+        paths = self.backend.output_paths(job.job_id, job.attempt)
+        tails = {name: FileTail(path, job.offsets.get(name, 0)) for name, path in paths.items()}
+        deadline = job.started_at + job.spec.duration_s
+        result: dict[str, Any] | None = None
+        idle = 0
+        while True:
+            exit_ = self.backend.exited(job.job_id, job.attempt, job.handle)
+            final = exit_ is not None
+            ending: ev.Terminal | None = None
+            if not final and job.cancel:
+                await self.backend.kill(job.job_id, job.attempt, job.handle)
+                final = True
+                ending = ev.JobCancelled(
+                    job_id=job.job_id, user=job.user, worker_id=self.worker_id,
+                    message=job.cancel_reason or "cancelled by user", trace=child_trace(job.trace))
+            elif not final and time.time() >= deadline:
+                await self.backend.kill(job.job_id, job.attempt, job.handle)
+                final = True
+                ending = ev.JobTimedOut(
+                    job_id=job.job_id, user=job.user, worker_id=self.worker_id,
+                    message=deadline_exceeded(job.spec.duration_s).message,
+                    trace=child_trace(job.trace))
+            lines: list[ev.LogLine] = []
+            for name, tail in tails.items():
+                for text in tail.read(final):
+                    if name == "stdout" and job.nonce:
+                        framed = parse_frame(text, job.nonce)
+                        if framed is not None:
+                            before, result = framed
+                            if before:
+                                lines.append(ev.LogLine(name, before))
+                            continue
+                    lines.append(ev.LogLine(name, text))
+            records = self._log_events(job, lines, tails)
+            if final:
+                if ending is None:
+                    assert exit_ is not None
+                    ending = self._outcome(job, result, exit_.code, exit_.reason)
+                await self._end(job, ending, records)
+                return
+            if records:
+                await self.emit(records[0], internal=records[1])
+                idle = 0
+            else:
+                idle += 1
+            await asyncio.sleep(POLL_FAST_S if idle < 20 else POLL_SLOW_S)
+
+    def _log_events(
+        self, job: st.RunJob, lines: list[ev.LogLine], tails: dict[str, FileTail]
+    ) -> tuple[list[ev.Event], list[Any]] | None:
+        """JobLog events for `lines` (batched, capped at max_log_bytes) and the new cursor."""
+        offsets = {name: tail.offset for name, tail in tails.items()}
+        if not lines and offsets == job.offsets:
+            return None
+        limit = self.config.worker.max_log_bytes
+        out: list[ev.Event] = []
+        batch: list[ev.LogLine] = []
+        size = 0
+        seq, sent, truncated = job.seq, job.sent_bytes, job.truncated
+
+        def flush() -> None:
+            nonlocal batch, size, seq
+            if batch:
+                out.append(ev.JobLog(job_id=job.job_id, user=job.user, worker_id=self.worker_id,
+                                     seq=seq, lines=batch, trace=job.trace))
+                seq += len(batch)
+                batch, size = [], 0
+
+        for line in lines:
+            if truncated:
+                break
+            cost = len(line.text) + 8
+            if sent + cost > limit:
+                truncated = True
+                line = ev.LogLine("stderr", f"[cumulus] output truncated after {sent} bytes")
+            batch.append(line)
+            size += cost
+            sent += cost
+            if len(batch) >= MAX_LINES_PER_EVENT or size >= MAX_BYTES_PER_EVENT:
+                flush()
+        flush()
+        cursor = st.LogCursor(job_id=job.job_id, seq=seq, offsets=offsets, sent_bytes=sent,
+                              truncated=truncated)
+        return out, [cursor]
+
+    def _outcome(
+        self, job: st.RunJob, result: dict[str, Any] | None, code: int | None, reason: str
+    ) -> ev.Terminal:
+        common = {"job_id": job.job_id, "user": job.user, "worker_id": self.worker_id,
+                  "trace": child_trace(job.trace)}
+        runtime = max(0.0, time.time() - job.started_at)
+        if result is not None and result.get("ok"):
+            return ev.JobCompleted(result=msgspec.Raw(msgspec.json.encode(result)),
+                                   runtime_s=runtime, **common)
+        if result is not None:
+            return ev.JobFailed(code="INTERNAL", message=f"{result.get('type')}: {result.get('message')}",
+                                traceback=str(result.get("traceback", "")), **common)
+        return ev.JobFailed(code="INTERNAL", message=f"Job ended without a result: {reason}", **common)
+
+    async def _end(
+        self, job: st.RunJob, ending: ev.Terminal,
+        records: tuple[list[ev.Event], list[Any]] | None = None,
+    ) -> None:
+        logs, internal = records or ([], [])
+        await self.emit([*logs, ending], internal=internal)
+        if job.started_at:
+            JOB_DURATION.labels(ending.status.lower()).observe(max(0.0, time.time() - job.started_at))
+        if job.handle:
+            await self.backend.cleanup(job.job_id, job.attempt)

@@ -1,0 +1,125 @@
+"""The scheduler: worker inventory, fractional placement, the queue, retries, freeing capacity.
+
+One active scheduler. It consumes job events that change capacity and the WORKERS stream,
+decides placements (services/scheduler/handlers.py, pure), and answers three requests on the
+`cumulus-scheduler` micro service: `cumulus.scheduler.admit` (can this ever fit?),
+`cumulus.scheduler.workers` (devices with allocated and free share) and
+`cumulus.scheduler.state` (the allocation state and the log position it was read at).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.micro
+
+from cumulus_core.amounts import format_amount
+from services.scheduler import placement
+from services.scheduler.handlers import decide
+from services.scheduler.state import SchedulerState
+from shared import api, subjects
+from shared import events as ev
+from shared.errors import no_workers, resources_exhausted
+from shared.gpu import GpuRequest
+from shared.service import ConsumerSpec, EventService
+
+JOB_EVENTS = [
+    "submitted",
+    "cancel_requested",
+    "partition_failed",
+    "partition_released",
+    *ev.TERMINAL_NAMES,
+]
+
+
+class Scheduler(EventService):
+    name = "scheduler"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = SchedulerState()
+        self.startup_allocation: dict[str, Any] = {}
+        self.startup_position = 0
+        self._micro: Any = None
+
+    def consumers(self) -> list[ConsumerSpec]:
+        return [
+            ConsumerSpec(subjects.WORKERS_STREAM, "scheduler-workers", ["workers.>"]),
+            ConsumerSpec(
+                subjects.JOBS_STREAM, "scheduler-jobs", subjects.job_events(*JOB_EVENTS)
+            ),
+        ]
+
+    def apply(self, event: Any) -> None:
+        self.state.apply(event)
+
+    def decide(self, event: Any) -> list[ev.Event]:
+        return decide(event, self.state, self.config.scheduler.max_attempts)
+
+    def volatile(self, event: Any) -> bool:
+        return isinstance(event, ev.WorkerHeartbeat)
+
+    async def on_start(self) -> None:
+        assert self.nc is not None
+        self.startup_allocation = self.state.allocation()
+        self.startup_position = self.position
+        self._micro = await nats.micro.add_service(
+            self.nc,
+            name="cumulus-scheduler",
+            version="0.1.0",
+            description="Placement and worker inventory",
+        )
+        group = self._micro.add_group(name="cumulus.scheduler")
+        await group.add_endpoint(name="admit", handler=api.endpoint(self.admit))
+        await group.add_endpoint(name="workers", handler=api.endpoint(self.workers))
+        await group.add_endpoint(name="state", handler=api.endpoint(self.snapshot))
+
+    async def on_stop(self) -> None:
+        if self._micro is not None:
+            await self._micro.stop()
+
+    async def admit(self, data: bytes) -> Any:
+        query = api.decode_request(data, api.SchedulerQuery)
+        if not self.state.live_workers():
+            raise no_workers()
+        if not placement.fits_ever(self.state, query.gpu_tenths):
+            raise resources_exhausted(
+                str(GpuRequest(query.gpu_tenths)), placement.largest_pool_request(self.state)
+            )
+        return {"ok": True, "queued": len(self.state.queue)}
+
+    async def workers(self, data: bytes) -> Any:
+        return {
+            "workers": [
+                {
+                    "worker_id": w.worker_id,
+                    "hostname": w.hostname,
+                    "backend": w.backend,
+                    "status": "ready" if w.alive else "down",
+                    "last_seen": w.last_seen,
+                    "labels": w.labels,
+                    "devices": [
+                        {
+                            "index": d.index,
+                            "name": d.name,
+                            "kind": d.kind,
+                            "memory_bytes": d.memory_bytes,
+                            "allocated": format_amount(d.used),
+                            "free": format_amount(d.free),
+                            "jobs": {j: format_amount(t) for j, t in sorted(d.allocated.items())},
+                        }
+                        for d in w.devices
+                    ],
+                }
+                for w in sorted(self.state.workers.values(), key=lambda w: w.worker_id)
+            ],
+            "queued": len(self.state.queue),
+        }
+
+    async def snapshot(self, data: bytes) -> Any:
+        return {
+            "position": self.position,
+            "allocation": self.state.allocation(),
+            "startup_position": self.startup_position,
+            "startup_allocation": self.startup_allocation,
+        }

@@ -1,0 +1,1 @@
+"""Code shared by every Cumulus service: events, subjects, bus, event log, config."""

@@ -1,0 +1,121 @@
+"""Request and reply bodies of the gateway's NATS micro service, and the one client call.
+
+Operations (subject `cumulus.api.<op>`): submit, status, cancel, jobs, workers, health — the
+seed's SubmitJob, GetJobStatus, CancelJob, ListWorkers, HealthCheck, plus ListJobs. Errors come
+back in the micro headers and are rebuilt as typed errors by `request()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client
+from nats.micro.request import Request
+
+from shared import subjects
+from shared.errors import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    CumulusError,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SubmitRequest(msgspec.Struct, kw_only=True):
+    code_ref: str
+    gpu: Any = 0.5
+    """0.1-0.9 or a whole number 1-8, as a number or a string."""
+    duration: Any = 3600
+    """Seconds, 60-86400."""
+    user: str = "default"
+    job_id: str = ""
+    """Optional, chosen by the client so a retried submit is not a second job."""
+    entrypoint: str = "function"
+    requirements: list[str] = []
+    priority: int = 0
+    env: dict[str, str] = {}
+
+
+class SubmitReply(msgspec.Struct, kw_only=True):
+    job_id: str
+    status: str
+
+
+class JobRef(msgspec.Struct, kw_only=True):
+    job_id: str
+    user: str = ""
+
+
+class ListJobsRequest(msgspec.Struct, kw_only=True):
+    user: str = ""
+    status: list[str] = []
+    limit: int = 100
+
+
+class SchedulerQuery(msgspec.Struct, kw_only=True):
+    """Admission check the gateway asks the scheduler before accepting a job."""
+
+    gpu_tenths: int
+
+
+class ApiUnreachable(Unavailable):
+    """Nobody answered on the API subject: the service is not running or not reachable."""
+
+
+T = TypeVar("T")
+
+_json = msgspec.json.Encoder()
+
+
+async def request(
+    nc: Client, op: str, body: Any, reply_type: type[T], timeout: float = 5.0
+) -> T:
+    """Call one API operation; a micro error header becomes the matching CumulusError."""
+    subject = op if "." in op else subjects.api(op)
+    try:
+        msg = await nc.request(subject, _json.encode(body), timeout=timeout)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        raise ApiUnreachable(
+            f"Cumulus API {subject} did not answer; is the gateway running (`cumulus up`)?"
+        ) from None
+    headers = msg.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        raise CumulusError.from_code(
+            headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, "unknown error")
+        )
+    return msgspec.json.decode(msg.data, type=reply_type)
+
+
+def decode_request(data: bytes, typ: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(data or b"{}", type=typ)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidArgument(f"Malformed request: {exc}") from None
+
+
+def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
+    """Wrap an operation: JSON reply on success, the seed's code and message on error."""
+
+    async def serve(req: Request) -> None:
+        try:
+            reply = await handler(req.data)
+        except CumulusError as exc:
+            await req.respond_error(exc.code, exc.message)
+            return
+        except Exception as exc:
+            log.exception("request failed", extra={"fields": {"subject": req.subject}})
+            err = Internal(f"internal error: {exc}")
+            await req.respond_error(err.code, err.message)
+            return
+        body = reply if isinstance(reply, bytes | msgspec.Raw) else _json.encode(reply)
+        await req.respond(bytes(body))
+
+    return serve

@@ -1,0 +1,204 @@
+"""The SQLite event log each service keeps: its memory, its outbox and its tracking rows.
+
+One file per service, WAL mode. A service appends, in ONE transaction per batch: the events it
+applied (consumed and emitted, in order), the events it must publish (the outbox), messages it
+set aside, and the highest stream sequence it consumed (tracking). A crash at any point leaves
+either all of that or none of it. On start the service replays `log` to rebuild its state and
+re-publishes whatever is still in `outbox`.
+
+sqlite3 errors are turned into `EventLogError` here, at one choke point.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+
+from shared.errors import Internal
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS log (
+    position INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tracking (
+    consumer TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    subject TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    trace TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead (
+    id INTEGER PRIMARY KEY,
+    consumer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    subject TEXT NOT NULL,
+    data BLOB NOT NULL,
+    error TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+"""
+
+
+class EventLogError(Internal):
+    """The service's SQLite file could not be read or written."""
+
+
+@dataclass
+class OutboxRow:
+    subject: str
+    msg_id: str
+    trace: str
+    data: bytes
+    id: int = 0
+
+
+@dataclass
+class Batch:
+    """Everything one transaction writes."""
+
+    log: list[bytes] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    dead: list[tuple[str, int, str, bytes, str]] = field(default_factory=list)
+    tracking: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.log or self.outbox or self.dead or self.tracking)
+
+
+class EventLog:
+    """A service's SQLite file. Open with `await EventLog.open(path)`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> EventLog:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise EventLogError(f"cannot open event log {path}: {exc}") from exc
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    @asynccontextmanager
+    async def _errors(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise EventLogError(f"event log {self.path}: {what} failed: {exc}") from exc
+
+    async def commit(self, batch: Batch) -> list[OutboxRow]:
+        """Write `batch` in one transaction; returns its outbox rows with their ids."""
+        async with self._errors("commit"):
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if batch.log:
+                    await self._db.executemany(
+                        "INSERT INTO log(data) VALUES (?)", [(d,) for d in batch.log]
+                    )
+                first_id = 0
+                if batch.outbox:
+                    cursor = await self._db.execute("SELECT coalesce(max(id), 0) FROM outbox")
+                    row = await cursor.fetchone()
+                    first_id = (row[0] if row else 0) + 1
+                    rows = [
+                        (first_id + i, r.subject, r.msg_id, r.trace, r.data)
+                        for i, r in enumerate(batch.outbox)
+                    ]
+                    await self._db.executemany(
+                        "INSERT INTO outbox(id, subject, msg_id, trace, data) VALUES (?,?,?,?,?)",
+                        rows,
+                    )
+                if batch.dead:
+                    now = time.time()
+                    await self._db.executemany(
+                        "INSERT INTO dead(consumer, seq, subject, data, error, ts) "
+                        "VALUES (?,?,?,?,?,?)",
+                        [(*d, now) for d in batch.dead],
+                    )
+                if batch.tracking:
+                    await self._db.executemany(
+                        "INSERT INTO tracking(consumer, seq) VALUES (?, ?) "
+                        "ON CONFLICT(consumer) DO UPDATE SET seq = max(seq, excluded.seq)",
+                        list(batch.tracking.items()),
+                    )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        for i, r in enumerate(batch.outbox):
+            r.id = first_id + i
+        return batch.outbox
+
+    async def published(self, ids: Sequence[int]) -> None:
+        """Forget outbox rows that JetStream has acknowledged."""
+        if not ids:
+            return
+        async with self._errors("outbox delete"):
+            await self._db.execute(
+                "DELETE FROM outbox WHERE id BETWEEN ? AND ?", (min(ids), max(ids))
+            )
+
+    async def pending_outbox(self) -> list[OutboxRow]:
+        async with self._errors("outbox read"):
+            cursor = await self._db.execute(
+                "SELECT id, subject, msg_id, trace, data FROM outbox ORDER BY id"
+            )
+            rows = await cursor.fetchall()
+        return [OutboxRow(id=r[0], subject=r[1], msg_id=r[2], trace=r[3], data=r[4]) for r in rows]
+
+    async def tracking(self) -> dict[str, int]:
+        async with self._errors("tracking read"):
+            cursor = await self._db.execute("SELECT consumer, seq FROM tracking")
+            return {r[0]: r[1] for r in await cursor.fetchall()}
+
+    async def replay(self, upto: int | None = None) -> AsyncIterator[tuple[int, bytes]]:
+        """(position, data) of every logged event, oldest first (up to `upto` if given)."""
+        async with self._errors("replay"):
+            cursor = await self._db.execute(
+                "SELECT position, data FROM log WHERE position <= ? ORDER BY position",
+                (upto if upto is not None else 2**62,),
+            )
+            while rows := await cursor.fetchmany(4096):
+                for row in rows:
+                    yield row[0], row[1]
+
+    async def position(self) -> int:
+        async with self._errors("position read"):
+            cursor = await self._db.execute("SELECT coalesce(max(position), 0) FROM log")
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def dead_letters(self) -> list[tuple[str, int, str, bytes, str]]:
+        async with self._errors("dead read"):
+            cursor = await self._db.execute(
+                "SELECT consumer, seq, subject, data, error FROM dead ORDER BY id"
+            )
+            return [tuple(r) for r in await cursor.fetchall()]  # type: ignore[misc]
+
+
+def read_log(path: Path, upto: int | None = None) -> Iterable[tuple[int, bytes]]:
+    """Synchronous replay of a service's log file, for tools and tests."""
+    with sqlite3.connect(path) as db:
+        yield from db.execute(
+            "SELECT position, data FROM log WHERE position <= ? ORDER BY position",
+            (upto if upto is not None else 2**62,),
+        )

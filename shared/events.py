@@ -1,0 +1,260 @@
+"""The event catalog: immutable, versioned facts about jobs and workers.
+
+Every event is a frozen msgspec Struct encoded as JSON with a type tag such as
+`cumulus.job.v1.submitted`, so `nats sub 'jobs.>'` shows it readably. Each carries an event id
+(also the JetStream `Nats-Msg-Id`, so a re-published event is dropped as a duplicate), the job
+or worker id, a timestamp and the W3C trace context. Decoding ignores unknown fields, so an old
+reader survives a new field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, ClassVar
+
+import msgspec
+
+from shared.errors import CumulusError
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Common envelope of every event."""
+
+    name: ClassVar[str]
+    event_id: str = msgspec.field(default_factory=new_id)
+    ts: float = msgspec.field(default_factory=time.time)
+    trace: str = ""
+
+
+class JobEvent(Event, frozen=True, kw_only=True):
+    """An event in one job's history, published under `jobs.<user>.<job>.<worker>.<name>`."""
+
+    job_id: str
+    user: str = "default"
+    worker_id: str = ""
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What the user asked to run; travels with the job to the worker."""
+
+    code_ref: str
+    """Name of the code package in the object store (its sha256)."""
+    entrypoint: str = "function"
+    """`function` for a pickled function call, else a script path inside the package."""
+    requirements: list[str] = []
+    gpu_tenths: int = 5
+    duration_s: int = 3600
+    priority: int = 0
+    env: dict[str, str] = {}
+
+
+class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.submitted"):
+    name = "submitted"
+    spec: JobSpec
+
+
+class JobQueued(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.queued"):
+    name = "queued"
+    position: int
+    reason: str
+
+
+class WorkerSelected(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.scheduled"):
+    """The scheduler placed the job: `tenths` of each of `devices` on `worker_id`."""
+
+    name = "scheduled"
+    spec: JobSpec
+    devices: list[int]
+    tenths: int
+    attempt: int = 1
+
+
+class PartitionReady(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.partition_ready"):
+    name = "partition_ready"
+    spec: JobSpec
+    attempt: int = 1
+    partition_ids: list[str]
+    devices: list[int]
+    env: dict[str, str]
+    expires_at: float
+
+
+class PartitionFailed(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.partition_failed"):
+    name = "partition_failed"
+    attempt: int = 1
+    code: str
+    message: str
+
+
+class PartitionReleased(
+    JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.partition_released"
+):
+    name = "partition_released"
+    attempt: int = 1
+    partition_ids: list[str]
+
+
+class CancelRequested(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.cancel_requested"):
+    """A user asked to cancel; the scheduler decides what that means where the job stands."""
+
+    name = "cancel_requested"
+    reason: str = "cancelled by user"
+
+
+class CancelOrdered(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.cancel"):
+    """Worker-directed: stop this job's container or process now."""
+
+    name = "cancel"
+    reason: str = "cancelled by user"
+
+
+class JobStarted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.started"):
+    name = "started"
+    backend: str
+    handle: str
+    attempt: int = 1
+
+
+class LogLine(msgspec.Struct, frozen=True, array_like=True):
+    stream: str
+    text: str
+
+
+class JobLog(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.log"):
+    """A batch of consecutive output lines; `seq` numbers the first line from 0."""
+
+    name = "log"
+    seq: int
+    lines: list[LogLine]
+
+
+class Terminal(JobEvent, frozen=True, kw_only=True):
+    """Marker base for the events that end a job."""
+
+    status: ClassVar[str]
+
+
+class JobCompleted(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.completed"):
+    name = "completed"
+    status = "COMPLETED"
+    result: msgspec.Raw
+    """The result envelope, `{"encoding": "json"|"pickle", "data": ...}`."""
+    runtime_s: float = 0.0
+
+
+class JobFailed(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.failed"):
+    name = "failed"
+    status = "FAILED"
+    code: str
+    message: str
+    traceback: str = ""
+
+
+class JobTimedOut(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.timed_out"):
+    name = "timed_out"
+    status = "TIMED_OUT"
+    code: str = "DEADLINE_EXCEEDED"
+    message: str
+
+
+class JobCancelled(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.cancelled"):
+    name = "cancelled"
+    status = "CANCELLED"
+    code: str = "CANCELLED"
+    message: str = "cancelled by user"
+
+
+class WorkerEvent(Event, frozen=True, kw_only=True):
+    """An event about one worker, published under `workers.<worker>.<name>`."""
+
+    worker_id: str
+
+
+class DeviceInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str
+    memory_bytes: int
+    kind: str = "virtual"
+
+
+class WorkerRegistered(
+    WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.registered"
+):
+    name = "registered"
+    hostname: str
+    devices: list[DeviceInfo]
+    backend: str = "process"
+    labels: dict[str, str] = {}
+
+
+class WorkerHeartbeat(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.heartbeat"):
+    name = "heartbeat"
+    interval_s: float = 5.0
+
+
+class WorkerDeregistered(
+    WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.deregistered"
+):
+    name = "deregistered"
+    reason: str = ""
+
+
+AnyJobEvent = (
+    JobSubmitted
+    | JobQueued
+    | WorkerSelected
+    | PartitionReady
+    | PartitionFailed
+    | PartitionReleased
+    | CancelRequested
+    | CancelOrdered
+    | JobStarted
+    | JobLog
+    | JobCompleted
+    | JobFailed
+    | JobTimedOut
+    | JobCancelled
+)
+AnyWorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerDeregistered
+AnyEvent = AnyJobEvent | AnyWorkerEvent
+
+TERMINAL_NAMES = ("completed", "failed", "timed_out", "cancelled")
+JOB_EVENT_TYPES: tuple[type[JobEvent], ...] = AnyJobEvent.__args__  # type: ignore[attr-defined]
+WORKER_EVENT_TYPES: tuple[type[WorkerEvent], ...] = AnyWorkerEvent.__args__  # type: ignore[attr-defined]
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
+
+
+class MalformedEvent(CumulusError):
+    code = "INVALID_ARGUMENT"
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Decode one event; anything that is not a known, well-formed event is MalformedEvent."""
+    try:
+        return _decoder.decode(data)  # type: ignore[no-any-return]
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedEvent(f"malformed event: {exc}") from None
+
+
+def failure_of(exc: CumulusError, job: JobEvent, **fields: Any) -> JobFailed:
+    """The JobFailed event that reports `exc` for `job`."""
+    return JobFailed(
+        job_id=job.job_id,
+        user=job.user,
+        worker_id=fields.pop("worker_id", job.worker_id),
+        code=exc.code,
+        message=exc.message,
+        trace=job.trace,
+        **fields,
+    )

@@ -1,0 +1,69 @@
+"""The subject catalog: the public NATS API of Cumulus (also written out in docs/subjects.md).
+
+Job history    jobs.<user>.<job_id>.<worker_id|_>.<event>   stream JOBS
+Worker facts   workers.<worker_id>.<event>                  stream WORKERS (latest per subject)
+Request/reply  cumulus.api.<operation>                      NATS micro service "cumulus-gateway"
+Dead letters   cumulus.dead.<service>                       stream DEAD
+
+The user is the second token so that a NATS permission on `jobs.<user>.>` lets a user read
+only its own jobs. The worker is the fourth token so that a worker's consumer filters its own
+work by subject alone (`jobs.*.*.<worker>.scheduled`): the server does the filtering, and 1,000
+workers do not each read every event. `_` stands for "no worker yet".
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.events import TERMINAL_NAMES
+
+JOBS_STREAM = "JOBS"
+WORKERS_STREAM = "WORKERS"
+DEAD_STREAM = "DEAD"
+CODE_BUCKET = "cumulus-code"
+
+NO_WORKER = "_"
+API_PREFIX = "cumulus.api"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_token(value: str) -> bool:
+    """True if `value` can stand as one subject token (user, job or worker id)."""
+    return bool(_TOKEN.match(value)) and value != NO_WORKER
+
+
+def job(user: str, job_id: str, worker_id: str, event: str) -> str:
+    return f"jobs.{user}.{job_id}.{worker_id or NO_WORKER}.{event}"
+
+
+def job_all(job_id: str, user: str = "*") -> str:
+    """Every event of one job, for a subscriber."""
+    return f"jobs.{user}.{job_id}.>"
+
+
+def job_events(*names: str, worker_id: str = "*") -> list[str]:
+    """Consumer filters for the named events of every job (on one worker, if given)."""
+    return [f"jobs.*.*.{worker_id}.{name}" for name in names]
+
+
+def terminal_events(worker_id: str = "*") -> list[str]:
+    return job_events(*TERMINAL_NAMES, worker_id=worker_id)
+
+
+def worker(worker_id: str, event: str) -> str:
+    return f"workers.{worker_id}.{event}"
+
+
+def api(operation: str) -> str:
+    return f"{API_PREFIX}.{operation}"
+
+
+def dead(service: str) -> str:
+    return f"cumulus.dead.{service}"
+
+
+def parse_job_subject(subject: str) -> tuple[str, str, str, str]:
+    """(user, job_id, worker_id, event) of a job subject."""
+    _, user, job_id, worker_id, event = subject.split(".", 4)
+    return user, job_id, "" if worker_id == NO_WORKER else worker_id, event
