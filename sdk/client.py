@@ -29,6 +29,7 @@ from sdk.packaging import code_ref, package_function
 from shared import api, bus, subjects
 from shared import events as ev
 from shared.errors import CumulusError, DeadlineExceeded
+from shared.gpu import GpuRequest
 
 T = TypeVar("T")
 
@@ -176,6 +177,7 @@ class AsyncCumulusClient:
                              duration: int = 3600, requirements: Sequence[str] = (),
                              entrypoint: str = "function", priority: int = 0,
                              env: dict[str, str] | None = None, job_id: str = "") -> AsyncJob:
+        GpuRequest.parse(gpu)  # fail fast, with the gateway's exact message
         ref = await self.upload(package)
         request = api.SubmitRequest(
             code_ref=ref, gpu=gpu, duration=duration, user=self.user,

@@ -7,6 +7,7 @@ back in the micro headers and are rebuilt as typed errors by `request()`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -95,10 +96,21 @@ async def request(
 
 
 def decode_request(data: bytes, typ: type[Any]) -> Any:
+    """Decode a request body; NaN and Infinity (which Python's json writes) are accepted
+    here so that validation, not the parser, names the bad value."""
     try:
         return msgspec.json.decode(data or b"{}", type=typ)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except msgspec.ValidationError as exc:
         raise InvalidArgument(f"Malformed request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        try:
+            loose = json.loads(data)
+        except ValueError:
+            raise InvalidArgument(f"Malformed request: {exc}") from None
+        try:
+            return msgspec.convert(loose, type=typ)
+        except msgspec.ValidationError as exc2:
+            raise InvalidArgument(f"Malformed request: {exc2}") from None
 
 
 def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:

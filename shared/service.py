@@ -64,6 +64,7 @@ class EventService:
         self._pullers: list[bus.Puller] = []
         self._stopping = asyncio.Event()
         self._reconcile_wanted = asyncio.Event()
+        self._progress = asyncio.Event()
         self.ready = asyncio.Event()
 
     # -- what a service defines ----------------------------------------------------------
@@ -77,6 +78,21 @@ class EventService:
     def decide(self, event: Any) -> list[Event]:
         """The events this service emits in answer to `event`; reads state, changes nothing."""
         return []
+
+    def ignore(self, subject: str) -> bool:
+        """True for messages consumed only to keep the tracked sequence complete."""
+        return False
+
+    async def caught_up(self, consumer: str, seq: int, timeout: float) -> bool:
+        """Wait until `consumer` has applied stream sequence `seq` (read-your-writes)."""
+        deadline = time.monotonic() + timeout
+        while self._tracked.get(consumer, 0) < seq:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+        return True
 
     def volatile(self, event: Any) -> bool:
         """True for events applied but not logged (heartbeats): replay does without them."""
@@ -195,6 +211,8 @@ class EventService:
                 if seq <= last:
                     continue
                 last = seq
+                if self.ignore(msg.subject):
+                    continue
                 try:
                     event = self.decode(msg.data)
                 except MalformedEvent as exc:
@@ -206,6 +224,8 @@ class EventService:
             batch.tracking[consumer] = last
             await self._commit(batch)
             self._tracked[consumer] = last
+            self._progress.set()
+            self._progress = asyncio.Event()
         await bus.ack_all(msgs[-1])
         self._reconcile_wanted.set()
 

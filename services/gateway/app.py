@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
-TRACKED = [t.name for t in ev.JOB_EVENT_TYPES if t is not ev.JobLog and t is not ev.CancelOrdered]
+CATCH_UP_S = 2.0
+"""How long a status query waits for the job table to reach the job's newest event."""
 
 
 class Gateway(EventService):
@@ -45,7 +46,12 @@ class Gateway(EventService):
         self.started_at = time.time()
 
     def consumers(self) -> list[ConsumerSpec]:
-        return [ConsumerSpec(subjects.JOBS_STREAM, "gateway", subjects.job_events(*TRACKED))]
+        # Every job event, so the tracked sequence tells whether a job's newest event is
+        # applied; log batches are skipped without decoding.
+        return [ConsumerSpec(subjects.JOBS_STREAM, "gateway", ["jobs.>"])]
+
+    def ignore(self, subject: str) -> bool:
+        return subject.endswith((".log", ".cancel"))
 
     def apply(self, event: Any) -> None:
         self.table.apply(event)
@@ -154,7 +160,19 @@ class Gateway(EventService):
 
     async def status(self, data: bytes) -> Any:
         ref = api.decode_request(data, api.JobRef)
+        await self._catch_up(ref.job_id)
         return self._job(ref)
+
+    async def _catch_up(self, job_id: str) -> None:
+        """Read-your-writes: a client that saw an event of this job sees it in status too."""
+        assert self.js is not None
+        if not subjects.valid_token(job_id):
+            return
+        try:
+            last = await self.js.get_last_msg(subjects.JOBS_STREAM, subjects.job_all(job_id))
+        except nats.js.errors.NotFoundError:
+            return
+        await self.caught_up("gateway", last.seq or 0, CATCH_UP_S)
 
     async def cancel(self, data: bytes) -> Any:
         ref = api.decode_request(data, api.JobRef)

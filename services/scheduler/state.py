@@ -7,12 +7,14 @@ had. Capacity is counted in integer tenths per device (10 = one whole GPU).
 from __future__ import annotations
 
 from functools import singledispatchmethod
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from cumulus_core.amounts import TENTHS_PER_GPU
 from shared import events as ev
+from shared.eventlog import read_log
 
 
 class DeviceState(msgspec.Struct, kw_only=True):
@@ -240,3 +242,11 @@ class SchedulerState:
     @apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._finish(event)
+
+
+def rebuild(path: Path, upto: int | None = None) -> SchedulerState:
+    """The state a scheduler log file holds at position `upto` (for tools and tests)."""
+    state = SchedulerState()
+    for _, data in read_log(path, upto):
+        state.apply(ev.decode(data))
+    return state

@@ -1,0 +1,93 @@
+"""The subject layout is a public API: permissions and worker filters depend on token positions."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared import subjects
+
+
+def test_job_subject_layout() -> None:
+    assert subjects.job("alice", "j1", "w1", "started") == "jobs.alice.j1.w1.started"
+
+
+def test_job_without_worker_uses_underscore() -> None:
+    assert subjects.job("alice", "j1", "", "submitted") == "jobs.alice.j1._.submitted"
+
+
+@pytest.mark.parametrize(
+    ("user", "job_id", "worker_id", "event"),
+    [
+        ("alice", "j1", "w1", "started"),
+        ("bob", "0f3a-9c", "", "submitted"),
+        ("u_1", "J-2", "gpu-01", "partition_ready"),
+    ],
+)
+def test_parse_job_subject_round_trips(user: str, job_id: str, worker_id: str, event: str) -> None:
+    subject = subjects.job(user, job_id, worker_id, event)
+    assert subjects.parse_job_subject(subject) == (user, job_id, worker_id, event)
+
+
+def test_user_is_second_token_and_worker_fourth() -> None:
+    tokens = subjects.job("alice", "j1", "w7", "scheduled").split(".")
+    assert tokens[1] == "alice"
+    assert tokens[3] == "w7"
+
+
+def test_worker_filters_select_by_the_worker_token() -> None:
+    assert subjects.job_events("scheduled", "cancel", worker_id="w7") == [
+        "jobs.*.*.w7.scheduled",
+        "jobs.*.*.w7.cancel",
+    ]
+    assert subjects.terminal_events() == [
+        "jobs.*.*.*.completed",
+        "jobs.*.*.*.failed",
+        "jobs.*.*.*.timed_out",
+        "jobs.*.*.*.cancelled",
+    ]
+
+
+def test_every_event_of_one_job() -> None:
+    assert subjects.job_all("j1") == "jobs.*.j1.>"
+    assert subjects.job_all("j1", user="alice") == "jobs.alice.j1.>"
+
+
+def test_other_subjects() -> None:
+    assert subjects.worker("w1", "heartbeat") == "workers.w1.heartbeat"
+    assert subjects.api("submit") == "cumulus.api.submit"
+    assert subjects.dead("scheduler") == "cumulus.dead.scheduler"
+
+
+@pytest.mark.parametrize("token", ["alice", "a", "job-1_X", "0" * 64, "_x", "a_"])
+def test_valid_token_accepts(token: str) -> None:
+    assert subjects.valid_token(token)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("a.b", id="dot"),
+        pytest.param("a b", id="space"),
+        pytest.param("a*", id="star"),
+        pytest.param("*", id="star-alone"),
+        pytest.param(">", id="gt"),
+        pytest.param("a>", id="gt-suffix"),
+        pytest.param("", id="empty"),
+        pytest.param("_", id="no-worker-marker"),
+        pytest.param("x" * 65, id="too-long"),
+        pytest.param("a\tb", id="tab"),
+        pytest.param("ä", id="non-ascii"),
+    ],
+)
+def test_valid_token_rejects(token: str) -> None:
+    assert not subjects.valid_token(token)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="shared/subjects.py:28 anchors the token regex with `$`, which also matches before a "
+    "trailing newline, so 'alice\\n' is accepted as a subject token (use fullmatch or \\Z)",
+)
+@pytest.mark.parametrize("token", ["alice\n", "j1\n"])
+def test_valid_token_rejects_trailing_newline(token: str) -> None:
+    assert not subjects.valid_token(token)
