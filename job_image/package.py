@@ -65,9 +65,14 @@ def check(data: bytes, max_unpacked: int) -> dict[str, Any]:
             manifest = json.loads(archive.read(MANIFEST))
         except KeyError:
             raise PackageError(f"code package has no {MANIFEST}") from None
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as exc:
+            raise PackageError(f"cannot read {MANIFEST}: {exc}") from None
         except ValueError as exc:
             raise PackageError(f"{MANIFEST} is not valid JSON: {exc}") from None
-    return _check_manifest(manifest)
+        manifest = _check_manifest(manifest)
+        if manifest["kind"] == "script" and manifest["entry"] not in {i.filename for i in infos}:
+            raise PackageError(f"code package has no {manifest['entry']} (its entry)")
+    return manifest
 
 
 def _check_manifest(manifest: Any) -> dict[str, Any]:

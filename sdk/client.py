@@ -54,9 +54,11 @@ def _raise_for(event: ev.Terminal) -> None:
         raise CumulusError.from_code("CANCELLED", event.message)
 
 
-def decode_result(event: ev.JobCompleted) -> Any:
-    """The function's return value from a JobCompleted envelope."""
-    envelope = msgspec.json.decode(event.result)
+def decode_result(event: ev.JobCompleted | bytes) -> Any:
+    """The function's return value from a JobCompleted envelope (or the envelope's bytes)."""
+    envelope = msgspec.json.decode(event if isinstance(event, bytes) else event.result)
+    if "stored" in envelope:
+        raise ValueError("the result is in the object store: use AsyncJob.result()")
     if "pickle" in envelope:
         try:
             return cloudpickle.loads(base64.b64decode(envelope["pickle"]))
@@ -111,12 +113,21 @@ class AsyncJob:
                     for line in event.lines:
                         print(line.text, file=sys.stderr if line.stream == "stderr" and logs is sys.stdout else logs)
                 elif isinstance(event, ev.JobCompleted):
-                    return decode_result(event)
+                    return await self._value(event)
                 elif isinstance(event, ev.Terminal):
                     _raise_for(event)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
 
         return await asyncio.wait_for(follow(), timeout)
+
+    async def _value(self, event: ev.JobCompleted) -> Any:
+        envelope = msgspec.json.decode(event.result)
+        if "stored" not in envelope:
+            return decode_result(event)
+        bucket, _, name = envelope["stored"].partition("/")
+        store = await self.client.nc.jetstream().object_store(bucket)
+        stored = await store.get(name)
+        return decode_result(bytes(stored.data or b""))
 
     async def status(self) -> dict[str, Any]:
         return await api.request(

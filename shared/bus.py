@@ -23,6 +23,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -32,6 +33,9 @@ from shared import events, subjects
 from shared.events import Event, JobEvent, WorkerEvent
 
 log = logging.getLogger(__name__)
+
+RESULT_TTL_S = 7 * 24 * 3600.0
+"""Large results are kept this long in the object store."""
 
 DUPLICATE_WINDOW_S = 15 * 60.0
 """Long enough to cover a crashed service's restart and its outbox re-publish."""
@@ -84,12 +88,16 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError:
             await js.update_stream(config)
-    try:
-        await js.object_store(subjects.CODE_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        await js.create_object_store(
-            subjects.CODE_BUCKET, description="Code packages, named by their sha256"
-        )
+    for bucket, description, ttl in (
+        (subjects.CODE_BUCKET, "Code packages, named by their sha256", None),
+        (subjects.RESULTS_BUCKET, "Results too large for an event, named by job id", RESULT_TTL_S),
+    ):
+        try:
+            await js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await js.create_object_store(
+                bucket, config=ObjectStoreConfig(description=description, ttl=ttl)
+            )
 
 
 async def durable(js: JetStreamContext, stream: str, name: str, filters: Sequence[str]) -> None:

@@ -11,6 +11,7 @@ sqlite3 errors are turned into `EventLogError` here, at one choke point.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -88,10 +89,14 @@ class EventLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise EventLogError(f"cannot open event log {path}: {exc}") from exc
+        try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.executescript(SCHEMA)
         except sqlite3.Error as exc:
+            await db.close()  # its thread would otherwise keep the process alive
             raise EventLogError(f"cannot open event log {path}: {exc}") from exc
         return cls(db, path)
 
@@ -153,9 +158,7 @@ class EventLog:
         if not ids:
             return
         async with self._errors("outbox delete"):
-            await self._db.execute(
-                "DELETE FROM outbox WHERE id BETWEEN ? AND ?", (min(ids), max(ids))
-            )
+            await self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     async def pending_outbox(self) -> list[OutboxRow]:
         async with self._errors("outbox read"):
@@ -197,7 +200,7 @@ class EventLog:
 
 def read_log(path: Path, upto: int | None = None) -> Iterable[tuple[int, bytes]]:
     """Synchronous replay of a service's log file, for tools and tests."""
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         yield from db.execute(
             "SELECT position, data FROM log WHERE position <= ? ORDER BY position",
             (upto if upto is not None else 2**62,),

@@ -21,16 +21,17 @@ JOBS_STREAM = "JOBS"
 WORKERS_STREAM = "WORKERS"
 DEAD_STREAM = "DEAD"
 CODE_BUCKET = "cumulus-code"
+RESULTS_BUCKET = "cumulus-results"
 
 NO_WORKER = "_"
 API_PREFIX = "cumulus.api"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def valid_token(value: str) -> bool:
     """True if `value` can stand as one subject token (user, job or worker id)."""
-    return bool(_TOKEN.match(value)) and value != NO_WORKER
+    return bool(_TOKEN.fullmatch(value)) and value != NO_WORKER
 
 
 def job(user: str, job_id: str, worker_id: str, event: str) -> str:

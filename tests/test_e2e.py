@@ -90,3 +90,28 @@ async def test_user_exception_comes_back_typed_with_traceback(client: AsyncCumul
     assert "Remote traceback" in info.value.message and "in boom" in info.value.message
     status = await job.status()
     assert status["status"] == "FAILED" and status["error_code"] == "INTERNAL"
+
+
+def big(n: int) -> str:
+    print("making a big result")
+    return "y" * n
+
+
+async def test_a_result_larger_than_a_message_comes_back_whole(client: AsyncCumulusClient) -> None:
+    value = await client.run(big, 3_000_000, gpu=0.1, duration=600, logs=None, timeout=60)
+    assert value == "y" * 3_000_000
+
+
+def last_line_without_newline() -> int:
+    import sys
+
+    print("line one")
+    sys.stdout.write("no newline at the end")
+    return 7
+
+
+async def test_the_last_line_without_a_newline_is_delivered(client: AsyncCumulusClient) -> None:
+    job = await client.submit(last_line_without_newline, gpu=0.1, duration=600)
+    lines = [line.text async for e in job.events() if type(e).__name__ == "JobLog" for line in e.lines]  # type: ignore[attr-defined]
+    assert lines == ["line one", "no newline at the end"]
+    assert await job.result(timeout=30) == 7

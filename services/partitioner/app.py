@@ -39,6 +39,9 @@ class Partitioner(EventService):
         self.state = PartitionerState(self.worker_id)
         self.chronos = chronos or self._local_chronos()
         self._inflight: set[str] = set()
+        self._recovering: set[str] = set()
+        """Jobs that wanted a partition when the log was replayed: a crashed run may have
+        created it already, so look before creating."""
         self._effects: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -74,6 +77,7 @@ class Partitioner(EventService):
         self.state.apply(event)
 
     async def on_start(self) -> None:
+        self._recovering = {j.job_id for j in self.state.jobs.values() if j.needs_partition}
         devices = await self.chronos.stats()
         await self.emit(
             [
@@ -145,7 +149,7 @@ class Partitioner(EventService):
         error: ChronosError | None = None
         for attempt in range(retries):
             try:
-                made = await self._create_once(job)
+                made = await self._create_once(job, look=attempt > 0 or job.job_id in self._recovering)
                 break
             except ChronosError as exc:
                 error = exc
@@ -189,8 +193,12 @@ class Partitioner(EventService):
             ]
         )
 
-    async def _create_once(self, job: PartitionJob) -> list[dict[str, Any]]:
-        existing = {p["device"]: p for p in await self.chronos.list() if p.get("label") == job.label}
+    async def _create_once(self, job: PartitionJob, look: bool) -> list[dict[str, Any]]:
+        existing = (
+            {p["device"]: p for p in await self.chronos.list() if p.get("label") == job.label}
+            if look
+            else {}
+        )
         made: list[dict[str, Any]] = []
         try:
             for device in job.devices:

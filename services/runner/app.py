@@ -31,6 +31,8 @@ from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS, child_trace
 
 log = logging.getLogger(__name__)
 
+MAX_INLINE_RESULT = 256 * 1024
+"""A larger result goes to the object store and the event carries its name."""
 MAX_LINES_PER_EVENT = 1000
 MAX_BYTES_PER_EVENT = 256 * 1024
 POLL_FAST_S = 0.005
@@ -178,7 +180,7 @@ class Runner(EventService):
                     trace=child_trace(job.trace))
             lines: list[ev.LogLine] = []
             for name, tail in tails.items():
-                for text in tail.read(final):
+                for text in _drain(tail, final):
                     if name == "stdout" and job.nonce:
                         framed = parse_frame(text, job.nonce)
                         if framed is not None:
@@ -191,7 +193,7 @@ class Runner(EventService):
             if final:
                 if ending is None:
                     assert exit_ is not None
-                    ending = self._outcome(job, result, exit_.code, exit_.reason)
+                    ending = await self._outcome(job, result, exit_.code, exit_.reason)
                 await self._end(job, ending, records)
                 return
             if records:
@@ -239,19 +241,31 @@ class Runner(EventService):
                               truncated=truncated)
         return out, [cursor]
 
-    def _outcome(
+    async def _outcome(
         self, job: st.RunJob, result: dict[str, Any] | None, code: int | None, reason: str
     ) -> ev.Terminal:
         common = {"job_id": job.job_id, "user": job.user, "worker_id": self.worker_id,
                   "trace": child_trace(job.trace)}
         runtime = max(0.0, time.time() - job.started_at)
         if result is not None and result.get("ok"):
-            return ev.JobCompleted(result=msgspec.Raw(msgspec.json.encode(result)),
-                                   runtime_s=runtime, **common)
+            encoded = msgspec.json.encode(result)
+            if len(encoded) > MAX_INLINE_RESULT:
+                encoded = await self._store_result(job, encoded)
+            return ev.JobCompleted(result=msgspec.Raw(encoded), runtime_s=runtime, **common)
         if result is not None:
             return ev.JobFailed(code="INTERNAL", message=f"{result.get('type')}: {result.get('message')}",
                                 traceback=str(result.get("traceback", "")), **common)
         return ev.JobFailed(code="INTERNAL", message=f"Job ended without a result: {reason}", **common)
+
+    async def _store_result(self, job: st.RunJob, encoded: bytes) -> bytes:
+        """Put a result too large for an event in the object store; return its reference."""
+        assert self.js is not None
+        store = await self.js.object_store(subjects.RESULTS_BUCKET)
+        name = f"{job.job_id}.{job.attempt}"
+        await store.put(name, encoded)
+        return msgspec.json.encode(
+            {"ok": True, "stored": f"{subjects.RESULTS_BUCKET}/{name}", "size": len(encoded)}
+        )
 
     async def _end(
         self, job: st.RunJob, ending: ev.Terminal,
@@ -263,3 +277,14 @@ class Runner(EventService):
             JOB_DURATION.labels(ending.status.lower()).observe(max(0.0, time.time() - job.started_at))
         if job.handle:
             await self.backend.cleanup(job.job_id, job.attempt)
+
+
+def _drain(tail: FileTail, final: bool) -> list[str]:
+    """What is readable now (a read stops at a result frame or after 1 MiB); at the end, all."""
+    lines: list[str] = []
+    for _ in range(100_000 if final else 64):
+        got = tail.read(final)
+        if not got:
+            break
+        lines.extend(got)
+    return lines

@@ -42,7 +42,6 @@ class ProcessBackend:
         (job_dir / ".nonce").write_text(nonce)
         launch = {
             "job_id": job_id,
-            "argv": [sys.executable, "-m", "job_image.runner", "--job-dir", str(job_dir)],
             "env": env,
             "cwd": str(job_dir),
             "ledger": str(self.ledger) if self.ledger else None,

@@ -16,27 +16,49 @@ JOB = {"job_id": "job1", "user": "alice", "worker_id": "w1", "trace": "00-abc-de
 SAMPLES: list[tuple[ev.Event, str]] = [
     (ev.JobSubmitted(spec=SPEC, **JOB), "cumulus.job.v1.submitted"),
     (ev.JobQueued(position=3, reason="no capacity", **JOB), "cumulus.job.v1.queued"),
-    (ev.WorkerSelected(spec=SPEC, devices=[0, 1], tenths=20, attempt=2, **JOB),
-     "cumulus.job.v1.scheduled"),
-    (ev.PartitionReady(spec=SPEC, partition_ids=["p1"], devices=[1], env={"X": "y"},
-                       expires_at=1.5, **JOB), "cumulus.job.v1.partition_ready"),
+    (
+        ev.WorkerSelected(spec=SPEC, devices=[0, 1], tenths=20, attempt=2, **JOB),
+        "cumulus.job.v1.scheduled",
+    ),
+    (
+        ev.PartitionReady(
+            spec=SPEC, partition_ids=["p1"], devices=[1], env={"X": "y"}, expires_at=1.5, **JOB
+        ),
+        "cumulus.job.v1.partition_ready",
+    ),
     (ev.PartitionFailed(code="INTERNAL", message="boom", **JOB), "cumulus.job.v1.partition_failed"),
     (ev.PartitionReleased(partition_ids=["p1", "p2"], **JOB), "cumulus.job.v1.partition_released"),
     (ev.CancelRequested(reason="changed my mind", **JOB), "cumulus.job.v1.cancel_requested"),
     (ev.CancelOrdered(**JOB), "cumulus.job.v1.cancel"),
     (ev.JobStarted(backend="process", handle="1234", **JOB), "cumulus.job.v1.started"),
-    (ev.JobLog(seq=7, lines=[ev.LogLine("stdout", "hi"), ev.LogLine("stderr", "ünïcode")], **JOB),
-     "cumulus.job.v1.log"),
-    (ev.JobCompleted(result=msgspec.Raw(b'{"ok":true,"data":[1,2]}'), runtime_s=2.5, **JOB),
-     "cumulus.job.v1.completed"),
-    (ev.JobFailed(code="INTERNAL", message="ValueError: x", traceback="Traceback...", **JOB),
-     "cumulus.job.v1.failed"),
-    (ev.JobTimedOut(message="Job exceeded allocated duration of 60 seconds", **JOB),
-     "cumulus.job.v1.timed_out"),
+    (
+        ev.JobLog(
+            seq=7, lines=[ev.LogLine("stdout", "hi"), ev.LogLine("stderr", "ünïcode")], **JOB
+        ),
+        "cumulus.job.v1.log",
+    ),
+    (
+        ev.JobCompleted(result=msgspec.Raw(b'{"ok":true,"data":[1,2]}'), runtime_s=2.5, **JOB),
+        "cumulus.job.v1.completed",
+    ),
+    (
+        ev.JobFailed(code="INTERNAL", message="ValueError: x", traceback="Traceback...", **JOB),
+        "cumulus.job.v1.failed",
+    ),
+    (
+        ev.JobTimedOut(message="Job exceeded allocated duration of 60 seconds", **JOB),
+        "cumulus.job.v1.timed_out",
+    ),
     (ev.JobCancelled(**JOB), "cumulus.job.v1.cancelled"),
-    (ev.WorkerRegistered(worker_id="w1", hostname="gpu-01",
-                         devices=[ev.DeviceInfo(index=0, name="A100", memory_bytes=2**34)],
-                         labels={"zone": "a"}), "cumulus.worker.v1.registered"),
+    (
+        ev.WorkerRegistered(
+            worker_id="w1",
+            hostname="gpu-01",
+            devices=[ev.DeviceInfo(index=0, name="A100", memory_bytes=2**34)],
+            labels={"zone": "a"},
+        ),
+        "cumulus.worker.v1.registered",
+    ),
     (ev.WorkerHeartbeat(worker_id="w1", interval_s=2.0), "cumulus.worker.v1.heartbeat"),
     (ev.WorkerDeregistered(worker_id="w1", reason="drained"), "cumulus.worker.v1.deregistered"),
 ]
@@ -90,11 +112,14 @@ def test_a_job_without_a_worker_has_empty_worker_id() -> None:
         pytest.param(b"", id="empty"),
         pytest.param(b'{"type":"cumulus.job.v9.exploded","job_id":"j1"}', id="unknown-tag"),
         pytest.param(b'{"job_id":"j1","reason":"x"}', id="no-tag"),
-        pytest.param(b'{"type":"cumulus.job.v1.queued","job_id":"j1","reason":"x"}',
-                     id="missing-position"),
+        pytest.param(
+            b'{"type":"cumulus.job.v1.queued","job_id":"j1","reason":"x"}', id="missing-position"
+        ),
         pytest.param(b'{"type":"cumulus.job.v1.cancel","user":"alice"}', id="missing-job-id"),
-        pytest.param(b'{"type":"cumulus.job.v1.queued","job_id":"j1","position":"first",'
-                     b'"reason":"x"}', id="wrong-type"),
+        pytest.param(
+            b'{"type":"cumulus.job.v1.queued","job_id":"j1","position":"first","reason":"x"}',
+            id="wrong-type",
+        ),
         pytest.param(b"[1, 2, 3]", id="array"),
     ],
 )
@@ -114,10 +139,16 @@ def test_failure_of_reports_the_error_for_the_job() -> None:
     failed = ev.failure_of(NotFound("No code package abc"), job, traceback="tb")
     assert isinstance(failed, ev.JobFailed)
     assert (failed.job_id, failed.user, failed.worker_id, failed.trace) == (
-        "job1", "alice", "w1", "00-abc-def-01"
+        "job1",
+        "alice",
+        "w1",
+        "00-abc-def-01",
     )
-    assert (failed.code, failed.message, failed.traceback) == ("NOT_FOUND", "No code package abc",
-                                                               "tb")
+    assert (failed.code, failed.message, failed.traceback) == (
+        "NOT_FOUND",
+        "No code package abc",
+        "tb",
+    )
     assert failed.status == "FAILED"
     assert failed.event_id != job.event_id
 

@@ -83,11 +83,6 @@ def test_valid_token_rejects(token: str) -> None:
     assert not subjects.valid_token(token)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/subjects.py:28 anchors the token regex with `$`, which also matches before a "
-    "trailing newline, so 'alice\\n' is accepted as a subject token (use fullmatch or \\Z)",
-)
 @pytest.mark.parametrize("token", ["alice\n", "j1\n"])
 def test_valid_token_rejects_trailing_newline(token: str) -> None:
     assert not subjects.valid_token(token)
