@@ -33,7 +33,7 @@ from shared import bus, events, subjects
 from shared.config import Config
 from shared.eventlog import Batch, EventLog, OutboxRow
 from shared.events import Event, MalformedEvent
-from shared.telemetry import DEAD_LETTERS, EVENTS_APPLIED
+from shared.telemetry import DEAD_LETTERS, EVENTS_APPLIED, span
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class EventService:
                     continue
                 if not self.volatile(event):
                     batch.log.append(msg.data)
-                self._apply_and_decide(event, batch)
+                self._apply_and_decide(event, batch, msg.subject)
             batch.tracking[consumer] = last
             await self._commit(batch)
             self._tracked[consumer] = last
@@ -240,11 +240,14 @@ class EventService:
             OutboxRow(subjects.dead(self.name), f"dead-{self.name}-{consumer}-{seq}", "", msg.data)
         )
 
-    def _apply_and_decide(self, event: Any, batch: Batch) -> None:
+    def _apply_and_decide(self, event: Any, batch: Batch, subject: str = "") -> None:
         """Apply `event`, then stage what is decided on it, and on those decisions in turn."""
-        self.apply(event)
-        EVENTS_APPLIED.labels(self.name).inc()
-        self._decide_chain(self.decide(event), batch)
+        with span(f"{self.name} {type(event).__name__}", getattr(event, "trace", ""),
+                  **{"messaging.destination": subject,
+                     "cumulus.job_id": getattr(event, "job_id", "")}):
+            self.apply(event)
+            EVENTS_APPLIED.labels(self.name).inc()
+            self._decide_chain(self.decide(event), batch)
 
     def _decide_chain(self, first: Iterable[Event], batch: Batch) -> None:
         pending = deque(first)

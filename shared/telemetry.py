@@ -6,12 +6,14 @@ costs a random id per job and nothing more. Metrics keep the seed's names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -91,6 +93,26 @@ def start_metrics(port: int) -> None:
 
 
 _tracer: Any = None
+
+
+def tracing_enabled() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+@contextlib.contextmanager
+def span(name: str, traceparent: str, **attributes: Any) -> Iterator[None]:
+    """An OTel span that continues the event's trace; free when no exporter is configured."""
+    if not tracing_enabled() or not traceparent:
+        yield
+        return
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    with tracer().start_as_current_span(name, context=parent) as current:
+        current.set_attribute("messaging.system", "nats")
+        for key, value in attributes.items():
+            current.set_attribute(key, value)
+        yield
 
 
 def tracer() -> Any:

@@ -9,6 +9,7 @@ decides placements (services/scheduler/handlers.py, pure), and answers three req
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import nats.micro
@@ -22,6 +23,7 @@ from shared import events as ev
 from shared.errors import no_workers, resources_exhausted
 from shared.gpu import GpuRequest
 from shared.service import ConsumerSpec, EventService
+from shared.telemetry import ACTIVE_WORKERS, ASSIGNMENT_DURATION, QUEUE_WAIT, WORKER_ASSIGNMENTS
 
 JOB_EVENTS = [
     "submitted",
@@ -54,7 +56,24 @@ class Scheduler(EventService):
         self.state.apply(event)
 
     def decide(self, event: Any) -> list[ev.Event]:
-        return decide(event, self.state, self.config.scheduler.max_attempts)
+        started = time.perf_counter()
+        out = decide(event, self.state, self.config.scheduler.max_attempts)
+        for new in out:
+            if isinstance(new, ev.WorkerSelected):
+                WORKER_ASSIGNMENTS.labels("success").inc()
+                ASSIGNMENT_DURATION.observe(time.perf_counter() - started)
+                job = self.state.jobs.get(new.job_id)
+                if job is not None:
+                    QUEUE_WAIT.observe(max(0.0, new.ts - job.submitted_at))
+            elif isinstance(new, ev.JobQueued):
+                WORKER_ASSIGNMENTS.labels("queued").inc()
+            elif isinstance(new, ev.JobFailed) and new.code == "UNAVAILABLE":
+                WORKER_ASSIGNMENTS.labels("no_workers").inc()
+            elif isinstance(new, ev.JobFailed) and new.code == "RESOURCE_EXHAUSTED":
+                WORKER_ASSIGNMENTS.labels("insufficient_resources").inc()
+        if isinstance(event, ev.WorkerEvent):
+            ACTIVE_WORKERS.set(len(self.state.live_workers()))
+        return out
 
     def volatile(self, event: Any) -> bool:
         return isinstance(event, ev.WorkerHeartbeat)
