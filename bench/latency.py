@@ -61,8 +61,11 @@ def process_floor(tmp: Path, n: int = 10) -> list[float]:
         (job_dir / "package.zip").write_bytes(data)
         (job_dir / ".nonce").write_text("x")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "job_image.runner", "--job-dir", str(job_dir)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "job_image.runner", "--job-dir", str(job_dir)],
+            check=True,
+            capture_output=True,
+        )
         out.append(time.perf_counter() - t0)
     return out
 
@@ -97,10 +100,15 @@ async def main() -> None:
         floor = process_floor(Path(tmp))
     p50, p99 = pct(latencies, 0.5), pct(latencies, 0.99)
     f50 = statistics.median(floor)
-    print(f"jobs: {args.jobs}, concurrency {args.concurrency}, throughput {args.jobs / wall:.1f} jobs/s")
+    print(
+        f"jobs: {args.jobs}, concurrency {args.concurrency}, "
+        f"throughput {args.jobs / wall:.1f} jobs/s"
+    )
     print(f"submit->result  p50 {p50 * 1000:.0f} ms  p99 {p99 * 1000:.0f} ms")
-    print(f"floor: bare in-job runner subprocess p50 {f50 * 1000:.0f} ms; "
-          f"JetStream hop p50 {statistics.median(hops) * 1000:.2f} ms")
+    print(
+        f"floor: bare in-job runner subprocess p50 {f50 * 1000:.0f} ms; "
+        f"JetStream hop p50 {statistics.median(hops) * 1000:.2f} ms"
+    )
     print(f"ratio submit->result p50 / bare subprocess p50: {p50 / f50:.2f}x")
 
 

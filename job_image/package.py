@@ -54,8 +54,8 @@ def check(data: bytes, max_unpacked: int) -> dict[str, Any]:
             total += info.file_size
             if info.compress_size and info.file_size / info.compress_size > MAX_RATIO:
                 raise PackageError(
-                    f"code package entry {info.filename!r} expands {info.file_size // info.compress_size}x"
-                    " (zip bomb guard)"
+                    f"code package entry {info.filename!r} expands "
+                    f"{info.file_size // info.compress_size}x (zip bomb guard)"
                 )
         if total > max_unpacked:
             raise PackageError(
@@ -95,7 +95,9 @@ def unpack(data: bytes, dest: Path, max_unpacked: int) -> dict[str, Any]:
         for info in archive.infolist():
             target = dest / info.filename
             if not os.path.realpath(target).startswith(os.path.realpath(dest) + os.sep):
-                raise PackageError(f"code package entry {info.filename!r} points outside the package")
+                raise PackageError(
+                    f"code package entry {info.filename!r} points outside the package"
+                )
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue

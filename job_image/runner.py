@@ -70,7 +70,9 @@ def _value_envelope(value: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         envelope["encoding"] = "pickle"
         envelope["repr"] = repr(value)[:1000]
-    if envelope["encoding"] == "pickle" or not isinstance(value, (str, int, float, bool, type(None))):
+    if envelope["encoding"] == "pickle" or not isinstance(
+        value, (str, int, float, bool, type(None))
+    ):
         try:
             import cloudpickle
 
@@ -84,12 +86,23 @@ def install_requirements(requirements: list[str], target: Path) -> None:
     """pip install into `target`; offline from $CUMULUS_WHEELHOUSE when it is set."""
     if not requirements:
         return
-    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-            "--no-input", "--target", str(target)]
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--target",
+        str(target),
+    ]
     wheelhouse = os.environ.get("CUMULUS_WHEELHOUSE")
     if wheelhouse:
         argv += ["--no-index", "--find-links", wheelhouse]
-    print(f"[cumulus] installing requirements: {' '.join(requirements)}", file=sys.stderr, flush=True)
+    print(
+        f"[cumulus] installing requirements: {' '.join(requirements)}", file=sys.stderr, flush=True
+    )
     subprocess.run([*argv, *requirements], check=True, stdout=sys.stderr)
     sys.path.insert(0, str(target))
 

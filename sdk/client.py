@@ -79,8 +79,9 @@ class AsyncJob:
     def __repr__(self) -> str:
         return f"AsyncJob({self.job_id!r})"
 
-    async def events(self, until_terminal: bool = True, idle_timeout: float | None = None
-                     ) -> AsyncIterator[ev.AnyJobEvent]:
+    async def events(
+        self, until_terminal: bool = True, idle_timeout: float | None = None
+    ) -> AsyncIterator[ev.AnyJobEvent]:
         """Every event of the job from its first, live; ends after the terminal event."""
         js = self.client.nc.jetstream()
         sub = await js.subscribe(
@@ -111,7 +112,12 @@ class AsyncJob:
             async for event in self.events():
                 if isinstance(event, ev.JobLog) and logs is not None:
                     for line in event.lines:
-                        print(line.text, file=sys.stderr if line.stream == "stderr" and logs is sys.stdout else logs)
+                        print(
+                            line.text,
+                            file=sys.stderr
+                            if line.stream == "stderr" and logs is sys.stdout
+                            else logs,
+                        )
                 elif isinstance(event, ev.JobCompleted):
                     return await self._value(event)
                 elif isinstance(event, ev.Terminal):
@@ -141,8 +147,13 @@ class AsyncJob:
 
 
 class AsyncCumulusClient:
-    def __init__(self, nats_url: str = "nats://127.0.0.1:4222", user: str = "default",
-                 max_retries: int = 3, backoff_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        nats_url: str = "nats://127.0.0.1:4222",
+        user: str = "default",
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
         self.nats_url = nats_url
         self.user = user
         self.max_retries = max_retries
@@ -184,16 +195,30 @@ class AsyncCumulusClient:
         await store.put(ref, data)
         return ref
 
-    async def submit_package(self, package: bytes, *, gpu: float | str = 0.5,
-                             duration: int = 3600, requirements: Sequence[str] = (),
-                             entrypoint: str = "function", priority: int = 0,
-                             env: dict[str, str] | None = None, job_id: str = "") -> AsyncJob:
+    async def submit_package(
+        self,
+        package: bytes,
+        *,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        entrypoint: str = "function",
+        priority: int = 0,
+        env: dict[str, str] | None = None,
+        job_id: str = "",
+    ) -> AsyncJob:
         GpuRequest.parse(gpu)  # fail fast, with the gateway's exact message
         ref = await self.upload(package)
         request = api.SubmitRequest(
-            code_ref=ref, gpu=gpu, duration=duration, user=self.user,
-            job_id=job_id or "j" + uuid.uuid4().hex[:20], entrypoint=entrypoint,
-            requirements=list(requirements), priority=priority, env=dict(env or {}),
+            code_ref=ref,
+            gpu=gpu,
+            duration=duration,
+            user=self.user,
+            job_id=job_id or "j" + uuid.uuid4().hex[:20],
+            entrypoint=entrypoint,
+            requirements=list(requirements),
+            priority=priority,
+            env=dict(env or {}),
         )
         delay = self.backoff_s
         for attempt in range(self.max_retries):
@@ -207,19 +232,35 @@ class AsyncCumulusClient:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def submit(self, func: Callable[..., Any], *args: Any, gpu: float | str = 0.5,
-                     duration: int = 3600, requirements: Sequence[str] = (), priority: int = 0,
-                     **kwargs: Any) -> AsyncJob:
+    async def submit(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> AsyncJob:
         package = package_function(func, args, kwargs, requirements)
-        return await self.submit_package(package, gpu=gpu, duration=duration,
-                                         requirements=requirements, priority=priority)
+        return await self.submit_package(
+            package, gpu=gpu, duration=duration, requirements=requirements, priority=priority
+        )
 
-    async def run(self, func: Callable[..., Any], *args: Any, gpu: float | str = 0.5,
-                  duration: int = 3600, requirements: Sequence[str] = (),
-                  logs: TextIO | None = sys.stdout, timeout: float | None = None,
-                  **kwargs: Any) -> Any:
-        job = await self.submit(func, *args, gpu=gpu, duration=duration,
-                                requirements=requirements, **kwargs)
+    async def run(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        logs: TextIO | None = sys.stdout,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        job = await self.submit(
+            func, *args, gpu=gpu, duration=duration, requirements=requirements, **kwargs
+        )
         return await job.result(timeout=timeout, logs=logs)
 
 
@@ -228,8 +269,9 @@ class _Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="cumulus-client")
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="cumulus-client"
+        )
         self.thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -265,8 +307,13 @@ class Job:
 class CumulusClient:
     """Blocking client; see AsyncCumulusClient for the asyncio one."""
 
-    def __init__(self, nats_url: str = "nats://127.0.0.1:4222", user: str = "default",
-                 max_retries: int = 3, backoff_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        nats_url: str = "nats://127.0.0.1:4222",
+        user: str = "default",
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
         self._loop = _Loop()
         self._async = AsyncCumulusClient(nats_url, user, max_retries, backoff_s)
         self._loop.call(self._async.connect())
@@ -281,19 +328,50 @@ class CumulusClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, func: Callable[..., Any], *args: Any, gpu: float | str = 0.5,
-               duration: int = 3600, requirements: Sequence[str] = (), priority: int = 0,
-               **kwargs: Any) -> Job:
-        inner = self._loop.call(self._async.submit(
-            func, *args, gpu=gpu, duration=duration, requirements=requirements,
-            priority=priority, **kwargs))
+    def submit(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Job:
+        inner = self._loop.call(
+            self._async.submit(
+                func,
+                *args,
+                gpu=gpu,
+                duration=duration,
+                requirements=requirements,
+                priority=priority,
+                **kwargs,
+            )
+        )
         return Job(inner, self._loop)
 
-    def run(self, func: Callable[..., Any], *args: Any, gpu: float | str = 0.5,
-            duration: int = 3600, requirements: Sequence[str] = (),
-            logs: TextIO | None = sys.stdout, timeout: float | None = None,
-            **kwargs: Any) -> Any:
+    def run(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        logs: TextIO | None = sys.stdout,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run `func(*args, **kwargs)` on `gpu` of a GPU and return its value."""
-        return self._loop.call(self._async.run(
-            func, *args, gpu=gpu, duration=duration, requirements=requirements, logs=logs,
-            timeout=timeout, **kwargs))
+        return self._loop.call(
+            self._async.run(
+                func,
+                *args,
+                gpu=gpu,
+                duration=duration,
+                requirements=requirements,
+                logs=logs,
+                timeout=timeout,
+                **kwargs,
+            )
+        )

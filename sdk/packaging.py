@@ -25,8 +25,12 @@ from job_image.package import MANIFEST
 
 _INSTALLED = tuple(
     str(Path(p).resolve())
-    for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], sys.prefix,
-              sys.base_prefix}
+    for p in {
+        sysconfig.get_paths()["purelib"],
+        sysconfig.get_paths()["platlib"],
+        sys.prefix,
+        sys.base_prefix,
+    }
 )
 
 
@@ -73,7 +77,8 @@ def package_function(
     except Exception as exc:
         raise PackagingError(
             f"cannot package {getattr(func, '__qualname__', func)!r}: {type(exc).__name__}: {exc}. "
-            "Pass only picklable arguments, and create clients, locks and open files inside the function"
+            "Pass only picklable arguments, and create clients, locks and open files "
+            "inside the function"
         ) from None
     finally:
         if registered and module is not None:

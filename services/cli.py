@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,20 +29,32 @@ def _example(x: int) -> dict[str, Any]:
     """The demo job: prints what it sees of its GPU share and returns a small computation."""
     import os as _os
 
-    print(f"hello from job {_os.environ.get('CUMULUS_JOB_ID')} on {_os.environ.get('CUMULUS_WORKER_ID')}")
-    print(f"GPU share {_os.environ.get('CUMULUS_GPU_AMOUNT')}, "
-          f"devices {_os.environ.get('CUDA_VISIBLE_DEVICES')}, "
-          f"partition {_os.environ.get('CHRONOS_PARTITION_ID')}")
+    print(
+        f"hello from job {_os.environ.get('CUMULUS_JOB_ID')} "
+        f"on {_os.environ.get('CUMULUS_WORKER_ID')}"
+    )
+    print(
+        f"GPU share {_os.environ.get('CUMULUS_GPU_AMOUNT')}, "
+        f"devices {_os.environ.get('CUDA_VISIBLE_DEVICES')}, "
+        f"partition {_os.environ.get('CHRONOS_PARTITION_ID')}"
+    )
     return {"answer": x + x, "squares": [i * i for i in range(5)]}
 
 
 async def _up(args: argparse.Namespace, demo: bool) -> int:
     from services.stack import Stack
 
-    data_dir = Path(args.data_dir or (tempfile.mkdtemp(prefix="cumulus-") if demo else
-                                      os.path.expanduser("~/.cumulus")))
-    stack = Stack(data_dir=data_dir, devices=args.devices, port=args.port,
-                  workers=[f"worker-{i + 1}" for i in range(args.workers)])
+    scratch = demo and not args.data_dir
+    data_dir = Path(
+        args.data_dir
+        or (tempfile.mkdtemp(prefix="cumulus-") if demo else str(Path.home() / ".cumulus"))
+    )
+    stack = Stack(
+        data_dir=data_dir,
+        devices=args.devices,
+        port=args.port,
+        workers=[f"worker-{i + 1}" for i in range(args.workers)],
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -49,11 +62,17 @@ async def _up(args: argparse.Namespace, demo: bool) -> int:
     print(f"starting Cumulus in {data_dir} …", flush=True)
     try:
         await stack.start()
-        print(f"Cumulus is up: NATS at {stack.url}, {len(stack.workers)} worker(s) with "
-              f"virtual devices {args.devices}; logs in {data_dir / 'logs'}", flush=True)
+        print(
+            f"Cumulus is up: NATS at {stack.url}, {len(stack.workers)} worker(s) with "
+            f"virtual devices {args.devices}; logs in {data_dir / 'logs'}",
+            flush=True,
+        )
         print(f"  export CUMULUS_NATS_URL={stack.url}", flush=True)
-        print(f'  python -c "from sdk import CumulusClient; '
-              f"print(CumulusClient('{stack.url}').run(lambda: 2 + 2, gpu=0.5))\"", flush=True)
+        print(
+            f'  python -c "from sdk import CumulusClient; '
+            f"print(CumulusClient('{stack.url}').run(lambda: 2 + 2, gpu=0.5))\"",
+            flush=True,
+        )
         if demo:
             from sdk import AsyncCumulusClient
 
@@ -68,6 +87,8 @@ async def _up(args: argparse.Namespace, demo: bool) -> int:
     finally:
         print("stopping Cumulus …", flush=True)
         stack.stop()
+        if scratch:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _call(url: str, op: str, body: Any) -> Any:
@@ -90,14 +111,19 @@ def _print(value: Any, as_json: bool) -> None:
         print(f"{'JOB':24} {'STATUS':12} {'GPU':5} {'WORKER':12} WAITING/ERROR")
         for job in value["jobs"]:
             note = job.get("waiting_reason") or job.get("error_message") or ""
-            print(f"{job['job_id']:24} {job['status']:12} {job['gpu']:5} {job['worker_id'] or '-':12} {note}")
+            print(
+                f"{job['job_id']:24} {job['status']:12} {job['gpu']:5} "
+                f"{job['worker_id'] or '-':12} {note}"
+            )
     elif "workers" in value:
         for worker in value["workers"]:
             print(f"{worker['worker_id']} ({worker['status']}, {worker['backend']})")
             for d in worker["devices"]:
                 jobs = ", ".join(f"{j}={a}" for j, a in d["jobs"].items()) or "-"
-                print(f"  gpu {d['index']} {d['name']} [{d['kind']}]: allocated {d['allocated']}, "
-                      f"free {d['free']}; jobs: {jobs}")
+                print(
+                    f"  gpu {d['index']} {d['name']} [{d['kind']}]: allocated {d['allocated']}, "
+                    f"free {d['free']}; jobs: {jobs}"
+                )
     else:
         print(json.dumps(value, indent=2, default=str))
 
@@ -121,11 +147,16 @@ async def _events(url: str, subject: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cumulus", description="Share GPUs: run Python on a GPU share.")
+    parser = argparse.ArgumentParser(
+        prog="cumulus", description="Share GPUs: run Python on a GPU share."
+    )
     parser.add_argument("--url", default=DEFAULT_URL, help="NATS URL (default $CUMULUS_NATS_URL)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "demo"):
-        p = sub.add_parser(name, help="start the embedded stack" + (", run an example, stop" if name == "demo" else ""))
+        p = sub.add_parser(
+            name,
+            help="start the embedded stack" + (", run an example, stop" if name == "demo" else ""),
+        )
         p.add_argument("--data-dir")
         p.add_argument("--devices", default="2x16GiB", help="virtual devices per worker")
         p.add_argument("--workers", type=int, default=1)

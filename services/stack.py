@@ -51,8 +51,12 @@ class Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     @property
@@ -97,28 +101,46 @@ class Stack:
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CUMULUS_")}
-        env.update({
-            "CUMULUS_NATS_URL": self.url,
-            "CUMULUS_DATA_DIR": str(self.data_dir),
-            "CUMULUS_WORKER_DEVICES": self.devices,
-            "CUMULUS_WORKER_DEVICE_SOURCE": "virtual" if self.devices else "auto",
-            "CUMULUS_WORKER_BACKEND": self.backend,
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CUMULUS_NATS_URL": self.url,
+                "CUMULUS_DATA_DIR": str(self.data_dir),
+                "CUMULUS_WORKER_DEVICES": self.devices,
+                "CUMULUS_WORKER_DEVICE_SOURCE": "virtual" if self.devices else "auto",
+                "CUMULUS_WORKER_BACKEND": self.backend,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self.env)
         env.update(extra)
         return env
 
     def _service(self, name: str, module: str, **extra: str) -> Proc:
-        return Proc(name, [sys.executable, "-m", f"services.{module}"], self._env(**extra),
-                    self.data_dir / "logs" / f"{name}.log")
+        return Proc(
+            name,
+            [sys.executable, "-m", f"services.{module}"],
+            self._env(**extra),
+            self.data_dir / "logs" / f"{name}.log",
+        )
 
     async def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        nats_proc = Proc("nats", [nats_server_binary(), "-js", "-sd", str(self.data_dir / "nats"),
-                                  "-a", "127.0.0.1", "-p", str(self.port)],
-                         dict(os.environ), self.data_dir / "logs" / "nats.log")
+        nats_proc = Proc(
+            "nats",
+            [
+                nats_server_binary(),
+                "-js",
+                "-sd",
+                str(self.data_dir / "nats"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            dict(os.environ),
+            self.data_dir / "logs" / "nats.log",
+        )
         self.procs["nats"] = nats_proc
         nats_proc.start()
         await self._wait_port(timeout)
@@ -126,9 +148,11 @@ class Stack:
         self.procs["gateway"] = self._service("gateway", "gateway")
         for worker in self.workers:
             self.procs[f"partitioner-{worker}"] = self._service(
-                f"partitioner-{worker}", "partitioner", CUMULUS_WORKER_ID=worker)
+                f"partitioner-{worker}", "partitioner", CUMULUS_WORKER_ID=worker
+            )
             self.procs[f"runner-{worker}"] = self._service(
-                f"runner-{worker}", "runner", CUMULUS_WORKER_ID=worker)
+                f"runner-{worker}", "runner", CUMULUS_WORKER_ID=worker
+            )
         for name, proc in self.procs.items():
             if name != "nats":
                 proc.start()
@@ -156,14 +180,18 @@ class Stack:
                 self._check_alive()
                 try:
                     await api.request(nc, "health", {}, dict, timeout=1.0)
-                    reply = await api.request(nc, "cumulus.scheduler.workers", {}, dict, timeout=1.0)
+                    reply = await api.request(
+                        nc, "cumulus.scheduler.workers", {}, dict, timeout=1.0
+                    )
                     seen = {w["worker_id"] for w in reply["workers"] if w["status"] == "ready"}
                     if set(self.workers) <= seen:
                         return
                 except Exception:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"stack not ready within {timeout} s; logs in {self.data_dir / 'logs'}")
+                    raise TimeoutError(
+                        f"stack not ready within {timeout} s; logs in {self.data_dir / 'logs'}"
+                    )
                 await asyncio.sleep(0.1)
         finally:
             await nc.close()
@@ -171,7 +199,9 @@ class Stack:
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.popen is not None and not proc.alive():
-                raise RuntimeError(f"{name} exited with {proc.popen.returncode}; see {proc.log_path}")
+                raise RuntimeError(
+                    f"{name} exited with {proc.popen.returncode}; see {proc.log_path}"
+                )
 
     def kill9(self, name: str) -> None:
         self.procs[name].kill9()

@@ -76,9 +76,7 @@ T = TypeVar("T")
 _json = msgspec.json.Encoder()
 
 
-async def request(
-    nc: Client, op: str, body: Any, reply_type: type[T], timeout: float = 5.0
-) -> T:
+async def request(nc: Client, op: str, body: Any, reply_type: type[T], timeout: float = 5.0) -> T:
     """Call one API operation; a micro error header becomes the matching CumulusError."""
     subject = op if "." in op else subjects.api(op)
     try:

@@ -195,7 +195,7 @@ class EventLog:
             cursor = await self._db.execute(
                 "SELECT consumer, seq, subject, data, error FROM dead ORDER BY id"
             )
-            return [tuple(r) for r in await cursor.fetchall()]  # type: ignore[misc]
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in await cursor.fetchall()]
 
 
 def read_log(path: Path, upto: int | None = None) -> Iterable[tuple[int, bytes]]:

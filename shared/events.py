@@ -182,9 +182,7 @@ class DeviceInfo(msgspec.Struct, frozen=True, kw_only=True):
     kind: str = "virtual"
 
 
-class WorkerRegistered(
-    WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.registered"
-):
+class WorkerRegistered(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.registered"):
     name = "registered"
     hostname: str
     devices: list[DeviceInfo]
@@ -224,8 +222,8 @@ AnyWorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerDeregistered
 AnyEvent = AnyJobEvent | AnyWorkerEvent
 
 TERMINAL_NAMES = ("completed", "failed", "timed_out", "cancelled")
-JOB_EVENT_TYPES: tuple[type[JobEvent], ...] = AnyJobEvent.__args__  # type: ignore[attr-defined]
-WORKER_EVENT_TYPES: tuple[type[WorkerEvent], ...] = AnyWorkerEvent.__args__  # type: ignore[attr-defined]
+JOB_EVENT_TYPES: tuple[type[JobEvent], ...] = AnyJobEvent.__args__
+WORKER_EVENT_TYPES: tuple[type[WorkerEvent], ...] = AnyWorkerEvent.__args__
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)

@@ -141,7 +141,9 @@ class EventService:
         self._tasks.append(asyncio.create_task(self._reconciler(), name=f"{self.name}-reconcile"))
         self._reconcile_wanted.set()
         self.ready.set()
-        log.info("service started", extra={"fields": {"service": self.name, "position": self.position}})
+        log.info(
+            "service started", extra={"fields": {"service": self.name, "position": self.position}}
+        )
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -163,8 +165,7 @@ class EventService:
             await self.eventlog.close()
 
     async def _drained(self) -> None:
-        while not self._to_publish.empty():
-            await asyncio.sleep(0.01)
+        await self._to_publish.join()
 
     async def run_forever(self) -> None:
         """Start, serve until SIGINT/SIGTERM, stop cleanly."""
@@ -232,7 +233,9 @@ class EventService:
     def _set_aside(self, batch: Batch, consumer: str, seq: int, msg: Msg, error: str) -> None:
         log.warning(
             "malformed message set aside",
-            extra={"fields": {"service": self.name, "subject": msg.subject, "seq": seq, "error": error}},
+            extra={
+                "fields": {"service": self.name, "subject": msg.subject, "seq": seq, "error": error}
+            },
         )
         DEAD_LETTERS.labels(self.name).inc()
         batch.dead.append((consumer, seq, msg.subject, msg.data, error))
@@ -242,9 +245,11 @@ class EventService:
 
     def _apply_and_decide(self, event: Any, batch: Batch, subject: str = "") -> None:
         """Apply `event`, then stage what is decided on it, and on those decisions in turn."""
-        with span(f"{self.name} {type(event).__name__}", getattr(event, "trace", ""),
-                  **{"messaging.destination": subject,
-                     "cumulus.job_id": getattr(event, "job_id", "")}):
+        with span(
+            f"{self.name} {type(event).__name__}",
+            getattr(event, "trace", ""),
+            **{"messaging.destination": subject, "cumulus.job_id": getattr(event, "job_id", "")},
+        ):
             self.apply(event)
             EVENTS_APPLIED.labels(self.name).inc()
             self._decide_chain(self.decide(event), batch)
@@ -261,9 +266,7 @@ class EventService:
         data = self.encode(event)
         batch.log.append(data)
         if publish:
-            batch.outbox.append(
-                OutboxRow(bus.subject_of(event), event.event_id, event.trace, data)
-            )
+            batch.outbox.append(OutboxRow(bus.subject_of(event), event.event_id, event.trace, data))
 
     async def _commit(self, batch: Batch) -> None:
         assert self.eventlog is not None
@@ -289,20 +292,18 @@ class EventService:
     # -- publishing and reconciling ----------------------------------------------------------
 
     async def _publisher(self) -> None:
-        assert self.js is not None and self.eventlog is not None
+        assert self.js is not None
+        assert self.eventlog is not None
         backoff = 0.05
         while True:
-            rows = await self._to_publish.get()
+            chunks = [await self._to_publish.get()]
             while not self._to_publish.empty():
-                rows = rows + self._to_publish.get_nowait()
+                chunks.append(self._to_publish.get_nowait())
+            rows = [row for chunk in chunks for row in chunk]
             while True:
                 try:
                     await bus.publish_many(
-                        self.js,
-                        (
-                            (r.subject, _headers(r), r.data)
-                            for r in rows
-                        ),
+                        self.js, ((r.subject, _headers(r), r.data) for r in rows)
                     )
                     await self.eventlog.published([r.id for r in rows])
                     backoff = 0.05
@@ -316,6 +317,8 @@ class EventService:
                     )
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
+            for _ in chunks:
+                self._to_publish.task_done()
 
     async def _reconciler(self) -> None:
         while True:

@@ -22,9 +22,7 @@ WORKER_ASSIGNMENTS = Counter(
     "cumulus_worker_assignments_total", "Total number of worker assignments", ["status"]
 )
 ACTIVE_WORKERS = Gauge("cumulus_active_workers", "Number of active workers")
-ASSIGNMENT_DURATION = Histogram(
-    "cumulus_assignment_duration_seconds", "Time to assign worker"
-)
+ASSIGNMENT_DURATION = Histogram("cumulus_assignment_duration_seconds", "Time to assign worker")
 WORKER_ACTIVE_JOBS = Gauge("cumulus_worker_active_jobs", "Number of active jobs on worker")
 JOB_DURATION = Histogram(
     "cumulus_job_duration_seconds",
@@ -37,7 +35,8 @@ QUEUE_WAIT = Histogram(
     "cumulus_job_queue_wait_seconds", "Time from submission to placement on a worker"
 )
 COLD_START = Histogram(
-    "cumulus_job_cold_start_seconds", "Time from submission to the job's process or container running"
+    "cumulus_job_cold_start_seconds",
+    "Time from submission to the job's process or container running",
 )
 EVENTS_APPLIED = Counter(
     "cumulus_events_applied_total", "Events applied to a service's state", ["service"]
@@ -124,7 +123,9 @@ def tracer() -> Any:
         from opentelemetry.sdk.trace import TracerProvider
 
         provider = TracerProvider(
-            resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "cumulus")})
+            resource=Resource.create(
+                {"service.name": os.environ.get("OTEL_SERVICE_NAME", "cumulus")}
+            )
         )
         if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

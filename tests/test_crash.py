@@ -22,7 +22,6 @@ from sdk import AsyncCumulusClient
 from services.scheduler.state import rebuild
 from services.stack import Stack
 from shared import api, subjects
-from shared import events as ev
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +73,18 @@ async def _history(nc: nats.NATS) -> dict[str, collections.Counter[str]]:
 
 def _partitions_left(stack: Stack, worker: str) -> list[dict[str, object]]:
     out = subprocess.run(
-        [sys.executable, "-m", "cumulus_core", "--json", "--state-dir",
-         str(stack.data_dir / f"chronos-{worker}"), "list"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "cumulus_core",
+            "--json",
+            "--state-dir",
+            str(stack.data_dir / f"chronos-{worker}"),
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return list(json.loads(out.stdout)["partitions"])
 
@@ -91,13 +99,22 @@ async def _exactly_once(stack: Stack, nc: nats.NATS, job_ids: list[str]) -> None
     deadline = time.monotonic() + 30
     while True:
         history = await _history(nc)
-        if all(history[j]["partition_released"] >= 1 for j in job_ids) or time.monotonic() > deadline:
+        if (
+            all(history[j]["partition_released"] >= 1 for j in job_ids)
+            or time.monotonic() > deadline
+        ):
             break
         await asyncio.sleep(0.2)
     for job_id in job_ids:
         counts = history[job_id]
-        for name in ("submitted", "scheduled", "partition_ready", "started", "completed",
-                     "partition_released"):
+        for name in (
+            "submitted",
+            "scheduled",
+            "partition_ready",
+            "started",
+            "completed",
+            "partition_released",
+        ):
             assert counts[name] == 1, f"{job_id}: {name} x{counts[name]} ({dict(counts)})"
         assert counts["failed"] == counts["cancelled"] == counts["timed_out"] == 0
     launches: collections.Counter[str] = collections.Counter()
@@ -107,7 +124,8 @@ async def _exactly_once(stack: Stack, nc: nats.NATS, job_ids: list[str]) -> None
     assert {j: launches[j] for j in job_ids} == dict.fromkeys(job_ids, 1)
     state = await _scheduler_state(nc)
     allocation = state["allocation"]
-    assert allocation["queue"] == [] and allocation["placements"] == {}  # type: ignore[index]
+    assert allocation["queue"] == []
+    assert allocation["placements"] == {}
     for worker in allocation["workers"].values():  # type: ignore[index]
         assert all(held == {} for held in worker["devices"].values())
 
@@ -119,7 +137,9 @@ async def test_kill_9_mid_flight_every_job_completes_exactly_once(make_stack, vi
     async with AsyncCumulusClient(stack.url) as client:
         nc = client.nc
         amounts = [0.1, 0.2, 0.3, 0.4] * (JOBS // 4)
-        jobs = [await client.submit(work, i, 1.0, gpu=amounts[i], duration=600) for i in range(JOBS)]
+        jobs = [
+            await client.submit(work, i, 1.0, gpu=amounts[i], duration=600) for i in range(JOBS)
+        ]
         await _wait_started(nc, 3)
         before = await _scheduler_state(nc) if victim == "scheduler" else None
         stack.kill9(victim)

@@ -47,14 +47,24 @@ async def test_plain_subscriber_sees_the_whole_history_in_order(
     await asyncio.wait_for(done.wait(), 30)
 
     names = [subjects.parse_job_subject(s)[3] for s, _ in seen]
-    expected = ["submitted", "scheduled", "partition_ready", "started", "log", "completed",
-                "partition_released"]
+    expected = [
+        "submitted",
+        "scheduled",
+        "partition_ready",
+        "started",
+        "log",
+        "completed",
+        "partition_released",
+    ]
     assert [n for n in names if n in expected] == expected
     for subject, body in seen:
         user, jid, worker, name = subjects.parse_job_subject(subject)
-        assert jid == job_id and body["job_id"] == job_id
+        assert jid == job_id
+        assert body["job_id"] == job_id
         assert body["type"] == f"cumulus.job.v1.{'scheduled' if name == 'scheduled' else name}"
-        assert body["event_id"] and body["ts"] > 0 and body["trace"].startswith("00-")
+        assert body["event_id"]
+        assert body["ts"] > 0
+        assert body["trace"].startswith("00-")
         if name != "submitted":
             assert worker == "worker-1"
     log_lines = [line for s, b in seen if s.endswith(".log") for line in b["lines"]]
@@ -66,7 +76,8 @@ async def test_events_replay_from_the_start_after_the_job_ended(client: AsyncCum
     assert await job.result(timeout=60) == 42
     # A late subscriber (e.g. after a reconnect) still gets everything from the first event.
     names = [type(e).__name__ async for e in job.events()]
-    assert names[0] == "JobSubmitted" and names[-1] == "JobCompleted"
+    assert names[0] == "JobSubmitted"
+    assert names[-1] == "JobCompleted"
 
 
 async def test_status_reports_the_finished_job(client: AsyncCumulusClient) -> None:
@@ -74,7 +85,8 @@ async def test_status_reports_the_finished_job(client: AsyncCumulusClient) -> No
     assert await job.result(timeout=60) == 2
     status = await job.status()
     assert status["status"] == "COMPLETED"
-    assert status["gpu"] == "1" and status["worker_id"] == "worker-1"
+    assert status["gpu"] == "1"
+    assert status["worker_id"] == "worker-1"
     assert len(status["partition_ids"]) == 1
 
 
@@ -87,9 +99,11 @@ async def test_user_exception_comes_back_typed_with_traceback(client: AsyncCumul
         await job.result(timeout=60)
     assert info.value.code == "INTERNAL"
     assert "ValueError: bad input 17" in info.value.message
-    assert "Remote traceback" in info.value.message and "in boom" in info.value.message
+    assert "Remote traceback" in info.value.message
+    assert "in boom" in info.value.message
     status = await job.status()
-    assert status["status"] == "FAILED" and status["error_code"] == "INTERNAL"
+    assert status["status"] == "FAILED"
+    assert status["error_code"] == "INTERNAL"
 
 
 def big(n: int) -> str:
@@ -112,6 +126,8 @@ def last_line_without_newline() -> int:
 
 async def test_the_last_line_without_a_newline_is_delivered(client: AsyncCumulusClient) -> None:
     job = await client.submit(last_line_without_newline, gpu=0.1, duration=600)
-    lines = [line.text async for e in job.events() if type(e).__name__ == "JobLog" for line in e.lines]  # type: ignore[attr-defined]
+    lines = [
+        line.text async for e in job.events() if type(e).__name__ == "JobLog" for line in e.lines
+    ]  # type: ignore[attr-defined]
     assert lines == ["line one", "no newline at the end"]
     assert await job.result(timeout=30) == 7

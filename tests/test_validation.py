@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -60,7 +59,9 @@ async def test_sdk_rejects_bad_amounts_before_uploading(
     assert info.value.message.startswith(f"Invalid GPU amount: {amount}.")
 
 
-async def test_rejected_submissions_leave_no_job_behind(client: AsyncCumulusClient, code_ref: str) -> None:
+async def test_rejected_submissions_leave_no_job_behind(
+    client: AsyncCumulusClient, code_ref: str
+) -> None:
     request = api.SubmitRequest(code_ref=code_ref, gpu=2.3, duration=600, job_id="never-made")
     with pytest.raises(CumulusError):
         await api.request(client.nc, "submit", request, api.SubmitReply)
@@ -71,10 +72,12 @@ async def test_rejected_submissions_leave_no_job_behind(client: AsyncCumulusClie
 
 async def test_malformed_requests_and_unknown_code_are_invalid_argument(nc: Client) -> None:
     msg = await nc.request(subjects.api("submit"), b"{not json", timeout=5)
-    assert msg.headers and msg.headers["Nats-Service-Error-Code"] == "INVALID_ARGUMENT"
+    assert msg.headers
+    assert msg.headers["Nats-Service-Error-Code"] == "INVALID_ARGUMENT"
     body = json.dumps({"code_ref": "0" * 64, "gpu": 0.5, "duration": 600}).encode()
     msg = await nc.request(subjects.api("submit"), body, timeout=5)
-    assert msg.headers and msg.headers["Nats-Service-Error-Code"] == "INVALID_ARGUMENT"
+    assert msg.headers
+    assert msg.headers["Nats-Service-Error-Code"] == "INVALID_ARGUMENT"
     assert "not found in the object store" in msg.headers["Nats-Service-Error"]
 
 
@@ -103,7 +106,7 @@ async def test_malformed_event_is_set_aside_and_services_keep_serving(
     for _ in range(10):
         try:
             msg = await dead.next_msg(timeout=5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         assert msg.data == b"\x00 this is not an event"
         services.add(msg.subject.rsplit(".", 1)[1])

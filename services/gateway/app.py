@@ -192,7 +192,8 @@ class Gateway(EventService):
         jobs = [
             job
             for job in self.table.jobs.values()
-            if (not req.user or job.user == req.user) and (not req.status or job.status in req.status)
+            if (not req.user or job.user == req.user)
+            and (not req.status or job.status in req.status)
         ]
         jobs.sort(key=lambda j: j.submitted_at, reverse=True)
         return {"jobs": jobs[: max(0, req.limit)]}

@@ -149,19 +149,31 @@ class Partitioner(EventService):
         error: ChronosError | None = None
         for attempt in range(retries):
             try:
-                made = await self._create_once(job, look=attempt > 0 or job.job_id in self._recovering)
+                made = await self._create_once(
+                    job, look=attempt > 0 or job.job_id in self._recovering
+                )
                 break
             except ChronosError as exc:
                 error = exc
                 log.warning(
                     "Chronos partition creation failed",
-                    extra={"fields": {"job_id": job.job_id, "attempt": attempt + 1, "error": exc.message}},
+                    extra={
+                        "fields": {
+                            "job_id": job.job_id,
+                            "attempt": attempt + 1,
+                            "error": exc.message,
+                        }
+                    },
                 )
                 if attempt < retries - 1:
                     await asyncio.sleep(backoff * 2**attempt)
         else:
             assert error is not None
-            err = ssh_failed() if isinstance(error, ChronosUnreachable) else partition_failed(error.message)
+            err = (
+                ssh_failed()
+                if isinstance(error, ChronosUnreachable)
+                else partition_failed(error.message)
+            )
             await self.emit(
                 [
                     ev.PartitionFailed(
@@ -194,11 +206,7 @@ class Partitioner(EventService):
         )
 
     async def _create_once(self, job: PartitionJob, look: bool) -> list[dict[str, Any]]:
-        existing = (
-            {p["device"]: p for p in await self.chronos.list() if p.get("label") == job.label}
-            if look
-            else {}
-        )
+        existing = {p["device"]: p for p in await self._labelled(job)} if look else {}
         made: list[dict[str, Any]] = []
         try:
             for device in job.devices:
@@ -217,10 +225,14 @@ class Partitioner(EventService):
             raise
         return made
 
+    async def _labelled(self, job: PartitionJob) -> list[dict[str, Any]]:
+        """The live partitions carrying this placement's label (made by us, maybe pre-crash)."""
+        return [p for p in await self.chronos.partitions() if p.get("label") == job.label]
+
     async def _release(self, job: PartitionJob) -> None:
         ids = set(job.partition_ids)
         try:
-            ids |= {p["partition_id"] for p in await self.chronos.list() if p.get("label") == job.label}
+            ids |= {p["partition_id"] for p in await self._labelled(job)}
         except ChronosError as exc:
             log.warning("cannot list partitions", extra={"fields": {"error": exc.message}})
         for partition_id in sorted(ids):

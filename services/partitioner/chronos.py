@@ -71,7 +71,9 @@ class Chronos:
         try:
             return json.loads(out)
         except ValueError:
-            raise ChronosError(f"chronos_cli printed something that is not JSON: {out[:200]!r}") from None
+            raise ChronosError(
+                f"chronos_cli printed something that is not JSON: {out[:200]!r}"
+            ) from None
 
     async def stats(self) -> list[dict[str, Any]]:
         return list((await self._call("stats"))["devices"])
@@ -86,8 +88,10 @@ class Chronos:
     async def release(self, partition_id: str) -> None:
         await self._call("release", partition_id)
 
-    async def list(self) -> list[dict[str, Any]]:
-        return list((await self._call("list"))["partitions"])
+    async def partitions(self) -> list[dict[str, Any]]:
+        partitions: list[dict[str, Any]] = (await self._call("list"))["partitions"]
+        return partitions
 
     async def reap(self) -> list[dict[str, Any]]:
-        return list((await self._call("reap"))["reaped"])
+        reaped: list[dict[str, Any]] = (await self._call("reap"))["reaped"]
+        return reaped

@@ -92,10 +92,16 @@ class Runner(EventService):
                 continue
             if job.status in ("ready", "launching"):
                 if job.cancel and job.status == "ready":
-                    await self._end(job, ev.JobCancelled(
-                        job_id=job.job_id, user=job.user, worker_id=self.worker_id,
-                        message=job.cancel_reason or "cancelled by user",
-                        trace=child_trace(job.trace)))
+                    await self._end(
+                        job,
+                        ev.JobCancelled(
+                            job_id=job.job_id,
+                            user=job.user,
+                            worker_id=self.worker_id,
+                            message=job.cancel_reason or "cancelled by user",
+                            trace=child_trace(job.trace),
+                        ),
+                    )
                     continue
                 self._starting[job.job_id] = asyncio.create_task(self._start(job))
             elif job.status == "running":
@@ -106,8 +112,14 @@ class Runner(EventService):
     async def _start(self, job: st.RunJob) -> None:
         try:
             if job.status == "ready":
-                await self.emit([], internal=[st.Launching(
-                    job_id=job.job_id, attempt=job.attempt, nonce=secrets.token_hex(16))])
+                await self.emit(
+                    [],
+                    internal=[
+                        st.Launching(
+                            job_id=job.job_id, attempt=job.attempt, nonce=secrets.token_hex(16)
+                        )
+                    ],
+                )
             try:
                 package = await self._package(job.spec.code_ref)
                 handle = await self.backend.start(
@@ -115,15 +127,31 @@ class Runner(EventService):
                 )
             except Exception as exc:
                 log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
-                await self._end(job, ev.JobFailed(
-                    job_id=job.job_id, user=job.user, worker_id=self.worker_id, code="INTERNAL",
-                    message=f"Failed to start the job on {self.worker_id}: {exc}",
-                    trace=child_trace(job.trace)))
+                await self._end(
+                    job,
+                    ev.JobFailed(
+                        job_id=job.job_id,
+                        user=job.user,
+                        worker_id=self.worker_id,
+                        code="INTERNAL",
+                        message=f"Failed to start the job on {self.worker_id}: {exc}",
+                        trace=child_trace(job.trace),
+                    ),
+                )
                 return
-            await self.emit([ev.JobStarted(
-                job_id=job.job_id, user=job.user, worker_id=self.worker_id,
-                backend=self.backend.name, handle=handle, attempt=job.attempt,
-                trace=child_trace(job.trace))])
+            await self.emit(
+                [
+                    ev.JobStarted(
+                        job_id=job.job_id,
+                        user=job.user,
+                        worker_id=self.worker_id,
+                        backend=self.backend.name,
+                        handle=handle,
+                        attempt=job.attempt,
+                        trace=child_trace(job.trace),
+                    )
+                ]
+            )
         finally:
             self._starting.pop(job.job_id, None)
             self.wake()
@@ -135,16 +163,22 @@ class Runner(EventService):
         return result.data or b""
 
     def _env(self, job: st.RunJob) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+        }
         env.update(job.env)
         env.update(job.spec.env)
-        env.update({
-            "PYTHONUNBUFFERED": "1",
-            "CUMULUS_JOB_ID": job.job_id,
-            "CUMULUS_WORKER_ID": self.worker_id,
-            "CUMULUS_REQUIREMENTS": msgspec.json.encode(job.spec.requirements).decode(),
-            "CUMULUS_MAX_UNPACKED": str(self.config.limits.max_unpacked_bytes),
-        })
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "CUMULUS_JOB_ID": job.job_id,
+                "CUMULUS_WORKER_ID": self.worker_id,
+                "CUMULUS_REQUIREMENTS": msgspec.json.encode(job.spec.requirements).decode(),
+                "CUMULUS_MAX_UNPACKED": str(self.config.limits.max_unpacked_bytes),
+            }
+        )
         return env
 
     # -- watching --------------------------------------------------------------------------
@@ -169,15 +203,22 @@ class Runner(EventService):
                 await self.backend.kill(job.job_id, job.attempt, job.handle)
                 final = True
                 ending = ev.JobCancelled(
-                    job_id=job.job_id, user=job.user, worker_id=self.worker_id,
-                    message=job.cancel_reason or "cancelled by user", trace=child_trace(job.trace))
+                    job_id=job.job_id,
+                    user=job.user,
+                    worker_id=self.worker_id,
+                    message=job.cancel_reason or "cancelled by user",
+                    trace=child_trace(job.trace),
+                )
             elif not final and time.time() >= deadline:
                 await self.backend.kill(job.job_id, job.attempt, job.handle)
                 final = True
                 ending = ev.JobTimedOut(
-                    job_id=job.job_id, user=job.user, worker_id=self.worker_id,
+                    job_id=job.job_id,
+                    user=job.user,
+                    worker_id=self.worker_id,
                     message=deadline_exceeded(job.spec.duration_s).message,
-                    trace=child_trace(job.trace))
+                    trace=child_trace(job.trace),
+                )
             lines: list[ev.LogLine] = []
             for name, tail in tails.items():
                 for text in _drain(tail, final):
@@ -219,8 +260,16 @@ class Runner(EventService):
         def flush() -> None:
             nonlocal batch, size, seq
             if batch:
-                out.append(ev.JobLog(job_id=job.job_id, user=job.user, worker_id=self.worker_id,
-                                     seq=seq, lines=batch, trace=job.trace))
+                out.append(
+                    ev.JobLog(
+                        job_id=job.job_id,
+                        user=job.user,
+                        worker_id=self.worker_id,
+                        seq=seq,
+                        lines=batch,
+                        trace=job.trace,
+                    )
+                )
                 seq += len(batch)
                 batch, size = [], 0
 
@@ -237,15 +286,20 @@ class Runner(EventService):
             if len(batch) >= MAX_LINES_PER_EVENT or size >= MAX_BYTES_PER_EVENT:
                 flush()
         flush()
-        cursor = st.LogCursor(job_id=job.job_id, seq=seq, offsets=offsets, sent_bytes=sent,
-                              truncated=truncated)
+        cursor = st.LogCursor(
+            job_id=job.job_id, seq=seq, offsets=offsets, sent_bytes=sent, truncated=truncated
+        )
         return out, [cursor]
 
     async def _outcome(
         self, job: st.RunJob, result: dict[str, Any] | None, code: int | None, reason: str
     ) -> ev.Terminal:
-        common = {"job_id": job.job_id, "user": job.user, "worker_id": self.worker_id,
-                  "trace": child_trace(job.trace)}
+        common: dict[str, Any] = {
+            "job_id": job.job_id,
+            "user": job.user,
+            "worker_id": self.worker_id,
+            "trace": child_trace(job.trace),
+        }
         runtime = max(0.0, time.time() - job.started_at)
         if result is not None and result.get("ok"):
             encoded = msgspec.json.encode(result)
@@ -253,9 +307,15 @@ class Runner(EventService):
                 encoded = await self._store_result(job, encoded)
             return ev.JobCompleted(result=msgspec.Raw(encoded), runtime_s=runtime, **common)
         if result is not None:
-            return ev.JobFailed(code="INTERNAL", message=f"{result.get('type')}: {result.get('message')}",
-                                traceback=str(result.get("traceback", "")), **common)
-        return ev.JobFailed(code="INTERNAL", message=f"Job ended without a result: {reason}", **common)
+            return ev.JobFailed(
+                code="INTERNAL",
+                message=f"{result.get('type')}: {result.get('message')}",
+                traceback=str(result.get("traceback", "")),
+                **common,
+            )
+        return ev.JobFailed(
+            code="INTERNAL", message=f"Job ended without a result: {reason}", **common
+        )
 
     async def _store_result(self, job: st.RunJob, encoded: bytes) -> bytes:
         """Put a result too large for an event in the object store; return its reference."""
@@ -268,13 +328,17 @@ class Runner(EventService):
         )
 
     async def _end(
-        self, job: st.RunJob, ending: ev.Terminal,
+        self,
+        job: st.RunJob,
+        ending: ev.Terminal,
         records: tuple[list[ev.Event], list[Any]] | None = None,
     ) -> None:
         logs, internal = records or ([], [])
         await self.emit([*logs, ending], internal=internal)
         if job.started_at:
-            JOB_DURATION.labels(ending.status.lower()).observe(max(0.0, time.time() - job.started_at))
+            JOB_DURATION.labels(ending.status.lower()).observe(
+                max(0.0, time.time() - job.started_at)
+            )
         if job.handle:
             await self.backend.cleanup(job.job_id, job.attempt)
 

@@ -26,7 +26,8 @@ def _child(job_dir: Path, spec: dict[str, object]) -> None:
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.environ.clear()
-        os.environ.update(spec["env"])  # type: ignore[arg-type]
+        env: dict[str, str] = spec["env"]  # type: ignore[assignment]
+        os.environ.update(env)
         os.chdir(str(spec.get("cwd") or job_dir))
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115

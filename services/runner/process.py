@@ -7,6 +7,8 @@ job directory (launcher.pid, stdout.log, stderr.log, exit.json) after a restart.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +35,11 @@ class ProcessBackend:
         self, job_id: str, attempt: int, package: bytes, nonce: str, env: dict[str, str]
     ) -> str:
         """Start the job, or return the handle of the one a crashed runner already started."""
+        return await asyncio.to_thread(self._start, job_id, attempt, package, nonce, env)
+
+    def _start(
+        self, job_id: str, attempt: int, package: bytes, nonce: str, env: dict[str, str]
+    ) -> str:
         job_dir = self.job_dir(job_id, attempt)
         pid_file = job_dir / "launcher.pid"
         if pid_file.exists():
@@ -80,10 +87,8 @@ class ProcessBackend:
         return None
 
     async def kill(self, job_id: str, attempt: int, handle: str) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(int(handle), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         child = self._children.pop(int(handle), None)
         if child is not None:
             child.wait(timeout=5)

@@ -10,8 +10,9 @@ import msgspec
 from shared import events as ev
 
 
-class Launching(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
-                tag="cumulus.runner.v1.launching"):
+class Launching(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="cumulus.runner.v1.launching"
+):
     """Internal: the runner is about to start this job with this result nonce."""
 
     job_id: str
@@ -19,8 +20,9 @@ class Launching(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
     nonce: str
 
 
-class LogCursor(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
-                tag="cumulus.runner.v1.log_cursor"):
+class LogCursor(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="cumulus.runner.v1.log_cursor"
+):
     """Internal: output consumed so far (bytes of complete lines per stream) and lines sent."""
 
     job_id: str

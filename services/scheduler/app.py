@@ -47,9 +47,7 @@ class Scheduler(EventService):
     def consumers(self) -> list[ConsumerSpec]:
         return [
             ConsumerSpec(subjects.WORKERS_STREAM, "scheduler-workers", ["workers.>"]),
-            ConsumerSpec(
-                subjects.JOBS_STREAM, "scheduler-jobs", subjects.job_events(*JOB_EVENTS)
-            ),
+            ConsumerSpec(subjects.JOBS_STREAM, "scheduler-jobs", subjects.job_events(*JOB_EVENTS)),
         ]
 
     def apply(self, event: Any) -> None:

@@ -45,7 +45,9 @@ def _(event: ev.PartitionFailed, state: SchedulerState, max_attempts: int = 3) -
     if job.cancel_requested:
         return [_cancelled(job)]
     if job.attempt >= max_attempts:
-        message = event.message if event.code != "INTERNAL" else partition_failed(event.message).message
+        message = (
+            event.message if event.code != "INTERNAL" else partition_failed(event.message).message
+        )
         failed = ev.JobFailed(
             job_id=job.job_id,
             user=job.user,

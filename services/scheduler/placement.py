@@ -35,9 +35,7 @@ def _contiguous_free(worker: WorkerState, count: int) -> list[int] | None:
     return None
 
 
-def place(
-    state: SchedulerState, tenths: int, exclude: Collection[str] = ()
-) -> Placement | None:
+def place(state: SchedulerState, tenths: int, exclude: Collection[str] = ()) -> Placement | None:
     """The best placement for `tenths` (1-9: a share, 10·n: n whole devices), or None."""
     workers = [w for w in state.live_workers() if w.worker_id not in exclude]
     if tenths < TENTHS_PER_GPU:
