@@ -113,6 +113,18 @@ class CancelOrdered(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.can
     reason: str = "cancelled by user"
 
 
+class PlacementRevoked(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.revoked"):
+    """Worker-directed: the scheduler gave up on this placement (e.g. the worker was lost).
+
+    The worker's partitioner releases the attempt's partitions and its runner kills the
+    attempt's process or container if it runs; neither reports a job outcome for it.
+    """
+
+    name = "revoked"
+    attempt: int
+    reason: str
+
+
 class JobStarted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.started"):
     name = "started"
     backend: str
@@ -211,6 +223,7 @@ AnyJobEvent = (
     | PartitionReleased
     | CancelRequested
     | CancelOrdered
+    | PlacementRevoked
     | JobStarted
     | JobLog
     | JobCompleted
