@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import traceback
@@ -24,8 +25,12 @@ from typing import Any
 from job_image import package
 
 FRAME = "\x1eCUMULUS-RESULT"
+END = "\x1eCUMULUS-END"
+"""After the frame, `END <nonce>` closes stdout and stderr: a log stream reader knows then that it
+has everything (a Swarm service's log stream never ends by itself)."""
 EXIT_USER_ERROR = 1
 EXIT_SETUP_ERROR = 3
+READY = ".cumulus-ready"
 
 
 def frame(nonce: str, envelope: dict[str, Any]) -> bytes:
@@ -46,10 +51,32 @@ def parse_frame(line: str, nonce: str) -> tuple[str, dict[str, Any]] | None:
         return None
 
 
+def end_marker(nonce: str) -> str:
+    return f"{END} {nonce}"
+
+
 def _emit(nonce: str, envelope: dict[str, Any]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(1, frame(nonce, envelope))
+    _write_all(1, frame(nonce, envelope) + f"{end_marker(nonce)}\n".encode())
+    _write_all(2, f"{end_marker(nonce)}\n".encode())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def no_new_privileges() -> None:
+    """prctl(PR_SET_NO_NEW_PRIVS): nothing the job executes can gain privileges (setuid)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    except (OSError, AttributeError):
+        pass
 
 
 def _error_envelope(exc: BaseException, stage: str) -> dict[str, Any]:
@@ -103,11 +130,40 @@ def install_requirements(requirements: list[str], target: Path) -> None:
     print(
         f"[cumulus] installing requirements: {' '.join(requirements)}", file=sys.stderr, flush=True
     )
-    subprocess.run([*argv, *requirements], check=True, stdout=sys.stderr)
-    sys.path.insert(0, str(target))
+    done = subprocess.run(
+        [*argv, *requirements], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if done.returncode != 0:
+        tail = done.stdout.strip().splitlines()[-5:]
+        raise RuntimeError(
+            f"could not install {' '.join(requirements)}: " + " / ".join(tail or ["pip failed"])
+        )
+
+
+def prepare(requirements: list[str], deps: Path) -> None:
+    """Install `requirements` into `deps` once: built aside, marked ready, renamed into place.
+
+    `deps` is the environment cache keyed by the requirements' hash; a second job with the
+    same requirements finds it ready and installs nothing. Two jobs preparing it at once both
+    build; the first rename wins and the other's copy is dropped.
+    """
+    if not requirements or (deps / READY).exists():
+        return
+    deps.parent.mkdir(parents=True, exist_ok=True)
+    tmp = deps.parent / f".{deps.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    install_requirements(requirements, tmp)
+    (tmp / READY).write_text(json.dumps(requirements))
+    try:
+        os.rename(tmp, deps)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (deps / READY).exists():
+            raise
 
 
 def run(job_dir: Path) -> int:
+    no_new_privileges()
     nonce_file = job_dir / ".nonce"
     nonce = nonce_file.read_text().strip()
     nonce_file.unlink()
@@ -119,10 +175,9 @@ def run(job_dir: Path) -> int:
         given = os.environ.get("CUMULUS_REQUIREMENTS")
         requirements = json.loads(given) if given else list(manifest.get("requirements", []))
         deps = Path(os.environ.get("CUMULUS_DEPS_DIR", str(job_dir / "deps")))
-        if requirements and (deps / ".cumulus-ready").exists():
+        if requirements:
+            prepare(requirements, deps)
             sys.path.insert(0, str(deps))
-        else:
-            install_requirements(requirements, deps)
     except Exception as exc:
         _emit(nonce, _error_envelope(exc, "setup"))
         return EXIT_SETUP_ERROR
@@ -155,7 +210,20 @@ def run(job_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--job-dir", default=os.environ.get("CUMULUS_JOB_DIR", "/job"))
+    parser.add_argument(
+        "--prepare",
+        metavar="DEPS_DIR",
+        help="only install $CUMULUS_REQUIREMENTS (JSON list) into DEPS_DIR, then exit",
+    )
     args = parser.parse_args(argv)
+    if args.prepare:
+        no_new_privileges()
+        try:
+            prepare(json.loads(os.environ.get("CUMULUS_REQUIREMENTS", "[]")), Path(args.prepare))
+        except Exception as exc:
+            print(f"[cumulus] {exc}", file=sys.stderr)
+            return EXIT_SETUP_ERROR
+        return 0
     return run(Path(args.job_dir))
 
 

@@ -1,11 +1,14 @@
 """The runner: starts each job once its partition is ready, streams its output, ends it.
 
-Consumes only its worker's `partition_ready` and `cancel` events. For each job it logs a
-Launching record (with the result nonce), starts the job idempotently through its backend,
-emits JobStarted, then watches: every output line becomes part of a JobLog event (batched,
-in order, the unterminated last line included), the duration is enforced (DEADLINE_EXCEEDED),
-a cancel kills within the poll interval, and the exit becomes JobCompleted or JobFailed. After
-a crash it replays its log and re-adopts running jobs from the backend.
+Consumes only its worker's `partition_ready`, `cancel` and `revoked` events. For each job it
+logs a Launching record (with the result nonce), starts the job idempotently through its
+backend (process, Docker engine or Swarm: `services/runner/config.py`), emits JobStarted, then
+watches: every output line becomes part of a JobLog event (batched, in order, the unterminated
+last line included, read a bounded amount at a time), the duration is enforced
+(DEADLINE_EXCEEDED), a cancel kills within the poll interval, a revoked placement is killed
+without an outcome, and the exit becomes JobCompleted or JobFailed. After a crash it replays
+its log, re-adopts running jobs from the backend and removes whatever the backend still holds
+for jobs that are over.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from typing import Any
 
 import msgspec
 
-from job_image.runner import parse_frame
+from job_image.runner import end_marker, parse_frame
 from services.runner import state as st
-from services.runner.backend import Backend, FileTail
-from services.runner.process import ProcessBackend
+from services.runner.backend import Backend, Exit, Launch, Output
+from services.runner.config import make_backend
 from shared import events as ev
 from shared import subjects
 from shared.errors import deadline_exceeded
@@ -48,7 +51,7 @@ class Runner(EventService):
         self.state = st.RunnerState(self.worker_id)
         root = self.config.data_path / f"runner-{self.worker_id}"
         self.ledger = root / "launches.log"
-        self.backend: Backend = backend or ProcessBackend(root / "jobs", ledger=self.ledger)
+        self.backend: Backend = backend or make_backend(self.config, root, self.ledger)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
 
@@ -61,7 +64,9 @@ class Runner(EventService):
             ConsumerSpec(
                 subjects.JOBS_STREAM,
                 f"runner-{self.worker_id}",
-                subjects.job_events("partition_ready", "cancel", worker_id=self.worker_id),
+                subjects.job_events(
+                    "partition_ready", "cancel", "revoked", worker_id=self.worker_id
+                ),
             )
         ]
 
@@ -72,12 +77,17 @@ class Runner(EventService):
         return st.decode(data)
 
     async def on_start(self) -> None:
-        # A crash between a job's terminal event and its cleanup leaves its directory behind.
-        if isinstance(self.backend, ProcessBackend):
-            for job_id, attempt in self.backend.handles():
-                job = self.state.jobs.get(job_id)
-                if job is None or job.status == "done" or job.attempt != attempt:
-                    await self.backend.cleanup(job_id, attempt)
+        # A crash between a job's end (or revocation) and its cleanup leaves its process or
+        # container, service and files behind: the backend finds them by their labels.
+        try:
+            held = await self.backend.held()
+        except Exception:
+            log.exception("could not list what the backend holds; nothing reaped")
+            return
+        for job_id, attempt in held:
+            job = self.state.jobs.get(job_id)
+            if job is None or job.status == "done" or job.attempt != attempt:
+                await self.backend.cleanup(job_id, attempt)
 
     async def on_stop(self) -> None:
         tasks = [*self._watchers.values(), *self._starting.values()]
@@ -123,9 +133,19 @@ class Runner(EventService):
             try:
                 package = await self._package(job.spec.code_ref)
                 handle = await self.backend.start(
-                    job.job_id, job.attempt, package, job.nonce, self._env(job)
+                    Launch(
+                        job_id=job.job_id,
+                        attempt=job.attempt,
+                        package=package,
+                        nonce=job.nonce,
+                        env=self._env(job),
+                        requirements=list(job.spec.requirements),
+                    )
                 )
             except Exception as exc:
+                if job.revoked:
+                    await self.backend.cleanup(job.job_id, job.attempt)
+                    return
                 log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
                 await self._end(
                     job,
@@ -138,6 +158,9 @@ class Runner(EventService):
                         trace=child_trace(job.trace),
                     ),
                 )
+                return
+            if job.revoked:
+                await self.backend.cleanup(job.job_id, job.attempt)
                 return
             await self.emit(
                 [
@@ -179,6 +202,8 @@ class Runner(EventService):
                 "CUMULUS_MAX_UNPACKED": str(self.config.limits.max_unpacked_bytes),
             }
         )
+        if self.config.container.wheelhouse and self.backend.name == "process":
+            env["CUMULUS_WHEELHOUSE"] = self.config.container.wheelhouse
         return env
 
     # -- watching --------------------------------------------------------------------------
@@ -190,65 +215,93 @@ class Runner(EventService):
             self._watchers.pop(job.job_id, None)
 
     async def _watch_until_end(self, job: st.RunJob) -> None:
-        paths = self.backend.output_paths(job.job_id, job.attempt)
-        tails = {name: FileTail(path, job.offsets.get(name, 0)) for name, path in paths.items()}
+        out = self.backend.output(job.job_id, job.attempt, job.handle, job.nonce, dict(job.offsets))
+        try:
+            await self._follow(job, out)
+        finally:
+            out.close()
+
+    async def _follow(self, job: st.RunJob, out: Output) -> None:
         deadline = job.started_at + job.spec.duration_s
         result: dict[str, Any] | None = None
+        exit_: Exit | None = None
+        ending: ev.Terminal | None = None
+        held: list[ev.LogLine] = []
+        """Lines after the result frame: logged with the outcome, so a restart re-reads the
+        frame rather than resuming past it."""
+        end_line = end_marker(job.nonce) if job.nonce else "\x00"
         idle = 0
         while True:
-            exit_ = self.backend.exited(job.job_id, job.attempt, job.handle)
-            final = exit_ is not None
-            ending: ev.Terminal | None = None
-            if not final and job.cancel:
+            if job.revoked:
                 await self.backend.kill(job.job_id, job.attempt, job.handle)
-                final = True
-                ending = ev.JobCancelled(
-                    job_id=job.job_id,
-                    user=job.user,
-                    worker_id=self.worker_id,
-                    message=job.cancel_reason or "cancelled by user",
-                    trace=child_trace(job.trace),
-                )
-            elif not final and time.time() >= deadline:
-                await self.backend.kill(job.job_id, job.attempt, job.handle)
-                final = True
-                ending = ev.JobTimedOut(
-                    job_id=job.job_id,
-                    user=job.user,
-                    worker_id=self.worker_id,
-                    message=deadline_exceeded(job.spec.duration_s).message,
-                    trace=child_trace(job.trace),
-                )
-            lines: list[ev.LogLine] = []
-            for name, tail in tails.items():
-                for text in _drain(tail, final):
-                    if name == "stdout" and job.nonce:
-                        framed = parse_frame(text, job.nonce)
-                        if framed is not None:
-                            before, result = framed
-                            if before:
-                                lines.append(ev.LogLine(name, before))
-                            continue
-                    lines.append(ev.LogLine(name, text))
-            records = self._log_events(job, lines, tails)
-            if final:
+                await self.backend.cleanup(job.job_id, job.attempt)
+                return
+            if exit_ is None and ending is None:
+                exit_ = await self.backend.exited(job.job_id, job.attempt, job.handle)
+                if exit_ is None and out.complete:
+                    # The in-job runner wrote its result and closed both streams.
+                    exit_ = Exit(0, "the job finished")
+                elif exit_ is None and job.cancel:
+                    await self.backend.kill(job.job_id, job.attempt, job.handle)
+                    ending = ev.JobCancelled(
+                        job_id=job.job_id,
+                        user=job.user,
+                        worker_id=self.worker_id,
+                        message=job.cancel_reason or "cancelled by user",
+                        trace=child_trace(job.trace),
+                    )
+                elif exit_ is None and time.time() >= deadline:
+                    await self.backend.kill(job.job_id, job.attempt, job.handle)
+                    ending = ev.JobTimedOut(
+                        job_id=job.job_id,
+                        user=job.user,
+                        worker_id=self.worker_id,
+                        message=deadline_exceeded(job.spec.duration_s).message,
+                        trace=child_trace(job.trace),
+                    )
+            final = exit_ is not None or ending is not None
+            got = await out.read(final)
+            lines = held
+            for name, text in got:
+                if end_line in text:
+                    text = text[: text.index(end_line)]
+                    if not text:
+                        continue
+                if name == "stdout" and job.nonce and result is None:
+                    framed = parse_frame(text, job.nonce)
+                    if framed is not None:
+                        before, result = framed
+                        if before:
+                            lines.append(ev.LogLine(name, before))
+                        continue
+                lines.append(ev.LogLine(name, text))
+            if final and out.done:
+                records = self._log_events(job, lines, out.cursor())
                 if ending is None:
                     assert exit_ is not None
                     ending = await self._outcome(job, result, exit_.code, exit_.reason)
                 await self._end(job, ending, records)
                 return
-            if records:
-                await self.emit(records[0], internal=records[1])
-                idle = 0
+            if result is not None:
+                held = lines
+                continue_now = bool(got)
             else:
-                idle += 1
-            await asyncio.sleep(POLL_FAST_S if idle < 20 else POLL_SLOW_S)
+                held = []
+                records = self._log_events(job, lines, out.cursor())
+                if records:
+                    await self.emit(records[0], internal=records[1])
+                continue_now = bool(got)
+            if continue_now:
+                idle = 0
+                await asyncio.sleep(0)
+                continue
+            idle += 1
+            await out.wait(POLL_FAST_S if idle < 20 else POLL_SLOW_S)
 
     def _log_events(
-        self, job: st.RunJob, lines: list[ev.LogLine], tails: dict[str, FileTail]
+        self, job: st.RunJob, lines: list[ev.LogLine], offsets: dict[str, int]
     ) -> tuple[list[ev.Event], list[Any]] | None:
         """JobLog events for `lines` (batched, capped at max_log_bytes) and the new cursor."""
-        offsets = {name: tail.offset for name, tail in tails.items()}
         if not lines and offsets == job.offsets:
             return None
         limit = self.config.worker.max_log_bytes
@@ -334,21 +387,12 @@ class Runner(EventService):
         records: tuple[list[ev.Event], list[Any]] | None = None,
     ) -> None:
         logs, internal = records or ([], [])
+        if job.revoked:  # given up while it ended: no outcome for this attempt
+            await self.backend.cleanup(job.job_id, job.attempt)
+            return
         await self.emit([*logs, ending], internal=internal)
         if job.started_at:
             JOB_DURATION.labels(ending.status.lower()).observe(
                 max(0.0, time.time() - job.started_at)
             )
-        if job.handle:
-            await self.backend.cleanup(job.job_id, job.attempt)
-
-
-def _drain(tail: FileTail, final: bool) -> list[str]:
-    """What is readable now (a read stops at a result frame or after 1 MiB); at the end, all."""
-    lines: list[str] = []
-    for _ in range(100_000 if final else 64):
-        got = tail.read(final)
-        if not got:
-            break
-        lines.extend(got)
-    return lines
+        await self.backend.cleanup(job.job_id, job.attempt)

@@ -1,18 +1,24 @@
 """What every runner backend provides, and reading a job's output into lines.
 
 A backend starts a job idempotently (a second start of the same job and attempt adopts the
-first), reports how it exited, kills it, cleans up, and exposes its output. Output is read as
-complete lines, resumable from byte offsets recorded in the runner's log, so a restarted
-runner neither repeats nor loses a line; the last line without a newline is delivered when
-the job has exited.
+first), reports how it exited, kills it, cleans up, lists what it holds (for reconciling after
+a crash), and exposes the job's output as an `Output`: complete lines in order, resumable from
+a cursor recorded in the runner's log, so a restarted runner neither repeats nor loses a line.
+The last line without a newline is delivered once the output is complete.
+
+Output comes from files (the process backend: `FileOutput` over two `FileTail`s) or from a log
+stream (Docker and Swarm: `LogStream` in `services/runner/containers.py`). Both keep the result
+frame whole, however long it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from job_image.runner import END as END_TEXT
 from job_image.runner import FRAME as FRAME_TEXT
 
 MAX_LINE = 64 * 1024
@@ -20,6 +26,7 @@ MAX_LINE = 64 * 1024
 MAX_FRAME = 256 * 1024 * 1024
 """Largest result frame read whole."""
 FRAME = FRAME_TEXT.encode()
+END = END_TEXT
 
 
 @dataclass(frozen=True)
@@ -29,20 +36,110 @@ class Exit:
     reason: str
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Everything a backend needs to start one attempt of a job."""
+
+    job_id: str
+    attempt: int
+    package: bytes
+    nonce: str
+    env: dict[str, str]
+    requirements: list[str] = field(default_factory=list)
+    network: bool = False
+    """The job asked for network access (isolated by default)."""
+
+
+class Output(Protocol):
+    """A job's output as (stream, line) pairs, in order, resumable from `cursor()`."""
+
+    async def read(self, final: bool) -> list[tuple[str, str]]:
+        """Lines readable now, a bounded amount per call.
+
+        `final` says the job has ended: the unterminated rest is delivered once the output is
+        complete, and `done` turns true when nothing more will come.
+        """
+        ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def complete(self) -> bool:
+        """The in-job runner closed both streams (result written): the job is finishing."""
+        ...
+
+    def cursor(self) -> dict[str, int]:
+        """Where the lines returned so far end (per stream), for resuming after a restart."""
+        ...
+
+    async def wait(self, timeout: float) -> None:
+        """Until more output may be readable, at most `timeout` seconds."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Backend(Protocol):
     name: str
 
-    async def start(
-        self, job_id: str, attempt: int, package: bytes, nonce: str, env: dict[str, str]
-    ) -> str: ...
+    async def start(self, launch: Launch) -> str:
+        """Start the attempt (or adopt the one already started) and return its handle."""
+        ...
 
-    def output_paths(self, job_id: str, attempt: int) -> dict[str, Path]: ...
+    def output(
+        self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
+    ) -> Output: ...
 
-    def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None: ...
+    async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
+        """How the attempt ended, or None while it runs."""
+        ...
 
     async def kill(self, job_id: str, attempt: int, handle: str) -> None: ...
 
-    async def cleanup(self, job_id: str, attempt: int) -> None: ...
+    async def cleanup(self, job_id: str, attempt: int) -> None:
+        """Remove everything the attempt left: process or container, service, files."""
+        ...
+
+    async def held(self) -> list[tuple[str, int]]:
+        """(job id, attempt) of everything this backend holds on this worker."""
+        ...
+
+
+class FileOutput:
+    """The process backend's output: stdout.log and stderr.log in the job's directory."""
+
+    def __init__(self, paths: dict[str, Path], cursor: dict[str, int]) -> None:
+        self.tails = {name: FileTail(path, cursor.get(name, 0)) for name, path in paths.items()}
+        self._done = False
+
+    async def read(self, final: bool) -> list[tuple[str, str]]:
+        lines: list[tuple[str, str]] = []
+        for name, tail in self.tails.items():
+            for _ in range(8):
+                got = tail.read(final)
+                if not got:
+                    break
+                lines.extend((name, text) for text in got)
+        self._done = final and not lines
+        return lines
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def complete(self) -> bool:
+        return False
+
+    def cursor(self) -> dict[str, int]:
+        return {name: tail.offset for name, tail in self.tails.items()}
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+    def close(self) -> None:
+        pass
 
 
 class FileTail:

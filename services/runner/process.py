@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.runner.backend import Exit
+from services.runner.backend import Exit, FileOutput, Launch, Output
 
 
 class ProcessBackend:
@@ -31,11 +32,15 @@ class ProcessBackend:
     def job_dir(self, job_id: str, attempt: int) -> Path:
         return self.root / f"{job_id}.{attempt}"
 
-    async def start(
-        self, job_id: str, attempt: int, package: bytes, nonce: str, env: dict[str, str]
-    ) -> str:
+    async def start(self, launch: Launch) -> str:
         """Start the job, or return the handle of the one a crashed runner already started."""
-        return await asyncio.to_thread(self._start, job_id, attempt, package, nonce, env)
+        env = dict(launch.env)
+        if launch.requirements:
+            # The environment cache: jobs with the same requirements share one install.
+            env["CUMULUS_DEPS_DIR"] = str(self.root.parent / "envs" / requirements_key(launch))
+        return await asyncio.to_thread(
+            self._start, launch.job_id, launch.attempt, launch.package, launch.nonce, env
+        )
 
     def _start(
         self, job_id: str, attempt: int, package: bytes, nonce: str, env: dict[str, str]
@@ -54,13 +59,14 @@ class ProcessBackend:
             "ledger": str(self.ledger) if self.ledger else None,
         }
         (job_dir / "launch.json").write_text(json.dumps(launch))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.runner.launcher", str(job_dir)],
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(job_dir / "launcher.log", "ab"),  # noqa: SIM115 (the child keeps it)
-        )
+        with open(job_dir / "launcher.log", "ab") as launcher_log:  # the child keeps a copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.runner.launcher", str(job_dir)],
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=launcher_log,
+            )
         self._children[proc.pid] = proc
         tmp = job_dir / "launcher.pid.tmp"
         tmp.write_text(str(proc.pid))
@@ -71,7 +77,15 @@ class ProcessBackend:
         job_dir = self.job_dir(job_id, attempt)
         return {"stdout": job_dir / "stdout.log", "stderr": job_dir / "stderr.log"}
 
-    def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
+    def output(
+        self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
+    ) -> Output:
+        return FileOutput(self.output_paths(job_id, attempt), cursor)
+
+    async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
+        return self.exit_status(job_id, attempt, handle)
+
+    def exit_status(self, job_id: str, attempt: int, handle: str) -> Exit | None:
         """How the job ended, or None while it runs."""
         job_dir = self.job_dir(job_id, attempt)
         exit_file = job_dir / "exit.json"
@@ -94,7 +108,19 @@ class ProcessBackend:
             child.wait(timeout=5)
 
     async def cleanup(self, job_id: str, attempt: int) -> None:
+        # A job found after a crash may still run: its process session goes with its directory.
+        pid_file = self.job_dir(job_id, attempt) / "launcher.pid"
+        with contextlib.suppress(OSError, ValueError):
+            handle = pid_file.read_text().strip()
+            if _alive(int(handle)):
+                await self.kill(job_id, attempt, handle)
+            child = self._children.pop(int(handle), None)
+            if child is not None:
+                await asyncio.to_thread(child.wait, 5)
         shutil.rmtree(self.job_dir(job_id, attempt), ignore_errors=True)
+
+    async def held(self) -> list[tuple[str, int]]:
+        return self.handles()
 
     def handles(self) -> list[tuple[str, int]]:
         """(job id, attempt) of every job directory present, for reconciling after a crash."""
@@ -104,6 +130,12 @@ class ProcessBackend:
             if attempt.isdigit():
                 out.append((job_id, int(attempt)))
         return out
+
+
+def requirements_key(launch: Launch) -> str:
+    """The environment cache key: a hash of the requirements, order and case insensitive."""
+    text = "\n".join(sorted(r.strip().lower() for r in launch.requirements))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _alive(pid: int) -> bool:

@@ -59,6 +59,8 @@ class RunJob(msgspec.Struct, kw_only=True):
     started_at: float = 0.0
     cancel: bool = False
     cancel_reason: str = ""
+    revoked: bool = False
+    """The scheduler gave this placement up: kill it, clean up, report nothing."""
     seq: int = 0
     offsets: dict[str, int] = {}
     sent_bytes: int = 0
@@ -105,6 +107,13 @@ class RunnerState:
         elif job.status != "done":
             job.cancel = True
             job.cancel_reason = event.reason
+
+    @apply.register
+    def _(self, event: ev.PlacementRevoked) -> None:
+        job = self.jobs.get(event.job_id)
+        if job is not None and job.attempt == event.attempt and job.status != "done":
+            job.revoked = True
+            job.status = "done"
 
     @apply.register
     def _(self, event: Launching) -> None:

@@ -1,0 +1,144 @@
+"""The Docker engine backend: each job one hardened container (`containers.run`).
+
+The container is named `cumulus-<job>-<attempt>` and labelled with the job, so a second start
+adopts the first and a restarted runner finds it. Real NVIDIA partitions get GPU device
+requests for exactly their devices (the nvidia runtime); virtual devices get none. Output is
+the container's log stream; the exit comes from the engine's wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.types import DeviceRequest
+
+from services.runner import containers as ct
+from services.runner.backend import Exit, Launch, Output
+from shared.config import Config
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(self, config: Config, root: Path, worker_id: str) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.client = ct.engine()
+        self.jobs = ct.Jobs(config, root, worker_id)
+        self._exits: dict[str, Exit] = {}
+        self._waiters: dict[str, threading.Thread] = {}
+        self._killed: set[str] = set()
+
+    async def start(self, launch: Launch) -> str:
+        return await asyncio.to_thread(self._start, launch)
+
+    def _start(self, launch: Launch) -> str:
+        name = ct.container_name(launch.job_id, launch.attempt)
+        with contextlib.suppress(docker.errors.NotFound):
+            found = self.client.containers.get(name)
+            if found.status == "created":
+                found.start()
+            return str(found.id)
+        prepared = self.jobs.prepare(self.client, launch)
+        devices = ct.nvidia_devices(launch.env)
+        requests = (
+            [DeviceRequest(driver="nvidia", device_ids=devices, capabilities=[["gpu"]])]
+            if devices
+            else []
+        )
+        try:
+            container = self.client.containers.run(
+                self.jobs.image_id(self.client),
+                ["--job-dir", "/job"],
+                name=name,
+                detach=True,
+                environment=ct.job_env(launch),
+                labels=ct.labels(self.worker_id, launch.job_id, launch.attempt),
+                mounts=prepared.mounts,
+                working_dir="/job",
+                network_mode="bridge" if ct.wants_network(launch) else "none",
+                device_requests=requests,
+                **ct.hardening(self.config),
+            )
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: a concurrent start made it; adopt that one
+                raise
+            return str(self.client.containers.get(name).id)
+        return str(container.id)
+
+    def output(
+        self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
+    ) -> Output:
+        return ct.LogStream(self.client, f"/containers/{handle}/logs", nonce, cursor)
+
+    async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
+        if handle not in self._waiters:
+            waiter = threading.Thread(target=self._wait, args=(handle,), daemon=True)
+            self._waiters[handle] = waiter
+            waiter.start()
+        return self._exits.get(handle)
+
+    def _wait(self, handle: str) -> None:
+        """Block on the engine until the container ends; record how."""
+        try:
+            code = int(self.client.api.wait(handle, timeout=None)["StatusCode"])
+            state = self.client.api.inspect_container(handle)["State"]
+        except docker.errors.NotFound:
+            self._exits[handle] = Exit(None, "the job's container was removed from outside")
+            return
+        except Exception as exc:
+            self._exits[handle] = Exit(None, f"lost the job's container: {exc}")
+            return
+        self._exits[handle] = Exit(code, describe(code, bool(state.get("OOMKilled")), self.config))
+
+    async def kill(self, job_id: str, attempt: int, handle: str) -> None:
+        self._killed.add(handle)
+        await asyncio.to_thread(self._remove, handle)
+
+    def _remove(self, ref: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.api.remove_container(ref, force=True)
+
+    async def cleanup(self, job_id: str, attempt: int) -> None:
+        await asyncio.to_thread(self._cleanup, job_id, attempt)
+
+    def _cleanup(self, job_id: str, attempt: int) -> None:
+        for container in self._containers(job_id, attempt):
+            self._remove(str(container.id))
+            self._exits.pop(str(container.id), None)
+            self._waiters.pop(str(container.id), None)
+        self.jobs.remove_dir(job_id, attempt)
+
+    def _containers(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
+        wanted = [f"{ct.LABEL_WORKER}={self.worker_id}"]
+        if job_id is not None:
+            wanted.append(f"{ct.LABEL_JOB}={job_id}")
+        if attempt is not None:
+            wanted.append(f"{ct.LABEL_ATTEMPT}={attempt}")
+        return list(self.client.containers.list(all=True, filters={"label": wanted}))
+
+    async def held(self) -> list[tuple[str, int]]:
+        def find() -> list[tuple[str, int]]:
+            found = {ct.parse_labels(c.labels) for c in self._containers()}
+            return sorted({f for f in found if f is not None} | set(self.jobs.dirs()))
+
+        return await asyncio.to_thread(find)
+
+
+def describe(code: int, oom: bool, config: Config) -> str:
+    if oom:
+        return (
+            f"the job ran out of memory (limit {config.container.memory}) and was killed "
+            f"(exit {code})"
+        )
+    if code == 137:
+        return "the job's container was killed with SIGKILL (exit 137), from outside Cumulus"
+    if code == 143:
+        return "the job's container was stopped with SIGTERM (exit 143), from outside Cumulus"
+    return f"the job's container exited with code {code}"

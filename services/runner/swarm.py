@@ -1,0 +1,225 @@
+"""The Docker Swarm backend (the seed's platform): each job one service pinned to the worker's node.
+
+The service `cumulus-<job>-<attempt>` is created from the job image's ID (with a tag, Swarm
+asks a registry first), restart condition none, placement `node.id==<the worker's node>`, the
+partition's environment (NVIDIA_VISIBLE_DEVICES for the nvidia runtime), the job's labels and
+the same isolation as the engine backend, except that Swarm has no `none` network: a job
+without network is attached to an internal overlay network (no route to the host or out).
+Swarm has no no-new-privileges option before API 1.46: the in-job runner sets it itself
+(prctl, and `setpriv --no-new-privs` in the image's entrypoint).
+
+Output is the service's log stream, which never ends by itself; the end is the task's state,
+polled every POLL_S, or the in-job runner's end markers in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.types import (
+    ContainerSpec,
+    DriverConfig,
+    Mount,
+    Placement,
+    Resources,
+    RestartPolicy,
+    TaskTemplate,
+)
+
+from services.runner import containers as ct
+from services.runner.backend import Exit, Launch, Output
+from services.runner.docker_engine import describe
+from shared.config import Config
+
+POLL_S = 0.05
+ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+
+
+class SwarmBackend:
+    name = "swarm"
+
+    def __init__(self, config: Config, root: Path, worker_id: str) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.client = ct.engine()
+        self.jobs = ct.Jobs(config, root, worker_id)
+        self.node = config.container.swarm_node or str(self.client.info()["Swarm"]["NodeID"])
+        if not self.node:
+            raise RuntimeError("this engine is not part of a Swarm (docker swarm init or join)")
+        self._exits: dict[str, Exit] = {}
+        self._pollers: dict[str, threading.Thread] = {}
+        self._network_ready = False
+
+    async def start(self, launch: Launch) -> str:
+        return await asyncio.to_thread(self._start, launch)
+
+    def _start(self, launch: Launch) -> str:
+        name = ct.container_name(launch.job_id, launch.attempt)
+        existing = self._service(name)
+        if existing is not None:
+            return existing
+        prepared = self.jobs.prepare(self.client, launch)
+        limit = ct.memory_bytes(self.config.container.memory)
+        resources = Resources(mem_limit=limit)
+        resources["Limits"]["Pids"] = self.config.container.pids_limit
+        tmp = Mount(
+            "/tmp", None, type="tmpfs", tmpfs_size=ct.memory_bytes(self.config.container.tmp_size)
+        )
+        spec = ContainerSpec(
+            self.jobs.image_id(self.client),
+            args=["--job-dir", "/job"],
+            env=ct.job_env(launch),
+            workdir="/job",
+            user=ct.JOB_USER,
+            labels=ct.labels(self.worker_id, launch.job_id, launch.attempt),
+            mounts=[*prepared.mounts, tmp],
+            read_only=True,
+            cap_drop=["ALL"],
+        )
+        networks = None if ct.wants_network(launch) else [self._isolated_network()]
+        template = TaskTemplate(
+            spec,
+            resources=resources,
+            restart_policy=RestartPolicy(condition="none"),
+            placement=Placement(constraints=[f"node.id=={self.node}"]),
+            log_driver=DriverConfig("json-file", ct.log_options(self.config)),
+            networks=networks,
+        )
+        try:
+            created = self.client.api.create_service(
+                template,
+                name=name,
+                labels=ct.labels(self.worker_id, launch.job_id, launch.attempt),
+            )
+        except docker.errors.APIError as exc:
+            found = self._service(name) if exc.status_code == 409 else None
+            if found is None:
+                raise
+            return found
+        return str(created["ID"])
+
+    def _service(self, name: str) -> str | None:
+        for service in self.client.api.services(filters={"name": name}):
+            if service["Spec"]["Name"] == name:
+                return str(service["ID"])
+        return None
+
+    def _isolated_network(self) -> str:
+        name = self.config.container.swarm_network
+        if not self._network_ready:
+            if not self.client.networks.list(names=[name]):
+                with contextlib.suppress(docker.errors.APIError):  # made concurrently
+                    self.client.networks.create(
+                        name,
+                        driver="overlay",
+                        internal=True,
+                        attachable=False,
+                        labels={"cumulus.network": "isolated"},
+                    )
+            self._network_ready = True
+        return name
+
+    def output(
+        self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
+    ) -> Output:
+        return ct.LogStream(self.client, f"/services/{handle}/logs", nonce, cursor)
+
+    async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
+        if handle not in self._pollers:
+            poller = threading.Thread(target=self._poll, args=(handle,), daemon=True)
+            self._pollers[handle] = poller
+            poller.start()
+        return self._exits.get(handle)
+
+    def _poll(self, handle: str) -> None:
+        """Watch the service's task until it ends (the log stream never says so)."""
+        while handle in self._pollers:
+            try:
+                tasks = self.client.api.tasks(filters={"service": handle})
+            except docker.errors.NotFound:
+                tasks = None
+            except Exception:
+                time.sleep(POLL_S * 4)
+                continue
+            if tasks is None or (not tasks and self._service_gone(handle)):
+                self._exits[handle] = Exit(None, "the job's service was removed from outside")
+                return
+            for task in tasks:
+                status = task.get("Status", {})
+                if status.get("State") in ENDED:
+                    self._exits[handle] = self._exit(status)
+                    return
+            time.sleep(POLL_S)
+
+    def _service_gone(self, handle: str) -> bool:
+        try:
+            self.client.api.inspect_service(handle)
+        except docker.errors.NotFound:
+            return True
+        return False
+
+    def _exit(self, status: dict[str, Any]) -> Exit:
+        state = status.get("State", "")
+        code = status.get("ContainerStatus", {}).get("ExitCode")
+        if state == "complete":
+            return Exit(0, "the job's container exited with code 0")
+        if code is not None and state == "failed" and code != 0:
+            return Exit(int(code), describe(int(code), False, self.config))
+        err = status.get("Err") or status.get("Message") or state
+        return Exit(None, f"Swarm ended the job's task ({state}): {err}")
+
+    async def kill(self, job_id: str, attempt: int, handle: str) -> None:
+        await asyncio.to_thread(self._remove, job_id, attempt, handle)
+
+    def _remove(self, job_id: str, attempt: int, handle: str | None) -> None:
+        if handle:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.client.api.remove_service(handle)
+        # Swarm removes the task's container 1-2.5 s after the service; on our own node we
+        # don't wait for it.
+        wanted = [
+            f"{ct.LABEL_WORKER}={self.worker_id}",
+            f"{ct.LABEL_JOB}={job_id}",
+            f"{ct.LABEL_ATTEMPT}={attempt}",
+        ]
+        for container in self.client.api.containers(all=True, filters={"label": wanted}):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                self.client.api.remove_container(container["Id"], force=True)
+
+    async def cleanup(self, job_id: str, attempt: int) -> None:
+        await asyncio.to_thread(self._cleanup, job_id, attempt)
+
+    def _cleanup(self, job_id: str, attempt: int) -> None:
+        for service in self._services(job_id, attempt):
+            handle = str(service["ID"])
+            self._pollers.pop(handle, None)
+            self._exits.pop(handle, None)
+            self._remove(job_id, attempt, handle)
+        self._remove(job_id, attempt, None)
+        self.jobs.remove_dir(job_id, attempt)
+
+    def _services(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
+        wanted = [f"{ct.LABEL_WORKER}={self.worker_id}"]
+        if job_id is not None:
+            wanted.append(f"{ct.LABEL_JOB}={job_id}")
+        if attempt is not None:
+            wanted.append(f"{ct.LABEL_ATTEMPT}={attempt}")
+        return list(self.client.api.services(filters={"label": wanted}))
+
+    async def held(self) -> list[tuple[str, int]]:
+        def find() -> list[tuple[str, int]]:
+            found = {ct.parse_labels(s["Spec"].get("Labels")) for s in self._services()}
+            containers = self.client.api.containers(
+                all=True, filters={"label": [f"{ct.LABEL_WORKER}={self.worker_id}"]}
+            )
+            found |= {ct.parse_labels(c.get("Labels")) for c in containers}
+            return sorted({f for f in found if f is not None} | set(self.jobs.dirs()))
+
+        return await asyncio.to_thread(find)
