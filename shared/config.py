@@ -43,6 +43,12 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     queue_limit: int = 10000
     max_attempts: int = 3
     """Placements tried for one job when partitions fail (the seed: 3)."""
+    placement: str = "best"
+    """How shares are placed: best | first | worst (best-fit measured best, docs/benchmarks.md)."""
+    backfill: str = "reserve"
+    """reserve (backfill around the queue head's reservation) | none (strict FIFO) | greedy."""
+    reserve_after_s: float = 10.0
+    """How long the head of the queue may be overtaken by backfill before it gets a reservation."""
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -53,7 +59,8 @@ class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     device_source: str = "auto"
     """auto | nvidia | opencl | virtual."""
     backend: str = "process"
-    """Runner backend: process | docker | swarm."""
+    """Runner backend: process | docker | swarm | auto (docker when an engine with the job
+    image is reachable, else process)."""
     heartbeat_s: float = 5.0
     chronos_cli: str = ""
     """Path of the chronos_cli to drive; empty means ours (`python -m cumulus_core`)."""
@@ -61,10 +68,49 @@ class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Output of one job delivered as events; beyond it the log is cut with a marker."""
     create_retries: int = 3
     create_backoff_s: float = 1.0
+    reap_interval_s: float = 30.0
+    """How often the partitioner runs `chronos_cli reap` and releases partitions whose job is
+    gone; 0 turns the reaper off."""
+
+
+class SshConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """SSH mode: one partitioner serves agentless workers over SSH (the seed's `ssh:` section)."""
+
+    workers: str | dict[str, str] = ""
+    """Agentless workers to serve: `{worker_id: "[user@]host[:port]"}`, or one string
+    `id=[user@]host[:port],...` (the form `CUMULUS_SSH_WORKERS` takes). Empty: local mode."""
+    swarm: bool = False
+    """Also serve every Swarm node labelled `ssh.address` (read with the Docker SDK at start)."""
+    user: str = "root"
+    port: int = 22
+    key_path: str = "~/.ssh/id_rsa"
+    known_hosts: str = ""
+    """known_hosts file; empty: ~/.ssh/known_hosts; `none`: host keys are not checked."""
+    timeout: float = 10.0
+    """Seconds to connect to a worker (the seed: 10 s)."""
+    command_timeout: float = 30.0
+    """Seconds one chronos_cli command may take on a worker."""
+    chronos_cli: str = "chronos_cli"
+    """The command run on each worker; `{worker}` in it is replaced by the worker id."""
+    max_sessions: int = 8
+    """Commands run at once over one worker's connection (sshd's MaxSessions is 10)."""
 
 
 class ContainerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     image: str = "cumulus-job:latest"
+    """The job image (infra/images/build-images.sh); Swarm services are created from its ID."""
+    wheelhouse: str = ""
+    """Host directory of wheels mounted read-only at /wheelhouse: requirements install from it
+    with no index; empty means from the index (only the install step gets a network)."""
+    memory: str = "8g"
+    """Memory limit of a job's container (swap included)."""
+    pids_limit: int = 1024
+    tmp_size: str = "1g"
+    """Size of the job's writable /tmp (tmpfs)."""
+    swarm_node: str = ""
+    """Swarm node id the worker's jobs are pinned to; empty means this engine's own node."""
+    swarm_network: str = "cumulus-isolated"
+    """Internal overlay network for Swarm jobs without network (Swarm has no `none`)."""
 
 
 class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -81,6 +127,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    ssh: SshConfig = msgspec.field(default_factory=SshConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
 
@@ -93,7 +140,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.worker.id or socket.gethostname().split(".")[0]
 
 
-_SECTIONS = ("nats", "limits", "scheduler", "worker", "container", "logging")
+_SECTIONS = ("nats", "limits", "scheduler", "worker", "ssh", "container", "logging")
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -231,7 +231,16 @@ AnyJobEvent = (
     | JobTimedOut
     | JobCancelled
 )
-AnyWorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerDeregistered
+
+
+class WorkerLost(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.lost"):
+    """The scheduler's verdict: the worker missed its heartbeats; its capacity left the pool."""
+
+    name = "lost"
+    reason: str
+
+
+AnyWorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerDeregistered | WorkerLost
 AnyEvent = AnyJobEvent | AnyWorkerEvent
 
 TERMINAL_NAMES = ("completed", "failed", "timed_out", "cancelled")

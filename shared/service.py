@@ -255,11 +255,13 @@ class EventService:
             self._decide_chain(self.decide(event), batch)
 
     def _decide_chain(self, first: Iterable[Event], batch: Batch) -> None:
+        # Depth first: an event's consequences are applied before its siblings, so every
+        # decision is taken against a state that already holds every earlier decision.
         pending = deque(first)
         while pending:
             new = pending.popleft()
             self._stage(new, batch)
-            pending.extend(self.decide(new))
+            pending.extendleft(reversed(self.decide(new)))
 
     def _stage(self, event: Any, batch: Batch, publish: bool = True) -> None:
         self.apply(event)

@@ -9,24 +9,24 @@ decides placements (services/scheduler/handlers.py, pure), and answers three req
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import nats.micro
 
 from cumulus_core.amounts import format_amount
-from services.scheduler import placement
-from services.scheduler.handlers import decide
+from services.scheduler.handlers import Policy, admission_error, decide, waiting_reason
 from services.scheduler.state import SchedulerState
 from shared import api, subjects
 from shared import events as ev
-from shared.errors import no_workers, resources_exhausted
-from shared.gpu import GpuRequest
+from shared.errors import NotFound
 from shared.service import ConsumerSpec, EventService
 from shared.telemetry import ACTIVE_WORKERS, ASSIGNMENT_DURATION, QUEUE_WAIT, WORKER_ASSIGNMENTS
 
 JOB_EVENTS = [
     "submitted",
+    "started",
     "cancel_requested",
     "partition_failed",
     "partition_released",
@@ -43,6 +43,14 @@ class Scheduler(EventService):
         self.startup_allocation: dict[str, Any] = {}
         self.startup_position = 0
         self._micro: Any = None
+        sched = self.config.scheduler
+        self.policy = Policy(
+            max_attempts=sched.max_attempts,
+            queue_limit=sched.queue_limit,
+            placement=sched.placement,
+            backfill=sched.backfill,
+            reserve_after_s=sched.reserve_after_s,
+        )
 
     def consumers(self) -> list[ConsumerSpec]:
         return [
@@ -55,7 +63,7 @@ class Scheduler(EventService):
 
     def decide(self, event: Any) -> list[ev.Event]:
         started = time.perf_counter()
-        out = decide(event, self.state, self.config.scheduler.max_attempts)
+        out = decide(event, self.state, self.policy)
         for new in out:
             if isinstance(new, ev.WorkerSelected):
                 WORKER_ASSIGNMENTS.labels("success").inc()
@@ -74,12 +82,21 @@ class Scheduler(EventService):
         return out
 
     def volatile(self, event: Any) -> bool:
-        return isinstance(event, ev.WorkerHeartbeat)
+        """Heartbeats of live workers only move a clock; one that revives a worker counts."""
+        if not isinstance(event, ev.WorkerHeartbeat):
+            return False
+        worker = self.state.workers.get(event.worker_id)
+        return worker is None or worker.alive
 
     async def on_start(self) -> None:
         assert self.nc is not None
         self.startup_allocation = self.state.allocation()
         self.startup_position = self.position
+        # Heartbeats are not logged: after a restart every live worker gets a full grace period.
+        now = time.time()
+        for worker in self.state.workers.values():
+            worker.last_seen = max(worker.last_seen, now)
+        self._tasks.append(asyncio.create_task(self._liveness(), name="scheduler-liveness"))
         self._micro = await nats.micro.add_service(
             self.nc,
             name="cumulus-scheduler",
@@ -90,20 +107,51 @@ class Scheduler(EventService):
         await group.add_endpoint(name="admit", handler=api.endpoint(self.admit))
         await group.add_endpoint(name="workers", handler=api.endpoint(self.workers))
         await group.add_endpoint(name="state", handler=api.endpoint(self.snapshot))
+        await group.add_endpoint(name="queue", handler=api.endpoint(self.queue_position))
 
     async def on_stop(self) -> None:
         if self._micro is not None:
             await self._micro.stop()
 
+    async def _liveness(self) -> None:
+        """Declare lost every worker silent for heartbeat_misses intervals."""
+        misses = self.config.scheduler.heartbeat_misses
+        while True:
+            now = time.time()
+            lost = [
+                ev.WorkerLost(
+                    worker_id=w.worker_id,
+                    reason=f"no heartbeat for {now - w.last_seen:.0f} s "
+                    f"(expected every {w.heartbeat_s:g} s)",
+                )
+                for w in self.state.workers.values()
+                if w.alive and now - w.last_seen > misses * w.heartbeat_s
+            ]
+            if lost:
+                await self.emit(lost)
+            interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
+            await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
+
     async def admit(self, data: bytes) -> Any:
         query = api.decode_request(data, api.SchedulerQuery)
-        if not self.state.live_workers():
-            raise no_workers()
-        if not placement.fits_ever(self.state, query.gpu_tenths):
-            raise resources_exhausted(
-                str(GpuRequest(query.gpu_tenths)), placement.largest_pool_request(self.state)
-            )
+        error = admission_error(self.state, query.gpu_tenths, self.policy)
+        if error is not None:
+            raise error
         return {"ok": True, "queued": len(self.state.queue)}
+
+    async def queue_position(self, data: bytes) -> Any:
+        ref = api.decode_request(data, api.JobRef)
+        job = self.state.jobs.get(ref.job_id)
+        if job is None:
+            raise NotFound(f"Job {ref.job_id} not known to the scheduler")
+        position = self.state.queue.position(job.job_id)
+        return {
+            "job_id": job.job_id,
+            "status": job.status,
+            "position": position,
+            "queued": len(self.state.queue),
+            "reason": waiting_reason(self.state, job) if position else "",
+        }
 
     async def workers(self, data: bytes) -> Any:
         return {
@@ -113,6 +161,7 @@ class Scheduler(EventService):
                     "hostname": w.hostname,
                     "backend": w.backend,
                     "status": "ready" if w.alive else "down",
+                    "down_reason": w.lost_reason,
                     "last_seen": w.last_seen,
                     "labels": w.labels,
                     "devices": [

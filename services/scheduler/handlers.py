@@ -2,89 +2,154 @@
 
 The runtime applies each emitted event and asks again (`decide` on the emitted event), so
 draining the queue is one placement at a time against up-to-date capacity.
+
+Queue discipline: higher priority first, FIFO within a priority. Smaller jobs may be backfilled
+past a head that does not fit; once the head has waited `reserve_after_s`, it gets a reservation
+(placement.reservation) and only jobs that fit elsewhere are backfilled, so a large job is
+overtaken for a bounded time at most, never forever. Time is the triggering event's timestamp,
+so decisions stay pure functions of (state, event).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any
 
 from services.scheduler import placement
 from services.scheduler.state import JobState, SchedulerState
 from shared import events as ev
-from shared.errors import no_workers, partition_failed, resources_exhausted
+from shared.errors import (
+    ResourceExhausted,
+    Unavailable,
+    no_workers,
+    partition_failed,
+    resources_exhausted,
+)
 from shared.gpu import GpuRequest
 from shared.telemetry import child_trace
 
+BACKFILL = ("reserve", "none", "greedy")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the scheduler decides; every field has the production default."""
+
+    max_attempts: int = 3
+    """Placements tried when partitions fail (the seed: 3)."""
+    queue_limit: int = 10_000
+    placement: str = "best"
+    """best | first | worst, for shares (bench/placement.py compares them)."""
+    backfill: str = "reserve"
+    """reserve: backfill, around the head's reservation once it has waited reserve_after_s;
+    none: strict FIFO; greedy: anything that fits (a large head can starve)."""
+    reserve_after_s: float = 10.0
+
+
+DEFAULT = Policy()
+
+
+def queue_full(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"Job queue is full ({limit} jobs waiting); retry later", queue_limit=limit
+    )
+
+
+def admission_error(state: SchedulerState, tenths: int, policy: Policy) -> Exception | None:
+    """Why a request must be refused at once, or None if it can be accepted."""
+    if not state.has_live_workers():
+        return no_workers()
+    if not placement.fits_ever(state, tenths):
+        return resources_exhausted(str(GpuRequest(tenths)), placement.largest_pool_request(state))
+    if len(state.queue) >= policy.queue_limit:
+        return queue_full(policy.queue_limit)
+    return None
+
 
 @singledispatch
-def decide(event: Any, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
+def decide(event: Any, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
     return []
 
 
 @decide.register
-def _(event: ev.JobSubmitted, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
+def _(event: ev.JobSubmitted, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
     if job is None or job.status != "pending" or job.attempt:
         return []
-    if not state.live_workers():
-        return [ev.failure_of(no_workers(), event)]
-    if not placement.fits_ever(state, job.spec.gpu_tenths):
-        err = resources_exhausted(
-            str(GpuRequest(job.spec.gpu_tenths)), placement.largest_pool_request(state)
-        )
-        return [ev.failure_of(err, event)]
-    return _place_or_queue(state, job)
+    error = admission_error(state, job.spec.gpu_tenths, policy)
+    if error is not None:
+        return [ev.failure_of(error, event)]  # type: ignore[arg-type]
+    return _place_or_queue(state, job, policy, event.ts)
 
 
 @decide.register
-def _(event: ev.PartitionFailed, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
+def _(event: ev.PartitionFailed, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
     if job is None or job.status != "pending" or job.attempt != event.attempt:
         return []
     if job.cancel_requested:
         return [_cancelled(job)]
-    if job.attempt >= max_attempts:
+    if job.attempt >= policy.max_attempts:
         message = (
             event.message if event.code != "INTERNAL" else partition_failed(event.message).message
         )
-        failed = ev.JobFailed(
-            job_id=job.job_id,
-            user=job.user,
-            worker_id=event.worker_id,
-            code=event.code,
-            message=f"{message} (after {job.attempt} attempts)",
-            trace=job.trace,
-        )
-        return [failed]
-    spot = placement.place(state, job.spec.gpu_tenths, exclude=job.tried)
-    if spot is None:
-        spot = placement.place(state, job.spec.gpu_tenths)
-    if spot is None:
-        return [_queued(state, job, "waiting for capacity after a partition failure")]
-    return [_selected(job, spot)]
+        return [
+            ev.JobFailed(
+                job_id=job.job_id,
+                user=job.user,
+                worker_id=event.worker_id,
+                code=event.code,
+                message=f"{message} (after {job.attempt} attempts)",
+                trace=job.trace,
+            )
+        ]
+    return _place_or_queue(
+        state, job, policy, event.ts, reason="partition failed on " + event.worker_id
+    )
 
 
 @decide.register
-def _(event: ev.PartitionReleased, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
+def _(
+    event: ev.PlacementRevoked, state: SchedulerState, policy: Policy = DEFAULT
+) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
-    if job is not None and job.status == "pending" and job.attempt and not job.cancel_requested:
-        return _place_or_queue(state, job)
-    return _drain(state)
+    if job is None or job.status != "pending" or job.started:
+        return []
+    if job.cancel_requested:
+        return [_cancelled(job)]
+    return _place_or_queue(state, job, policy, event.ts, reason=event.reason)
 
 
 @decide.register
-def _(event: ev.WorkerRegistered, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
-    return _drain(state)
+def _(event: ev.WorkerLost, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
+    out: list[ev.Event] = []
+    for job in state.jobs_on(event.worker_id):
+        out.append(
+            ev.PlacementRevoked(
+                job_id=job.job_id,
+                user=job.user,
+                worker_id=event.worker_id,
+                attempt=job.attempt,
+                reason=f"worker {event.worker_id} lost: {event.reason}",
+                trace=child_trace(job.trace),
+            )
+        )
+        if job.started:
+            error = Unavailable(
+                f"Worker {event.worker_id} was lost while running the job ({event.reason})",
+                worker_id=event.worker_id,
+            )
+            out.append(ev.failure_of(error, _as_event(job), worker_id=event.worker_id))
+    return out
+
+
+def _as_event(job: JobState) -> ev.JobEvent:
+    return ev.JobEvent(job_id=job.job_id, user=job.user, trace=child_trace(job.trace))
 
 
 @decide.register
-def _(event: ev.WorkerSelected, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
-    return _drain(state)
-
-
-@decide.register
-def _(event: ev.CancelRequested, state: SchedulerState, max_attempts: int = 3) -> list[ev.Event]:
+def _(event: ev.CancelRequested, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
     if job is None or job.status == "done":
         return []
@@ -99,6 +164,95 @@ def _(event: ev.CancelRequested, state: SchedulerState, max_attempts: int = 3) -
             trace=child_trace(job.trace),
         )
     ]
+
+
+def _reschedule(event: Any, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
+    """Capacity was freed, added, or the queue's head changed: place what now fits."""
+    return schedule(state, policy, event.ts)
+
+
+for _type in (
+    ev.WorkerRegistered,
+    ev.WorkerSelected,
+    ev.JobCompleted,
+    ev.JobFailed,
+    ev.JobTimedOut,
+    ev.JobCancelled,
+):
+    decide.register(_type)(_reschedule)
+
+
+@decide.register
+def _(event: ev.WorkerHeartbeat, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
+    # A heartbeat only matters here when it brought a lost worker back.
+    worker = state.workers.get(event.worker_id)
+    if worker is not None and worker.revived_at == event.ts and len(state.queue):
+        return schedule(state, policy, event.ts)
+    return []
+
+
+def _reservation(
+    state: SchedulerState, head: JobState, policy: Policy, now: float
+) -> placement.Reservation:
+    """What backfill must leave alone for the head, by the backfill policy and its wait."""
+    if policy.backfill == "reserve" and now - head.queued_at >= policy.reserve_after_s:
+        return placement.reservation(state, head.spec.gpu_tenths)
+    return placement.NO_RESERVATION
+
+
+def schedule(state: SchedulerState, policy: Policy = DEFAULT, now: float = 0.0) -> list[ev.Event]:
+    """One placement from the queue, if any fits (the runtime asks again after it)."""
+    head_id = state.queue.head()
+    if head_id is None:
+        return []
+    head = state.jobs[head_id]
+    spot = _place(state, head, policy)
+    if spot is not None:
+        return [_selected(head, spot)]
+    if policy.backfill == "none":
+        return []
+    reserved = _reservation(state, head, policy, now)
+    for job_id in state.queue.candidates():
+        if job_id == head_id:
+            continue
+        job = state.jobs[job_id]
+        spot = _place(state, job, policy, reserved)
+        if spot is not None:
+            return [_selected(job, spot)]
+    return []
+
+
+def _place(
+    state: SchedulerState,
+    job: JobState,
+    policy: Policy,
+    reserved: placement.Reservation = placement.NO_RESERVATION,
+) -> placement.Placement | None:
+    """Place `job`, away from workers it already failed on if that is possible."""
+    tenths = job.spec.gpu_tenths
+    if job.tried:
+        spot = placement.place(state, tenths, job.tried, reserved, policy.placement)
+        if spot is not None:
+            return spot
+    return placement.place(state, tenths, (), reserved, policy.placement)
+
+
+def _place_or_queue(
+    state: SchedulerState, job: JobState, policy: Policy, now: float, reason: str = ""
+) -> list[ev.Event]:
+    head_id = state.queue.head()
+    head = state.jobs[head_id] if head_id is not None else None
+    first = head is None or (-job.spec.priority, job.order) < (-head.spec.priority, head.order)
+    spot = None
+    if first:
+        spot = _place(state, job, policy)
+    elif policy.backfill != "none":
+        assert head is not None
+        reserved = _reservation(state, head, policy, now)
+        spot = _place(state, job, policy, reserved)
+    if spot is not None:
+        return [_selected(job, spot)]
+    return [_queued(state, job, now, reason)]
 
 
 def _cancelled(job: JobState) -> ev.JobCancelled:
@@ -120,37 +274,24 @@ def _selected(job: JobState, spot: placement.Placement) -> ev.WorkerSelected:
     )
 
 
-def _queued(state: SchedulerState, job: JobState, reason: str) -> ev.JobQueued:
+def waiting_reason(state: SchedulerState, job: JobState) -> str:
+    """Why `job` waits, in words a user can act on."""
+    largest = placement.largest_free_now(state)
+    free = str(GpuRequest(largest)) if largest else "0"
+    ahead = state.queue.ahead_of(job.spec.priority, job.order)
+    text = f"waiting for {GpuRequest(job.spec.gpu_tenths)} GPU; largest free now is {free}"
+    if ahead:
+        text += f"; {ahead} job(s) ahead"
+    return text
+
+
+def _queued(state: SchedulerState, job: JobState, now: float, reason: str = "") -> ev.JobQueued:
+    why = waiting_reason(state, job)
     return ev.JobQueued(
+        ts=now,
         job_id=job.job_id,
         user=job.user,
-        position=len(state.queue) + 1,
-        reason=reason,
+        position=state.queue.ahead_of(job.spec.priority, job.order) + 1,
+        reason=f"{reason}; {why}" if reason else why,
         trace=child_trace(job.trace),
     )
-
-
-def _place_or_queue(state: SchedulerState, job: JobState) -> list[ev.Event]:
-    # FIFO: a job does not overtake the queue.
-    if not state.queue:
-        spot = placement.place(state, job.spec.gpu_tenths)
-        if spot is not None:
-            return [_selected(job, spot)]
-    largest = placement.largest_free_now(state)
-    reason = (
-        f"waiting for {GpuRequest(job.spec.gpu_tenths)} GPU; largest free now is "
-        f"{GpuRequest(largest) if largest else 0}"
-    )
-    if state.queue:
-        reason += f"; {len(state.queue)} job(s) ahead"
-    return [_queued(state, job, reason)]
-
-
-def _drain(state: SchedulerState) -> list[ev.Event]:
-    """Place the head of the queue if it fits now (one at a time; the runtime asks again)."""
-    for job_id in state.queue[:1]:
-        job = state.jobs[job_id]
-        spot = placement.place(state, job.spec.gpu_tenths)
-        if spot is not None:
-            return [_selected(job, spot)]
-    return []

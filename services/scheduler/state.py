@@ -1,7 +1,9 @@
 """The scheduler's state: workers and their devices' allocations, jobs, and the queue.
 
 Changed only by `apply(event)`, so replaying the log rebuilds exactly the state the scheduler
-had. Capacity is counted in integer tenths per device (10 = one whole GPU).
+had. Capacity is counted in integer tenths per device (10 = one whole GPU). Every terminal
+event of a placed job frees its capacity exactly once; a lost worker takes its capacity out of
+the pool until it is heard from again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import msgspec
 
 from cumulus_core.amounts import TENTHS_PER_GPU
+from services.scheduler.capacity import Capacity
+from services.scheduler.queue import JobQueue
 from shared import events as ev
 from shared.eventlog import read_log
 
@@ -44,6 +48,8 @@ class WorkerState(msgspec.Struct, kw_only=True):
     last_seen: float = 0.0
     heartbeat_s: float = 5.0
     alive: bool = True
+    lost_reason: str = ""
+    revived_at: float = 0.0
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -52,14 +58,17 @@ class JobState(msgspec.Struct, kw_only=True):
     spec: ev.JobSpec
     trace: str = ""
     status: str = "pending"
-    """pending (not placed yet) | queued | placed | done."""
+    """pending (not placed) | queued | placed | done."""
     worker_id: str = ""
     devices: list[int] = []
     tenths: int = 0
     attempt: int = 0
+    started: bool = False
     tried: list[str] = []
     cancel_requested: bool = False
     submitted_at: float = 0.0
+    queued_reason: str = ""
+    queued_at: float = 0.0
     order: int = 0
     """Submission order, for FIFO within a priority."""
 
@@ -68,13 +77,20 @@ class SchedulerState:
     def __init__(self) -> None:
         self.workers: dict[str, WorkerState] = {}
         self.jobs: dict[str, JobState] = {}
-        self.queue: list[str] = []
+        self.queue = JobQueue()
+        self.capacity = Capacity()
         self.submitted = 0
 
     # -- queries ---------------------------------------------------------------------------
 
     def live_workers(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.alive and w.devices]
+
+    def has_live_workers(self) -> bool:
+        return bool(self.capacity.run_of)
+
+    def jobs_on(self, worker_id: str) -> list[JobState]:
+        return [j for j in self.jobs.values() if j.status == "placed" and j.worker_id == worker_id]
 
     def allocation(self) -> dict[str, Any]:
         """Allocation state only (no clocks): what must survive a restart unchanged."""
@@ -91,7 +107,7 @@ class SchedulerState:
                 for j in sorted(self.jobs.values(), key=lambda j: j.job_id)
                 if j.status == "placed"
             },
-            "queue": list(self.queue),
+            "queue": self.queue.ordered(),
             "active": sorted(j.job_id for j in self.jobs.values() if j.status != "done"),
         }
 
@@ -102,6 +118,8 @@ class SchedulerState:
         if worker is not None:
             for device in worker.devices:
                 device.allocated.pop(job.job_id, None)
+            self.capacity.index(worker)
+        job.worker_id, job.devices, job.tenths = "", [], 0
 
     def _hold(self, job: JobState) -> None:
         worker = self.workers.get(job.worker_id)
@@ -110,10 +128,7 @@ class SchedulerState:
         for device in worker.devices:
             if device.index in job.devices:
                 device.allocated[job.job_id] = job.tenths
-
-    def _dequeue(self, job_id: str) -> None:
-        if job_id in self.queue:
-            self.queue.remove(job_id)
+        self.capacity.index(worker)
 
     # -- apply -----------------------------------------------------------------------------
 
@@ -125,7 +140,7 @@ class SchedulerState:
     def _(self, event: ev.WorkerRegistered) -> None:
         old = self.workers.get(event.worker_id)
         held = {d.index: d.allocated for d in old.devices} if old else {}
-        self.workers[event.worker_id] = WorkerState(
+        worker = WorkerState(
             worker_id=event.worker_id,
             hostname=event.hostname,
             backend=event.backend,
@@ -145,17 +160,35 @@ class SchedulerState:
             heartbeat_s=old.heartbeat_s if old else 5.0,
             alive=True,
         )
+        self.workers[event.worker_id] = worker
+        self.capacity.index(worker)
 
     @apply.register
     def _(self, event: ev.WorkerHeartbeat) -> None:
-        if worker := self.workers.get(event.worker_id):
-            worker.last_seen = max(worker.last_seen, event.ts)
-            worker.heartbeat_s = event.interval_s
+        worker = self.workers.get(event.worker_id)
+        if worker is None:
+            return
+        worker.last_seen = max(worker.last_seen, event.ts)
+        worker.heartbeat_s = event.interval_s
+        if not worker.alive:
+            worker.alive = True
+            worker.lost_reason = ""
+            worker.revived_at = event.ts
+            self.capacity.index(worker)
+
+    def _gone(self, worker_id: str, reason: str) -> None:
+        if worker := self.workers.get(worker_id):
+            worker.alive = False
+            worker.lost_reason = reason
+            self.capacity.drop(worker_id)
 
     @apply.register
     def _(self, event: ev.WorkerDeregistered) -> None:
-        if worker := self.workers.get(event.worker_id):
-            worker.alive = False
+        self._gone(event.worker_id, event.reason or "deregistered")
+
+    @apply.register
+    def _(self, event: ev.WorkerLost) -> None:
+        self._gone(event.worker_id, event.reason)
 
     @apply.register
     def _(self, event: ev.JobSubmitted) -> None:
@@ -176,41 +209,48 @@ class SchedulerState:
         job = self.jobs.get(event.job_id)
         if job is not None and job.status == "pending":
             job.status = "queued"
-            self.queue.append(job.job_id)
+            job.queued_reason = event.reason
+            job.queued_at = event.ts
+            self.queue.push(job.job_id, job.spec.priority, job.spec.gpu_tenths, job.order)
 
     @apply.register
     def _(self, event: ev.WorkerSelected) -> None:
         job = self.jobs.get(event.job_id)
         if job is None or job.status == "done" or event.attempt <= job.attempt:
             return
-        self._dequeue(job.job_id)
+        self.queue.remove(job.job_id)
         job.status = "placed"
         job.worker_id = event.worker_id
         job.devices = list(event.devices)
         job.tenths = event.tenths
         job.attempt = event.attempt
+        job.started = False
         job.tried = [*job.tried, event.worker_id]
         self._hold(job)
 
-    @apply.register
-    def _(self, event: ev.PartitionFailed) -> None:
+    def _current(self, event: ev.JobEvent, attempt: int) -> JobState | None:
         job = self.jobs.get(event.job_id)
-        if job is None or job.attempt != event.attempt or job.worker_id != event.worker_id:
-            return
-        self._free(job)
-        if job.status == "placed":
-            job.status = "pending"
-        job.worker_id, job.devices, job.tenths = "", [], 0
+        if job is None or job.status != "placed" or job.attempt != attempt:
+            return None
+        if job.worker_id != event.worker_id:
+            return None
+        return job
 
     @apply.register
-    def _(self, event: ev.PartitionReleased) -> None:
-        job = self.jobs.get(event.job_id)
-        if job is None or job.attempt != event.attempt or job.worker_id != event.worker_id:
-            return
-        self._free(job)
-        job.worker_id, job.devices, job.tenths = "", [], 0
-        if job.status == "placed":
-            # Released before any terminal event (partition expired, worker reaped it).
+    def _(self, event: ev.JobStarted) -> None:
+        if job := self._current(event, event.attempt):
+            job.started = True
+
+    @apply.register
+    def _(self, event: ev.PartitionFailed) -> None:
+        if job := self._current(event, event.attempt):
+            self._free(job)
+            job.status = "pending"
+
+    @apply.register
+    def _(self, event: ev.PlacementRevoked) -> None:
+        if job := self._current(event, event.attempt):
+            self._free(job)
             job.status = "pending"
 
     @apply.register
@@ -222,9 +262,11 @@ class SchedulerState:
         job = self.jobs.get(event.job_id)
         if job is None or job.status == "done":
             return
-        if job.status != "placed":
+        if job.status == "placed" and event.worker_id not in ("", job.worker_id):
+            return  # from a placement given up earlier (its worker was lost): stale
+        if job.status == "placed":
             self._free(job)
-        self._dequeue(job.job_id)
+        self.queue.remove(job.job_id)
         job.status = "done"
 
     @apply.register

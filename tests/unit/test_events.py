@@ -30,6 +30,7 @@ SAMPLES: list[tuple[ev.Event, str]] = [
     (ev.PartitionReleased(partition_ids=["p1", "p2"], **JOB), "cumulus.job.v1.partition_released"),
     (ev.CancelRequested(reason="changed my mind", **JOB), "cumulus.job.v1.cancel_requested"),
     (ev.CancelOrdered(**JOB), "cumulus.job.v1.cancel"),
+    (ev.PlacementRevoked(attempt=1, reason="worker w1 lost", **JOB), "cumulus.job.v1.revoked"),
     (ev.JobStarted(backend="process", handle="1234", **JOB), "cumulus.job.v1.started"),
     (
         ev.JobLog(
@@ -61,6 +62,7 @@ SAMPLES: list[tuple[ev.Event, str]] = [
     ),
     (ev.WorkerHeartbeat(worker_id="w1", interval_s=2.0), "cumulus.worker.v1.heartbeat"),
     (ev.WorkerDeregistered(worker_id="w1", reason="drained"), "cumulus.worker.v1.deregistered"),
+    (ev.WorkerLost(worker_id="w1", reason="no heartbeat for 16 s"), "cumulus.worker.v1.lost"),
 ]
 IDS = [type(e).__name__ for e, _ in SAMPLES]
 
