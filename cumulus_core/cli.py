@@ -63,6 +63,7 @@ unknown partition, unusable state, no devices).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -119,7 +120,13 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+@functools.cache
 def _parser() -> argparse.ArgumentParser:
+    """Built once per process (a parser is reusable): a partitioner calls main() in process."""
+    return _build_parser()
+
+
+def _build_parser() -> argparse.ArgumentParser:
     # The same options on the main parser (real defaults) and on every command (SUPPRESS, so
     # they override only when given): `chronos_cli --json list` and `chronos_cli list --json`.
     def add_globals(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -128,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
         parser.add_argument(
             "--state-dir",
-            default=default(os.environ.get("CHRONOS_STATE_DIR") or "~/.chronos"),
+            default=default(None),
             help="directory holding the partition table (env CHRONOS_STATE_DIR, ~/.chronos)",
         )
         parser.add_argument(
@@ -174,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _table(args: argparse.Namespace) -> PartitionTable:
-    return PartitionTable(Path(args.state_dir), discover_devices(args.devices, args.backend))
+    # The environment is read here, per call, not when the (cached) parser was built.
+    state_dir = args.state_dir or os.environ.get("CHRONOS_STATE_DIR") or "~/.chronos"
+    return PartitionTable(Path(state_dir), discover_devices(args.devices, args.backend))
 
 
 def _device_index(text: str, table: PartitionTable) -> int:

@@ -94,6 +94,10 @@ class Stack:
     port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
+    ssh_workers: dict[str, str] = field(default_factory=dict)
+    """Workers (of `workers`) that one SSH-mode `partitioner-ssh` serves: id -> address."""
+    proc_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Extra environment for one process, by its name (e.g. `partitioner-ssh`)."""
 
     @property
     def url(self) -> str:
@@ -119,7 +123,7 @@ class Stack:
         return Proc(
             name,
             [sys.executable, "-m", f"services.{module}"],
-            self._env(**extra),
+            self._env(**{**extra, **self.proc_env.get(name, {})}),
             self.data_dir / "logs" / f"{name}.log",
         )
 
@@ -146,10 +150,16 @@ class Stack:
         await self._wait_port(timeout)
         self.procs["scheduler"] = self._service("scheduler", "scheduler")
         self.procs["gateway"] = self._service("gateway", "gateway")
-        for worker in self.workers:
-            self.procs[f"partitioner-{worker}"] = self._service(
-                f"partitioner-{worker}", "partitioner", CUMULUS_WORKER_ID=worker
+        if self.ssh_workers:
+            served = ",".join(f"{w}={a}" for w, a in self.ssh_workers.items())
+            self.procs["partitioner-ssh"] = self._service(
+                "partitioner-ssh", "partitioner", CUMULUS_SSH_WORKERS=served
             )
+        for worker in self.workers:
+            if worker not in self.ssh_workers:
+                self.procs[f"partitioner-{worker}"] = self._service(
+                    f"partitioner-{worker}", "partitioner", CUMULUS_WORKER_ID=worker
+                )
             self.procs[f"runner-{worker}"] = self._service(
                 f"runner-{worker}", "runner", CUMULUS_WORKER_ID=worker
             )

@@ -1,7 +1,13 @@
-"""One worker's partitions as the partitioner knows them, rebuilt from its log."""
+"""One worker's partitions as the partitioner knows them, rebuilt from its log.
+
+Also the reaper's decision, pure: which live partitions belong to no placement this worker
+still holds (`orphans`), found by their `<job_id>.<attempt>` labels.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection, Iterable
 from functools import singledispatchmethod
 from typing import Any
 
@@ -22,6 +28,8 @@ class PartitionJob(msgspec.Struct, kw_only=True):
     """wanted | ready | failed | released."""
     partition_ids: list[str] = []
     terminal: bool = False
+    revoked: bool = False
+    """The scheduler gave this placement up (PlacementRevoked): release, report no outcome."""
 
     @property
     def label(self) -> str:
@@ -30,11 +38,11 @@ class PartitionJob(msgspec.Struct, kw_only=True):
 
     @property
     def needs_partition(self) -> bool:
-        return self.status == "wanted" and not self.terminal
+        return self.status == "wanted" and not self.terminal and not self.revoked
 
     @property
     def needs_release(self) -> bool:
-        return self.terminal and self.status in ("wanted", "ready")
+        return (self.terminal or self.revoked) and self.status in ("wanted", "ready")
 
 
 class PartitionerState:
@@ -77,6 +85,11 @@ class PartitionerState:
         if job := self._current(event):
             job.status = "released"
 
+    @apply.register
+    def _(self, event: ev.PlacementRevoked) -> None:
+        if job := self._current(event):
+            job.revoked = True
+
     def _terminal(self, event: ev.Terminal) -> None:
         job = self.jobs.get(event.job_id)
         if job is not None:
@@ -103,3 +116,37 @@ class PartitionerState:
         if job is None or job.attempt != getattr(event, "attempt", job.attempt):
             return None
         return job
+
+
+_LABEL = re.compile(r"(?P<job>[A-Za-z0-9_-]{1,64})\.(?P<attempt>[0-9]{1,9})")
+
+
+def parse_label(label: str | None) -> tuple[str, int] | None:
+    """(job_id, attempt) of a partition label `<job_id>.<attempt>`; None for other labels."""
+    match = _LABEL.fullmatch(label or "")
+    if match is None:
+        return None
+    return match["job"], int(match["attempt"])
+
+
+def orphans(
+    state: PartitionerState, partitions: Iterable[dict[str, Any]], busy: Collection[str]
+) -> list[dict[str, Any]]:
+    """The live partitions no placement of this worker holds any more.
+
+    A partition labelled `<job>.<attempt>` is an orphan when this worker never had that job,
+    has moved on to another attempt of it, or has released it or failed it (a release that
+    could not reach chronos_cli reports the placement released and leaves the partition to
+    the reaper). Jobs in `busy` (a create or release under way) are left alone, and so are
+    partitions without such a label: they are not ours, and expiry ends them.
+    """
+    found = []
+    for partition in partitions:
+        parsed = parse_label(partition.get("label"))
+        if parsed is None or parsed[0] in busy:
+            continue
+        job_id, attempt = parsed
+        job = state.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.status in ("released", "failed"):
+            found.append(partition)
+    return found
