@@ -164,7 +164,7 @@ async def test_scheduler_rebuilds_the_same_allocation_after_kill_9(make_stack) -
         # has nothing to do, so its state cannot move between the snapshot and the kill.
         jobs = [await client.submit(work, i, 4.0, gpu=0.2, duration=600) for i in range(JOBS)]
         await _wait_started(nc, JOBS)
-        before = await _scheduler_state(nc)
+        before = await _settled_state(nc)
         stack.kill9("scheduler")
         stack.procs["scheduler"].start()
         await stack.wait_ready()
@@ -177,6 +177,19 @@ async def test_scheduler_rebuilds_the_same_allocation_after_kill_9(make_stack) -
             i * i for i in range(JOBS)
         ]
         await _exactly_once(stack, nc, [j.job_id for j in jobs])
+
+
+async def _settled_state(nc: nats.NATS, timeout: float = 20) -> dict[str, object]:
+    """The scheduler's state once it has applied every event so far (the started ones too)."""
+    deadline = time.monotonic() + timeout
+    state = await _scheduler_state(nc)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        again = await _scheduler_state(nc)
+        if again["position"] == state["position"]:
+            return again
+        state = again
+    raise AssertionError("the scheduler never settled")
 
 
 def _json(value: object) -> object:

@@ -40,6 +40,7 @@ MAX_LINES_PER_EVENT = 1000
 MAX_BYTES_PER_EVENT = 256 * 1024
 POLL_FAST_S = 0.005
 POLL_SLOW_S = 0.05
+"""Output is read this often (and at once when a backend reports the job's exit)."""
 
 
 class Runner(EventService):
@@ -94,6 +95,9 @@ class Runner(EventService):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            await close()
 
     async def reconcile(self) -> None:
         WORKER_ACTIVE_JOBS.set(len(self.state.active()))
@@ -296,7 +300,7 @@ class Runner(EventService):
                 await asyncio.sleep(0)
                 continue
             idle += 1
-            await out.wait(POLL_FAST_S if idle < 20 else POLL_SLOW_S)
+            await out.wait(POLL_FAST_S if idle < 5 else POLL_SLOW_S)
 
     def _log_events(
         self, job: st.RunJob, lines: list[ev.LogLine], offsets: dict[str, int]

@@ -14,6 +14,7 @@ frame whole, however long it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -109,9 +110,13 @@ class Backend(Protocol):
 class FileOutput:
     """The process backend's output: stdout.log and stderr.log in the job's directory."""
 
-    def __init__(self, paths: dict[str, Path], cursor: dict[str, int]) -> None:
+    def __init__(
+        self, paths: dict[str, Path], cursor: dict[str, int], ended: asyncio.Event | None = None
+    ) -> None:
         self.tails = {name: FileTail(path, cursor.get(name, 0)) for name, path in paths.items()}
         self._done = False
+        self._ended = ended
+        """Set when the job's launcher reports its exit: wakes `wait` at once."""
 
     async def read(self, final: bool) -> list[tuple[str, str]]:
         lines: list[tuple[str, str]] = []
@@ -136,7 +141,11 @@ class FileOutput:
         return {name: tail.offset for name, tail in self.tails.items()}
 
     async def wait(self, timeout: float) -> None:
-        await asyncio.sleep(timeout)
+        if self._ended is None or self._ended.is_set():
+            await asyncio.sleep(timeout)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout)
 
     def close(self) -> None:
         pass

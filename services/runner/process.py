@@ -1,8 +1,10 @@
 """The process backend: each job in its own directory and process session, no engine needed.
 
-The embedded default on machines without Docker. A job is `python -m job_image.runner` under
+The embedded default on machines without Docker. A job is the in-job runner under
 `services.runner.launcher`, which survives a runner crash; the runner re-adopts it from the
-job directory (launcher.pid, stdout.log, stderr.log, exit.json) after a restart.
+job directory (launcher.pid, stdout.log, stderr.log, exit.json) after a restart. Launchers are
+forked by a warm zygote (services/runner/zygote.py), or started as a process of their own if
+the zygote cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,23 +13,37 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from services.runner.backend import Exit, FileOutput, Launch, Output
+
+log = logging.getLogger(__name__)
 
 
 class ProcessBackend:
     name = "process"
 
-    def __init__(self, root: Path, ledger: Path | None = None) -> None:
+    def __init__(self, root: Path, ledger: Path | None = None, zygote: bool = True) -> None:
         self.root = root
         self.ledger = ledger
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._use_zygote = zygote
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._zygote_dir: str | None = None
+        self._zygote_lock = threading.Lock()
+        self._ended: dict[str, asyncio.Event] = {}
+        self._notify: socket.socket | None = None
+        self._notify_path: str | None = None
 
     def job_dir(self, job_id: str, attempt: int) -> Path:
         return self.root / f"{job_id}.{attempt}"
@@ -38,12 +54,19 @@ class ProcessBackend:
         if launch.requirements:
             # The environment cache: jobs with the same requirements share one install.
             env["CUMULUS_DEPS_DIR"] = str(self.root.parent / "envs" / requirements_key(launch))
+        notify = await self._listen()
         return await asyncio.to_thread(
-            self._start, launch.job_id, launch.attempt, launch.package, launch.nonce, env
+            self._start, launch.job_id, launch.attempt, launch.package, launch.nonce, env, notify
         )
 
     def _start(
-        self, job_id: str, attempt: int, package: bytes, nonce: str, env: dict[str, str]
+        self,
+        job_id: str,
+        attempt: int,
+        package: bytes,
+        nonce: str,
+        env: dict[str, str],
+        notify: str | None = None,
     ) -> str:
         job_dir = self.job_dir(job_id, attempt)
         pid_file = job_dir / "launcher.pid"
@@ -57,21 +80,79 @@ class ProcessBackend:
             "env": env,
             "cwd": str(job_dir),
             "ledger": str(self.ledger) if self.ledger else None,
+            "notify": notify,
         }
         (job_dir / "launch.json").write_text(json.dumps(launch))
-        with open(job_dir / "launcher.log", "ab") as launcher_log:  # the child keeps a copy
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "services.runner.launcher", str(job_dir)],
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=launcher_log,
-            )
-        self._children[proc.pid] = proc
+        pid = self._fork_launcher(job_dir) if self._use_zygote else None
+        if pid is None:
+            with open(job_dir / "launcher.log", "ab") as launcher_log:  # the child keeps a copy
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "services.runner.launcher", str(job_dir)],
+                    start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=launcher_log,
+                )
+            self._children[proc.pid] = proc
+            pid = proc.pid
         tmp = job_dir / "launcher.pid.tmp"
-        tmp.write_text(str(proc.pid))
+        tmp.write_text(str(pid))
         os.replace(tmp, pid_file)
-        return str(proc.pid)
+        return str(pid)
+
+    def _fork_launcher(self, job_dir: Path) -> int | None:
+        """The launcher's pid, forked by the zygote; None if the zygote cannot do it."""
+        try:
+            path = self._zygote_socket()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(5)
+                conn.connect(path)
+                conn.sendall(f"{job_dir}\n".encode())
+                reply = conn.makefile("r").readline().strip()
+            return int(reply)
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "zygote unavailable; starting a launcher process",
+                extra={"fields": {"error": repr(exc)}},
+            )
+            return None
+
+    def _zygote_socket(self) -> str:
+        with self._zygote_lock:
+            if self._zygote is None or self._zygote.poll() is not None:
+                # Unix socket paths are short (108 bytes): keep it out of deep data dirs.
+                self._zygote_dir = self._zygote_dir or tempfile.mkdtemp(prefix="cumulus-z-")
+                path = os.path.join(self._zygote_dir, "zygote.sock")
+                self.root.mkdir(parents=True, exist_ok=True)
+                with open(self.root / "zygote.log", "ab") as zlog:
+                    self._zygote = subprocess.Popen(
+                        [sys.executable, "-m", "services.runner.zygote", path],
+                        start_new_session=True,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=zlog,
+                    )
+                deadline = time.monotonic() + 10
+                while not os.path.exists(path):
+                    if self._zygote.poll() is not None or time.monotonic() > deadline:
+                        raise OSError("the zygote did not start; see zygote.log")
+                    time.sleep(0.01)
+            assert self._zygote_dir is not None
+            return os.path.join(self._zygote_dir, "zygote.sock")
+
+    async def close(self) -> None:
+        """Stop the zygote (jobs it started carry on)."""
+        if self._notify is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._notify.fileno())
+            self._notify.close()
+            self._notify = None
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None and zygote.poll() is None:
+            zygote.terminate()
+            await asyncio.to_thread(zygote.wait, 5)
+        if self._zygote_dir:
+            shutil.rmtree(self._zygote_dir, ignore_errors=True)
 
     def output_paths(self, job_id: str, attempt: int) -> dict[str, Path]:
         job_dir = self.job_dir(job_id, attempt)
@@ -80,7 +161,33 @@ class ProcessBackend:
     def output(
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
-        return FileOutput(self.output_paths(job_id, attempt), cursor)
+        ended = self._ended.setdefault(str(self.job_dir(job_id, attempt)), asyncio.Event())
+        return FileOutput(self.output_paths(job_id, attempt), cursor, ended)
+
+    async def _listen(self) -> str | None:
+        """The datagram socket launchers report their job's exit to (a job directory each)."""
+        if self._notify_path is not None:
+            return self._notify_path
+        self._zygote_dir = self._zygote_dir or tempfile.mkdtemp(prefix="cumulus-z-")
+        path = os.path.join(self._zygote_dir, "exits.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(path)
+            sock.setblocking(False)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._exits, sock)
+        except (OSError, NotImplementedError) as exc:
+            sock.close()
+            log.warning("no exit reports; polling only", extra={"fields": {"error": repr(exc)}})
+            return None
+        self._notify = sock
+        self._notify_path = path
+        return path
+
+    def _exits(self, sock: socket.socket) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while True:
+                data = sock.recv(4096)
+                self._ended.setdefault(data.decode(errors="replace"), asyncio.Event()).set()
 
     async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
         return self.exit_status(job_id, attempt, handle)
@@ -117,6 +224,7 @@ class ProcessBackend:
             child = self._children.pop(int(handle), None)
             if child is not None:
                 await asyncio.to_thread(child.wait, 5)
+        self._ended.pop(str(self.job_dir(job_id, attempt)), None)
         shutil.rmtree(self.job_dir(job_id, attempt), ignore_errors=True)
 
     async def held(self) -> list[tuple[str, int]]:
