@@ -7,6 +7,7 @@ back in the micro headers and are rebuilt as typed errors by `request()`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -111,8 +112,29 @@ def decode_request(data: bytes, typ: type[Any]) -> Any:
             raise InvalidArgument(f"Malformed request: {exc2}") from None
 
 
+MAX_CONCURRENT_REQUESTS = 256
+"""Requests one endpoint serves at once; more wait for a slot (NATS keeps them meanwhile)."""
+
+
 def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
-    """Wrap an operation: JSON reply on success, the seed's code and message on error."""
+    """Wrap an operation: JSON reply on success, the seed's code and message on error.
+
+    NATS hands a subscription's messages to its callback one at a time; each request is
+    served in a task of its own, so one slow request does not hold up the others.
+    """
+    slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+    running: set[asyncio.Task[None]] = set()
+
+    async def dispatch(req: Request) -> None:
+        await slots.acquire()
+        task = asyncio.create_task(serve(req))
+        running.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            running.discard(t)
+            slots.release()
+
+        task.add_done_callback(done)
 
     async def serve(req: Request) -> None:
         try:
@@ -128,4 +150,4 @@ def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], 
         body = reply if isinstance(reply, bytes | msgspec.Raw) else _json.encode(reply)
         await req.respond(bytes(body))
 
-    return serve
+    return dispatch

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
+CHECKED_CACHE = 10_000
+"""Code packages remembered as checked (by content address)."""
 CATCH_UP_S = 2.0
 """How long a status query waits for the job table to reach the job's newest event."""
 
@@ -43,6 +45,9 @@ class Gateway(EventService):
         super().__init__(*args, **kwargs)
         self.table = JobTable()
         self._micro: Any = None
+        self._store: Any = None
+        self._checked: dict[str, str] = {}
+        """code_ref -> the kind of package it is, for packages that passed the checks."""
         self.started_at = time.time()
 
     def consumers(self) -> list[ConsumerSpec]:
@@ -118,10 +123,30 @@ class Gateway(EventService):
         return api.SubmitReply(job_id=job_id, status="SUBMITTED")
 
     async def _check_code(self, code_ref: str, entrypoint: str) -> None:
+        """The package exists, is within limits, is safe to unpack and matches the entrypoint.
+
+        Packages are content addressed, so a package checked once is remembered by name.
+        """
         assert self.js is not None
         if not code_ref:
             raise InvalidArgument("Missing code package: upload it and pass its code_ref")
-        store = await self.js.object_store(subjects.CODE_BUCKET)
+        kind = "function" if entrypoint == "function" else "script"
+        checked = self._checked.get(code_ref)
+        if checked is None:
+            checked = await self._check_package(code_ref)
+            if len(self._checked) >= CHECKED_CACHE:
+                self._checked.pop(next(iter(self._checked)))
+            self._checked[code_ref] = checked
+        if checked != kind:
+            raise InvalidArgument(
+                f"Code package is a {checked} package but entrypoint is {entrypoint!r}"
+            )
+
+    async def _check_package(self, code_ref: str) -> str:
+        assert self.js is not None
+        if self._store is None:
+            self._store = await self.js.object_store(subjects.CODE_BUCKET)
+        store = self._store
         try:
             info = await store.get_info(code_ref)
         except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
@@ -138,11 +163,7 @@ class Gateway(EventService):
             manifest = check_package(result.data or b"", limits.max_unpacked_bytes)
         except PackageError as exc:
             raise InvalidArgument(f"Invalid code package: {exc}") from None
-        kind = "function" if entrypoint == "function" else "script"
-        if manifest["kind"] != kind:
-            raise InvalidArgument(
-                f"Code package is a {manifest['kind']} package but entrypoint is {entrypoint!r}"
-            )
+        return str(manifest["kind"])
 
     async def _admit(self, gpu: GpuRequest) -> None:
         """Ask the scheduler whether the request can ever fit; if it is away, accept."""

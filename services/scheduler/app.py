@@ -183,9 +183,13 @@ class Scheduler(EventService):
         }
 
     async def snapshot(self, data: bytes) -> Any:
+        # Under the write lock: between applying a batch and committing it, the state is
+        # ahead of the log position.
+        async with self._write:
+            position, allocation = self.position, self.state.allocation()
         return {
-            "position": self.position,
-            "allocation": self.state.allocation(),
+            "position": position,
+            "allocation": allocation,
             "startup_position": self.startup_position,
             "startup_allocation": self.startup_allocation,
         }
