@@ -47,6 +47,10 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How shares are placed: best | first | worst (best-fit measured best, docs/benchmarks.md)."""
     backfill: str = "reserve"
     """reserve (backfill around the queue head's reservation) | none (strict FIFO) | greedy."""
+    swarm_nodes: bool = False
+    """Read Swarm nodes (labels, state, availability) through the local Docker engine: a node
+    that is down loses its worker, a drained or paused one gets no new placements."""
+    swarm_poll_s: float = 5.0
     reserve_after_s: float = 10.0
     """How long the head of the queue may be overtaken by backfill before it gets a reservation."""
 

@@ -233,6 +233,20 @@ AnyJobEvent = (
 )
 
 
+class WorkerNodeObserved(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.node"):
+    """What the Swarm API says of the worker's node (published by the scheduler on change)."""
+
+    name = "node"
+    node_id: str
+    state: str
+    """ready | down | unknown | disconnected (Swarm's node status)."""
+    availability: str
+    """active | pause | drain: only an active node gets new placements."""
+    labels: dict[str, str] = {}
+    """The node's labels: the seed's gpu.count, gpu.N.name, gpu.N.memory, chronos.installed,
+    ssh.address."""
+
+
 class WorkerLost(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.lost"):
     """The scheduler's verdict: the worker missed its heartbeats; its capacity left the pool."""
 
@@ -240,7 +254,9 @@ class WorkerLost(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.
     reason: str
 
 
-AnyWorkerEvent = WorkerRegistered | WorkerHeartbeat | WorkerDeregistered | WorkerLost
+AnyWorkerEvent = (
+    WorkerRegistered | WorkerHeartbeat | WorkerDeregistered | WorkerNodeObserved | WorkerLost
+)
 AnyEvent = AnyJobEvent | AnyWorkerEvent
 
 TERMINAL_NAMES = ("completed", "failed", "timed_out", "cancelled")

@@ -16,6 +16,7 @@ from typing import Any
 import nats.micro
 
 from cumulus_core.amounts import format_amount
+from services.scheduler import swarm
 from services.scheduler.handlers import Policy, admission_error, decide, waiting_reason
 from services.scheduler.state import SchedulerState
 from shared import api, subjects
@@ -97,6 +98,8 @@ class Scheduler(EventService):
         for worker in self.state.workers.values():
             worker.last_seen = max(worker.last_seen, now)
         self._tasks.append(asyncio.create_task(self._liveness(), name="scheduler-liveness"))
+        if self.config.scheduler.swarm_nodes:
+            self._tasks.append(asyncio.create_task(self._swarm(), name="scheduler-swarm"))
         self._micro = await nats.micro.add_service(
             self.nc,
             name="cumulus-scheduler",
@@ -132,6 +135,14 @@ class Scheduler(EventService):
             interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
             await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
 
+    async def _swarm(self) -> None:
+        """Follow the Swarm nodes' state, availability and labels (events on change)."""
+        while True:
+            observed = swarm.observations(await swarm.list_nodes(), self.state)
+            if observed:
+                await self.emit(observed)
+            await asyncio.sleep(self.config.scheduler.swarm_poll_s)
+
     async def admit(self, data: bytes) -> Any:
         query = api.decode_request(data, api.SchedulerQuery)
         error = admission_error(self.state, query.gpu_tenths, self.policy)
@@ -160,8 +171,18 @@ class Scheduler(EventService):
                     "worker_id": w.worker_id,
                     "hostname": w.hostname,
                     "backend": w.backend,
-                    "status": "ready" if w.alive else "down",
+                    "status": "ready"
+                    if w.schedulable
+                    else ("down" if not w.alive else w.node_availability or w.node_state),
                     "down_reason": w.lost_reason,
+                    "node": {
+                        "id": w.node_id,
+                        "state": w.node_state,
+                        "availability": w.node_availability,
+                        "labels": w.node_labels,
+                    }
+                    if w.node_id
+                    else None,
                     "last_seen": w.last_seen,
                     "labels": w.labels,
                     "devices": [

@@ -57,9 +57,10 @@ class Capacity:
         self._slots: dict[str, list[tuple[Slot, int]]] = {}
 
     def index(self, worker: WorkerState) -> None:
-        """(Re)index one worker after any change to it; a dead worker leaves the indexes."""
+        """(Re)index one worker after any change to it; a worker that cannot take new jobs
+        (lost, or down, drained or paused in Swarm) leaves the indexes."""
         self.drop(worker.worker_id)
-        if not worker.alive:
+        if not worker.schedulable:
             return
         slots = []
         for device in worker.devices:

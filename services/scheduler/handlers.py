@@ -166,6 +166,22 @@ def _(event: ev.CancelRequested, state: SchedulerState, policy: Policy = DEFAULT
     ]
 
 
+@decide.register
+def _(
+    event: ev.WorkerNodeObserved, state: SchedulerState, policy: Policy = DEFAULT
+) -> list[ev.Event]:
+    worker = state.workers.get(event.worker_id)
+    if worker is not None and worker.alive and event.state in ("down", "disconnected"):
+        return [
+            ev.WorkerLost(
+                worker_id=worker.worker_id,
+                ts=event.ts,
+                reason=f"Swarm node {event.node_id} is {event.state}",
+            )
+        ]
+    return schedule(state, policy, event.ts)
+
+
 def _reschedule(event: Any, state: SchedulerState, policy: Policy = DEFAULT) -> list[ev.Event]:
     """Capacity was freed, added, or the queue's head changed: place what now fits."""
     return schedule(state, policy, event.ts)

@@ -64,7 +64,7 @@ def _place_share(
 ) -> Placement | None:
     if policy == "first":
         for worker in state.workers.values():
-            if worker.alive and worker.worker_id not in exclude:
+            if worker.schedulable and worker.worker_id not in exclude:
                 for device in worker.devices:
                     slot = (worker.worker_id, device.index)
                     if device.free >= tenths and not reserved.blocks(slot):

@@ -50,6 +50,20 @@ class WorkerState(msgspec.Struct, kw_only=True):
     alive: bool = True
     lost_reason: str = ""
     revived_at: float = 0.0
+    node_id: str = ""
+    node_state: str = ""
+    """Swarm's view of the worker's node, when scheduler.swarm_nodes is on ("" otherwise)."""
+    node_availability: str = ""
+    node_labels: dict[str, str] = {}
+
+    @property
+    def schedulable(self) -> bool:
+        """Alive, and not down, drained or paused as far as Swarm says."""
+        return (
+            self.alive
+            and self.node_state not in ("down", "disconnected")
+            and self.node_availability in ("", "active")
+        )
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -84,7 +98,7 @@ class SchedulerState:
     # -- queries ---------------------------------------------------------------------------
 
     def live_workers(self) -> list[WorkerState]:
-        return [w for w in self.workers.values() if w.alive and w.devices]
+        return [w for w in self.workers.values() if w.schedulable and w.devices]
 
     def has_live_workers(self) -> bool:
         return bool(self.capacity.run_of)
@@ -140,6 +154,11 @@ class SchedulerState:
     def _(self, event: ev.WorkerRegistered) -> None:
         old = self.workers.get(event.worker_id)
         held = {d.index: d.allocated for d in old.devices} if old else {}
+        node = (
+            (old.node_id, old.node_state, old.node_availability, dict(old.node_labels))
+            if old
+            else ("", "", "", {})
+        )
         worker = WorkerState(
             worker_id=event.worker_id,
             hostname=event.hostname,
@@ -159,6 +178,10 @@ class SchedulerState:
             last_seen=event.ts,
             heartbeat_s=old.heartbeat_s if old else 5.0,
             alive=True,
+            node_id=node[0],
+            node_state=node[1],
+            node_availability=node[2],
+            node_labels=node[3],
         )
         self.workers[event.worker_id] = worker
         self.capacity.index(worker)
@@ -181,6 +204,15 @@ class SchedulerState:
             worker.alive = False
             worker.lost_reason = reason
             self.capacity.drop(worker_id)
+
+    @apply.register
+    def _(self, event: ev.WorkerNodeObserved) -> None:
+        if worker := self.workers.get(event.worker_id):
+            worker.node_id = event.node_id
+            worker.node_state = event.state
+            worker.node_availability = event.availability
+            worker.node_labels = dict(event.labels)
+            self.capacity.index(worker)
 
     @apply.register
     def _(self, event: ev.WorkerDeregistered) -> None:

@@ -218,3 +218,45 @@ def test_restart_rebuilds_the_same_allocation() -> None:
     before = d.state.allocation()
     d.restart()
     assert d.state.allocation() == before
+
+
+def node(
+    worker: str, state: str = "ready", availability: str = "active", **labels: str
+) -> ev.WorkerNodeObserved:
+    return ev.WorkerNodeObserved(
+        worker_id=worker,
+        node_id=f"n-{worker}",
+        state=state,
+        availability=availability,
+        labels=labels,
+    )
+
+
+def test_a_drained_swarm_node_gets_no_new_jobs_and_keeps_its_running_ones() -> None:
+    d = Driver()
+    d.add_worker("w1", 1)
+    d.add_worker("w2", 1)
+    running, _ = d.submit(5)
+    host = d.job(running).worker_id
+    other = "w2" if host == "w1" else "w1"
+    d.feed(node(host, availability="drain", **{"gpu.count": "1"}))
+    assert d.state.workers[host].node_labels == {"gpu.count": "1"}
+    job, _ = d.submit(3)
+    assert d.job(job).worker_id == other  # not the half-free drained device
+    assert d.job(running).status == "placed"
+    d.feed(node(host, availability="active"))
+    third, _ = d.submit(5)
+    assert d.job(third).worker_id == host
+
+
+def test_a_swarm_node_down_loses_its_worker() -> None:
+    d = Driver()
+    d.add_worker("w1", 1)
+    job, _ = d.submit(10)
+    d.start(job)
+    out = d.feed(node("w1", state="down"))
+    assert kinds(out) == ["lost", "revoked", "failed"]
+    failed = out[-1]
+    assert isinstance(failed, ev.JobFailed)
+    assert failed.message == "Worker w1 was lost while running the job (Swarm node n-w1 is down)"
+    assert not d.state.workers["w1"].alive

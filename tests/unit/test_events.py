@@ -63,6 +63,16 @@ SAMPLES: list[tuple[ev.Event, str]] = [
     (ev.WorkerHeartbeat(worker_id="w1", interval_s=2.0), "cumulus.worker.v1.heartbeat"),
     (ev.WorkerDeregistered(worker_id="w1", reason="drained"), "cumulus.worker.v1.deregistered"),
     (ev.WorkerLost(worker_id="w1", reason="no heartbeat for 16 s"), "cumulus.worker.v1.lost"),
+    (
+        ev.WorkerNodeObserved(
+            worker_id="w1",
+            node_id="n1",
+            state="ready",
+            availability="drain",
+            labels={"gpu.count": "2"},
+        ),
+        "cumulus.worker.v1.node",
+    ),
 ]
 IDS = [type(e).__name__ for e, _ in SAMPLES]
 
