@@ -43,18 +43,25 @@ async def main() -> None:
     rng = random.Random(42)
     amounts = [rng.choice(MIX) / 10 for _ in range(args.jobs)]
     with tempfile.TemporaryDirectory(prefix="cumulus-util-") as tmp:
-        stack = Stack(data_dir=Path(tmp), workers=["worker-1", "worker-2"], devices="4x16GiB",
-                      backend=args.backend)
+        stack = Stack(
+            data_dir=Path(tmp),
+            workers=["worker-1", "worker-2"],
+            devices="4x16GiB",
+            backend=args.backend,
+        )
         await stack.start()
         try:
             async with AsyncCumulusClient(stack.url) as client:
                 await client.run(compute, 0.0, gpu=0.1, duration=600, logs=None)  # warm up
                 t0 = time.perf_counter()
-                jobs = await asyncio.gather(*(
-                    client.submit(compute, args.seconds, gpu=a if a < 1 else int(a),
-                                  duration=600)
-                    for a in amounts
-                ))
+                jobs = await asyncio.gather(
+                    *(
+                        client.submit(
+                            compute, args.seconds, gpu=a if a < 1 else int(a), duration=600
+                        )
+                        for a in amounts
+                    )
+                )
                 submitted = time.perf_counter() - t0
                 await asyncio.gather(*(j.result(timeout=600) for j in jobs))
                 makespan = time.perf_counter() - t0
@@ -63,8 +70,10 @@ async def main() -> None:
             stack.stop()
     work = sum(a * args.seconds for a in amounts)
     print(f"{args.jobs} jobs x {args.seconds} s on 8 virtual devices ({args.backend} backend)")
-    print(f"  all submitted after {submitted:.2f} s; makespan {makespan:.2f} s; "
-          f"ideal {work / 8:.2f} s")
+    print(
+        f"  all submitted after {submitted:.2f} s; makespan {makespan:.2f} s; "
+        f"ideal {work / 8:.2f} s"
+    )
     print(f"  utilisation through the services: {work / (8 * makespan):.3f}")
     print(f"  zero-overhead simulation, same mix: {simulate('best', 'reserve'):.3f}")
     print("  CPU seconds by process: " + ", ".join(f"{n} {c:.1f}" for n, c in cpu.items()))

@@ -1,164 +1,84 @@
-"""The Python client: run a function on a share of a GPU and get its value back.
+"""The Python client: run a function or a script on a share of a GPU.
 
-    client = CumulusClient("nats://127.0.0.1:4222")
-    client.run(train, data, gpu=0.5, duration=600)       # blocks, prints the job's logs
+    client = CumulusClient()                         # $CUMULUS_NATS_URL, else nats://127.0.0.1:4222
+    client.run(train, data, gpu=0.5, duration=600)   # blocks, prints the job's logs, returns
+    job = client.submit(train, data, gpu=0.5)        # a handle: status, logs, events, result
+    client.map(score, [1, 2, 3], gpu=0.1)            # many jobs, results in input order
 
 The client uploads the code package to the object store (content addressed: the same code is
-uploaded once), submits through the gateway, and follows the job's subjects with an ordered
-consumer from the job's first event, so a reconnect resumes where it left off and no event is
-lost or repeated.
+uploaded once), submits through the gateway with a job id it chose (so a retried submit is
+never a second job), and follows the job's subjects from the job's first event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
+import logging
+import os
 import sys
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, TextIO, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-import cloudpickle
 import msgspec
+import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from sdk.packaging import code_ref, package_function
-from shared import api, bus, subjects
-from shared import events as ev
-from shared.errors import CumulusError, DeadlineExceeded
+from sdk.jobs import AsyncJob, Job, Logs, Runner
+from sdk.packaging import (
+    Packaging,
+    choose_packaging,
+    code_ref,
+    package_function,
+    package_script,
+    script_entry,
+)
+from sdk.retry import RetryPolicy
+from shared import api, subjects
+from shared.errors import CumulusError
 from shared.gpu import GpuRequest
 
-T = TypeVar("T")
+DEFAULT_URL = "nats://127.0.0.1:4222"
 
-RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+CONNECT_TIMEOUT_S = 5.0
+"""How long connect() tries before it gives up with UNAVAILABLE."""
 
-
-class JobError(CumulusError):
-    """The job itself failed; `remote_traceback` is the traceback from the job, if any."""
-
-
-def _raise_for(event: ev.Terminal) -> None:
-    if isinstance(event, ev.JobFailed):
-        err = CumulusError.from_code(event.code, event.message)
-        err.data["remote_traceback"] = event.traceback
-        if event.traceback:
-            err.message = f"{event.message}\n\nRemote traceback:\n{event.traceback}"
-            err.args = (err.message,)
-        raise err
-    if isinstance(event, ev.JobTimedOut):
-        raise DeadlineExceeded(event.message)
-    if isinstance(event, ev.JobCancelled):
-        raise CumulusError.from_code("CANCELLED", event.message)
+log = logging.getLogger("cumulus.sdk")
 
 
-def decode_result(event: ev.JobCompleted | bytes) -> Any:
-    """The function's return value from a JobCompleted envelope (or the envelope's bytes)."""
-    envelope = msgspec.json.decode(event if isinstance(event, bytes) else event.result)
-    if "stored" in envelope:
-        raise ValueError("the result is in the object store: use AsyncJob.result()")
-    if "pickle" in envelope:
-        try:
-            return cloudpickle.loads(base64.b64decode(envelope["pickle"]))
-        except Exception:
-            if envelope.get("encoding") == "json":
-                return envelope.get("data")
-            raise
-    return envelope.get("data")
-
-
-class AsyncJob:
-    """A submitted job: follow its events, wait for its result, cancel it."""
-
-    def __init__(self, client: AsyncCumulusClient, job_id: str) -> None:
-        self.client = client
-        self.job_id = job_id
-
-    def __repr__(self) -> str:
-        return f"AsyncJob({self.job_id!r})"
-
-    async def events(
-        self, until_terminal: bool = True, idle_timeout: float | None = None
-    ) -> AsyncIterator[ev.AnyJobEvent]:
-        """Every event of the job from its first, live; ends after the terminal event."""
-        js = self.client.nc.jetstream()
-        sub = await js.subscribe(
-            subjects.job_all(self.job_id, self.client.user),
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=idle_timeout or 3600 * 24)
-                except TimeoutError:
-                    return
-                try:
-                    event = ev.decode(msg.data)
-                except ev.MalformedEvent:
-                    continue
-                yield event  # type: ignore[misc]
-                if until_terminal and isinstance(event, ev.Terminal):
-                    return
-        finally:
-            await sub.unsubscribe()
-
-    async def result(self, timeout: float | None = None, logs: TextIO | None = None) -> Any:
-        """The function's value; raises the job's error. Prints log lines to `logs` if given."""
-
-        async def follow() -> Any:
-            async for event in self.events():
-                if isinstance(event, ev.JobLog) and logs is not None:
-                    for line in event.lines:
-                        print(
-                            line.text,
-                            file=sys.stderr
-                            if line.stream == "stderr" and logs is sys.stdout
-                            else logs,
-                        )
-                elif isinstance(event, ev.JobCompleted):
-                    return await self._value(event)
-                elif isinstance(event, ev.Terminal):
-                    _raise_for(event)
-            raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
-
-        return await asyncio.wait_for(follow(), timeout)
-
-    async def _value(self, event: ev.JobCompleted) -> Any:
-        envelope = msgspec.json.decode(event.result)
-        if "stored" not in envelope:
-            return decode_result(event)
-        bucket, _, name = envelope["stored"].partition("/")
-        store = await self.client.nc.jetstream().object_store(bucket)
-        stored = await store.get(name)
-        return decode_result(bytes(stored.data or b""))
-
-    async def status(self) -> dict[str, Any]:
-        return await api.request(
-            self.client.nc, "status", api.JobRef(job_id=self.job_id, user=self.client.user), dict
-        )
-
-    async def cancel(self) -> dict[str, Any]:
-        return await api.request(
-            self.client.nc, "cancel", api.JobRef(job_id=self.job_id, user=self.client.user), dict
-        )
+def default_url() -> str:
+    return os.environ.get("CUMULUS_NATS_URL") or DEFAULT_URL
 
 
 class AsyncCumulusClient:
+    """The asyncio client. Use it as `async with AsyncCumulusClient() as client:`.
+
+    `retry` says how calls the cluster cannot take now (RESOURCE_EXHAUSTED, UNAVAILABLE) are
+    retried; `packaging` how functions travel ("auto": cloudpickle where the workers run this
+    Python, source otherwise).
+    """
+
     def __init__(
         self,
-        nats_url: str = "nats://127.0.0.1:4222",
-        user: str = "default",
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
+        nats_url: str | None = None,
+        user: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        packaging: Packaging = "auto",
     ) -> None:
-        self.nats_url = nats_url
-        self.user = user
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.nats_url = nats_url or default_url()
+        self.user = user or os.environ.get("CUMULUS_USER") or "default"
+        self.retry = retry or RetryPolicy()
+        self.packaging: Packaging = packaging
         self._nc: Client | None = None
+        self._worker_pythons: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncCumulusClient({self.nats_url!r}, user={self.user!r})"
 
     @property
     def nc(self) -> Client:
@@ -168,19 +88,75 @@ class AsyncCumulusClient:
 
     async def connect(self) -> AsyncCumulusClient:
         if self._nc is None:
-            self._nc = await bus.connect(self.nats_url, "cumulus-sdk")
+            nc = Client()
+            try:
+                await asyncio.wait_for(
+                    nc.connect(
+                        servers=self.nats_url.split(","),
+                        name="cumulus-sdk",
+                        connect_timeout=2,
+                        max_reconnect_attempts=-1,  # a job outlives a network blip or a restart
+                        reconnect_time_wait=0.25,  # type: ignore[arg-type]  # int in the stubs only
+                        error_cb=_quiet,
+                        disconnected_cb=_note("disconnected from NATS; reconnecting"),
+                        reconnected_cb=_note("reconnected to NATS"),
+                    ),
+                    CONNECT_TIMEOUT_S,
+                )
+            except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise CumulusError.from_code(
+                    "UNAVAILABLE",
+                    f"cannot reach Cumulus at {self.nats_url} ({str(exc) or 'no answer'}); "
+                    "is it running (`cumulus up`), and is $CUMULUS_NATS_URL right?",
+                ) from None
+            self._nc = nc
         return self
 
     async def close(self) -> None:
         if self._nc is not None:
-            await self._nc.drain()
-            self._nc = None
+            nc, self._nc = self._nc, None
+            with contextlib.suppress(Exception):
+                await nc.drain()
 
     async def __aenter__(self) -> AsyncCumulusClient:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # -- the API -------------------------------------------------------------------------
+
+    async def request(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Call one gateway operation (`cumulus.api.<op>`), retried as the policy says."""
+        body = {"user": self.user, **body} if op in ("status", "cancel", "submit") else body
+
+        async def attempt() -> dict[str, Any]:
+            return await api.request(self.nc, op, body, dict)
+
+        return await self.retry.call(op, attempt)
+
+    def get_job(self, job_id: str) -> AsyncJob:
+        """A handle for a job submitted earlier (by id), e.g. from another process."""
+        return AsyncJob(self, job_id)
+
+    async def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+        """This user's jobs, newest first, optionally only those in the given statuses."""
+        reply = await self.request(
+            "jobs", {"user": self.user, "status": list(status), "limit": limit}
+        )
+        jobs: list[dict[str, Any]] = reply["jobs"]
+        return jobs
+
+    async def workers(self) -> dict[str, Any]:
+        """Workers and their devices, each with its allocated and free share."""
+        return await self.request("workers", {})
+
+    async def health(self) -> dict[str, Any]:
+        return await self.request("health", {})
+
+    # -- submitting ----------------------------------------------------------------------
 
     async def upload(self, data: bytes) -> str:
         """Put a code package in the object store (once per content); returns its code_ref."""
@@ -206,31 +182,66 @@ class AsyncCumulusClient:
         priority: int = 0,
         env: dict[str, str] | None = None,
         job_id: str = "",
+        packaging: str = "",
     ) -> AsyncJob:
+        """Submit a package made by `package_function` or `package_script`."""
         GpuRequest.parse(gpu)  # fail fast, with the gateway's exact message
         ref = await self.upload(package)
-        request = api.SubmitRequest(
-            code_ref=ref,
+        request = msgspec.to_builtins(
+            api.SubmitRequest(
+                code_ref=ref,
+                gpu=gpu,
+                duration=duration,
+                user=self.user,
+                job_id=job_id or new_job_id(),
+                entrypoint=entrypoint,
+                requirements=list(requirements),
+                priority=priority,
+                env=dict(env or {}),
+            )
+        )
+        reply = await self.request("submit", request)
+        return AsyncJob(self, reply["job_id"], packaging)
+
+    async def how_to_package(self) -> tuple[str, str]:
+        """("pickle" or "source", why), from the Python versions the workers report."""
+        if self.packaging == "auto" and self._worker_pythons is None:
+            try:
+                reply = await api.request(self.nc, "workers", {}, dict, timeout=2.0)
+                self._worker_pythons = [
+                    str(w.get("labels", {}).get("python", "")) for w in reply.get("workers", [])
+                ]
+            except CumulusError:
+                self._worker_pythons = []
+        return choose_packaging(self.packaging, self._worker_pythons or [])
+
+    async def submit_call(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        priority: int = 0,
+        env: dict[str, str] | None = None,
+        job_id: str = "",
+    ) -> AsyncJob:
+        """Submit `func(*args, **kwargs)`; use this when the function has a keyword argument
+        named like one of submit()'s options."""
+        how, why = await self.how_to_package()
+        package = package_function(func, args, kwargs, requirements, how)  # type: ignore[arg-type]
+        return await self.submit_package(
+            package,
             gpu=gpu,
             duration=duration,
-            user=self.user,
-            job_id=job_id or "j" + uuid.uuid4().hex[:20],
-            entrypoint=entrypoint,
-            requirements=list(requirements),
+            requirements=requirements,
             priority=priority,
-            env=dict(env or {}),
+            env=env,
+            job_id=job_id,
+            packaging=why,
         )
-        delay = self.backoff_s
-        for attempt in range(self.max_retries):
-            try:
-                reply = await api.request(self.nc, "submit", request, api.SubmitReply)
-                return AsyncJob(self, reply.job_id)
-            except CumulusError as exc:
-                if exc.code not in RETRYABLE or attempt == self.max_retries - 1:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
 
     async def submit(
         self,
@@ -240,12 +251,55 @@ class AsyncCumulusClient:
         duration: int = 3600,
         requirements: Sequence[str] = (),
         priority: int = 0,
+        env: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> AsyncJob:
-        package = package_function(func, args, kwargs, requirements)
-        return await self.submit_package(
-            package, gpu=gpu, duration=duration, requirements=requirements, priority=priority
+        """Submit `func(*args, **kwargs)` and return its handle at once."""
+        return await self.submit_call(
+            func,
+            args,
+            kwargs,
+            gpu=gpu,
+            duration=duration,
+            requirements=requirements,
+            priority=priority,
+            env=env,
         )
+
+    async def run_call(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        logs: Logs = True,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Any:
+        """Run `func(*args, **kwargs)` and return its value (see run())."""
+        waits = iter(self.retry.backoffs())
+        while True:
+            job = await self.submit_call(func, args, kwargs, **options)
+            try:
+                return await job.result(timeout=timeout, logs=logs)
+            except CumulusError as exc:
+                # The seed's run_with_retry: a job the cluster could not run *now* (its worker
+                # was lost, no capacity) is run again, as a new job; its own errors are raised.
+                wait = next(waits, None)
+                if not self.retry.retries(exc) or wait is None:
+                    raise
+                print(
+                    f"[cumulus] job {job.job_id} ended with {exc.code}: {exc.message}; "
+                    f"running it again in {wait:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                # Whoever ran it gave up on it (Ctrl-C, a cancelled task): stop the job too.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wait_for(job.cancel(), 5))
+                raise
 
     async def run(
         self,
@@ -254,79 +308,182 @@ class AsyncCumulusClient:
         gpu: float | str = 0.5,
         duration: int = 3600,
         requirements: Sequence[str] = (),
-        logs: TextIO | None = sys.stdout,
+        priority: int = 0,
+        env: dict[str, str] | None = None,
+        logs: Logs = True,
         timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        job = await self.submit(
-            func, *args, gpu=gpu, duration=duration, requirements=requirements, **kwargs
+        """Run `func(*args, **kwargs)` on `gpu` of a GPU and return its value.
+
+        The job's output is printed as it comes (`logs=False` to keep quiet); its failure is
+        raised as the typed error. Cancelling the call cancels the job.
+        """
+        return await self.run_call(
+            func,
+            args,
+            kwargs,
+            logs=logs,
+            timeout=timeout,
+            gpu=gpu,
+            duration=duration,
+            requirements=requirements,
+            priority=priority,
+            env=env,
         )
-        return await job.result(timeout=timeout, logs=logs)
 
+    async def map(
+        self,
+        func: Callable[..., Any],
+        *iterables: Iterable[Any],
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        priority: int = 0,
+        env: dict[str, str] | None = None,
+        concurrency: int = 16,
+        return_exceptions: bool = False,
+        logs: Logs = False,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """`[func(*xs) for xs in zip(*iterables)]`, one job per input, at most `concurrency`
+        jobs in flight; results in input order. The first failure cancels the jobs still
+        running and is raised, unless `return_exceptions` puts errors in the list instead."""
+        if concurrency < 1:
+            raise CumulusError.from_code("INVALID_ARGUMENT", "map concurrency must be >= 1")
+        inputs = list(zip(*iterables, strict=False))
+        results: list[Any] = [None] * len(inputs)
+        gate = asyncio.Semaphore(concurrency)
+        options = {
+            "gpu": gpu,
+            "duration": duration,
+            "requirements": requirements,
+            "priority": priority,
+            "env": env,
+        }
 
-class _Loop:
-    """A private event loop in a daemon thread, so the sync client works anywhere."""
+        async def one(index: int, args: tuple[Any, ...]) -> None:
+            async with gate:
+                try:
+                    results[index] = await self.run_call(
+                        func, args, None, logs=logs, timeout=timeout, **options
+                    )
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    results[index] = exc
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="cumulus-client"
+        tasks = [asyncio.create_task(one(i, args)) for i, args in enumerate(inputs)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return results
+
+    async def submit_script(
+        self,
+        path: str | Path,
+        args: Sequence[str] = (),
+        *,
+        gpu: float | str = 0.5,
+        duration: int = 3600,
+        requirements: Sequence[str] = (),
+        working_dir: str | Path | None = None,
+        priority: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> AsyncJob:
+        """Submit a script (run as `python script.py *args` in a copy of `working_dir`)."""
+        package = package_script(path, args, requirements, working_dir)
+        entry = script_entry(path, working_dir)
+        return await self.submit_package(
+            package,
+            gpu=gpu,
+            duration=duration,
+            requirements=requirements,
+            entrypoint=entry,
+            priority=priority,
+            env=env,
+            packaging="script",
         )
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
 
 
-class Job:
-    """A submitted job (blocking API)."""
+async def _quiet(exc: Exception) -> None:
+    """Connection trouble is retried by nats-py and surfaces as our errors; keep it out of
+    the user's terminal (nats-py prints tracebacks by default)."""
+    log.debug("nats: %r", exc)
 
-    def __init__(self, inner: AsyncJob, loop: _Loop) -> None:
-        self._inner = inner
-        self._loop = loop
-        self.job_id = inner.job_id
 
-    def __repr__(self) -> str:
-        return f"Job({self.job_id!r})"
+def _note(text: str) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def note() -> None:
+        log.info(text)
 
-    def result(self, timeout: float | None = None, logs: TextIO | None = None) -> Any:
-        return self._loop.call(self._inner.result(timeout, logs))
+    return note
 
-    def status(self) -> dict[str, Any]:
-        return self._loop.call(self._inner.status())
 
-    def cancel(self) -> dict[str, Any]:
-        return self._loop.call(self._inner.cancel())
+def new_job_id() -> str:
+    return "j" + uuid.uuid4().hex[:20]
 
 
 class CumulusClient:
-    """Blocking client; see AsyncCumulusClient for the asyncio one."""
+    """The blocking client: the same operations as AsyncCumulusClient, returning values."""
 
     def __init__(
         self,
-        nats_url: str = "nats://127.0.0.1:4222",
-        user: str = "default",
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
+        nats_url: str | None = None,
+        user: str | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        packaging: Packaging = "auto",
     ) -> None:
-        self._loop = _Loop()
-        self._async = AsyncCumulusClient(nats_url, user, max_retries, backoff_s)
-        self._loop.call(self._async.connect())
+        self._runner = Runner()
+        self.aio = AsyncCumulusClient(nats_url, user, retry=retry, packaging=packaging)
+        """The asyncio client underneath (its calls run on this client's private loop)."""
+        try:
+            self._runner.call(self.aio.connect())
+        except BaseException:
+            self._runner.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"CumulusClient({self.aio.nats_url!r}, user={self.aio.user!r})"
+
+    @property
+    def nats_url(self) -> str:
+        return self.aio.nats_url
+
+    @property
+    def user(self) -> str:
+        return self.aio.user
 
     def close(self) -> None:
-        self._loop.call(self._async.close())
-        self._loop.close()
+        if not self._runner.loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._runner.call(self.aio.close(), timeout=10)
+            self._runner.close()
 
     def __enter__(self) -> CumulusClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _job(self, inner: AsyncJob) -> Job:
+        return Job(inner, self._runner)
+
+    def get_job(self, job_id: str) -> Job:
+        """A handle for a job submitted earlier (by id)."""
+        return self._job(self.aio.get_job(job_id))
+
+    def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+        return self._runner.call(self.aio.jobs(status, limit))
+
+    def workers(self) -> dict[str, Any]:
+        return self._runner.call(self.aio.workers())
+
+    def health(self) -> dict[str, Any]:
+        return self._runner.call(self.aio.health())
 
     def submit(
         self,
@@ -336,20 +493,29 @@ class CumulusClient:
         duration: int = 3600,
         requirements: Sequence[str] = (),
         priority: int = 0,
+        env: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> Job:
-        inner = self._loop.call(
-            self._async.submit(
-                func,
-                *args,
-                gpu=gpu,
-                duration=duration,
-                requirements=requirements,
-                priority=priority,
-                **kwargs,
-            )
+        """Submit `func(*args, **kwargs)` and return its handle at once."""
+        return self.submit_call(
+            func,
+            args,
+            kwargs,
+            gpu=gpu,
+            duration=duration,
+            requirements=requirements,
+            priority=priority,
+            env=env,
         )
-        return Job(inner, self._loop)
+
+    def submit_call(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Job:
+        return self._job(self._runner.call(self.aio.submit_call(func, args, kwargs, **options)))
 
     def run(
         self,
@@ -358,20 +524,70 @@ class CumulusClient:
         gpu: float | str = 0.5,
         duration: int = 3600,
         requirements: Sequence[str] = (),
-        logs: TextIO | None = sys.stdout,
+        priority: int = 0,
+        env: dict[str, str] | None = None,
+        logs: Logs = True,
         timeout: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run `func(*args, **kwargs)` on `gpu` of a GPU and return its value."""
-        return self._loop.call(
-            self._async.run(
-                func,
-                *args,
-                gpu=gpu,
-                duration=duration,
-                requirements=requirements,
-                logs=logs,
-                timeout=timeout,
-                **kwargs,
-            )
+        """Run `func(*args, **kwargs)` on `gpu` of a GPU, print its output, return its value.
+
+        Ctrl-C cancels the job and raises KeyboardInterrupt.
+        """
+        return self.run_call(
+            func,
+            args,
+            kwargs,
+            logs=logs,
+            timeout=timeout,
+            gpu=gpu,
+            duration=duration,
+            requirements=requirements,
+            priority=priority,
+            env=env,
         )
+
+    def run_call(
+        self,
+        func: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
+        return self._interruptible(self.aio.run_call(func, args, kwargs, **options))
+
+    def map(
+        self,
+        func: Callable[..., Any],
+        *iterables: Iterable[Any],
+        **options: Any,
+    ) -> list[Any]:
+        """Many jobs, results in input order (see AsyncCumulusClient.map for the options)."""
+        values: list[Any] = self._interruptible(self.aio.map(func, *iterables, **options))
+        return values
+
+    def submit_script(self, path: str | Path, args: Sequence[str] = (), **options: Any) -> Job:
+        """Submit a script (see AsyncCumulusClient.submit_script for the options)."""
+        return self._job(self._runner.call(self.aio.submit_script(path, args, **options)))
+
+    def _interruptible(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run on the private loop; Ctrl-C here cancels it there (which cancels its jobs) and
+        waits for that before raising KeyboardInterrupt."""
+
+        async def start() -> asyncio.Task[Any]:
+            return asyncio.ensure_future(coro)
+
+        async def finish(task: asyncio.Task[Any]) -> Any:
+            return await task
+
+        async def stop(task: asyncio.Task[Any]) -> None:
+            task.cancel()
+            await asyncio.wait([task], timeout=10)
+
+        task = self._runner.call(start())
+        try:
+            return self._runner.call(finish(task))
+        except KeyboardInterrupt:
+            self._runner.call(stop(task))
+            print("[cumulus] interrupted: the job was cancelled", file=sys.stderr, flush=True)
+            raise
