@@ -37,6 +37,9 @@ from shared.telemetry import DEAD_LETTERS, EVENTS_APPLIED, span
 
 log = logging.getLogger(__name__)
 
+STOP_STEP_S = 10.0
+"""Longest wait for each step of a stop, so a stuck effect cannot hang a shutdown."""
+
 
 @dataclass(frozen=True)
 class ConsumerSpec:
@@ -146,21 +149,29 @@ class EventService:
         )
 
     async def stop(self) -> None:
+        """Stop within a bounded time; whatever is cut short is in the log and the outbox."""
         self._stopping.set()
         for puller in self._pullers:
             with contextlib.suppress(Exception):
-                await puller.stop()
-        await self.on_stop()
+                await asyncio.wait_for(puller.stop(), STOP_STEP_S)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.on_stop(), STOP_STEP_S)
         # Let the publisher drain what is committed, briefly; the outbox keeps the rest.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._drained(), timeout=2.0)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*self._tasks, return_exceptions=True), STOP_STEP_S
+            )
         self._tasks.clear()
         if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            try:
+                await asyncio.wait_for(self.nc.drain(), STOP_STEP_S)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
         if self.eventlog is not None:
             await self.eventlog.close()
 

@@ -41,6 +41,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     yield made
     for job_id, attempt in await made.held():
         await made.cleanup(job_id, attempt)
+    close = getattr(made, "close", None)
+    if close is not None:
+        await close()
 
 
 @dataclass
