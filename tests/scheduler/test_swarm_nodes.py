@@ -99,7 +99,10 @@ async def test_the_real_swarm_node_labels_and_drain_reach_the_scheduler(
                         return seen
                     await asyncio.sleep(0.1)
 
-            seen = await until(lambda w: w["node"] is not None)
+            # The node matches worker-1 by host name at once; the labels come with the next poll.
+            seen = await until(
+                lambda w: w["node"] is not None and "gpu.count" in w["node"]["labels"]
+            )
             assert seen["node"]["labels"]["gpu.count"] == "1"
             assert seen["node"]["state"] == "ready"
             me.reload()
