@@ -126,7 +126,8 @@ async def test_a_lost_worker_fails_its_running_job_and_its_waiting_job_moves(
     stack: Stack = await make_stack(
         workers=["worker-1", "worker-2"],
         devices="1x16GiB",
-        env={"CUMULUS_WORKER_HEARTBEAT_S": "0.5"},
+        # Lost after 6 silent half-seconds: quick, yet no live worker under CI load misses 6.
+        env={"CUMULUS_WORKER_HEARTBEAT_S": "0.5", "CUMULUS_SCHEDULER_HEARTBEAT_MISSES": "6"},
     )
     async with AsyncCumulusClient(stack.url) as client:
         first = await client.submit(hold, str(tmp_path / "first"), gpu=1, duration=600)
