@@ -7,6 +7,7 @@ is dropped by JetStream as a duplicate inside the stream's duplicate window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -100,12 +101,25 @@ async def ensure_streams(js: JetStreamContext) -> None:
             )
 
 
-async def durable(js: JetStreamContext, stream: str, name: str, filters: Sequence[str]) -> None:
-    """Create (or update) the durable pull consumer `name` over `filters` of `stream`."""
+async def durable(
+    js: JetStreamContext, stream: str, name: str, filters: Sequence[str], after: int = 0
+) -> None:
+    """Create the durable pull consumer `name` over `filters` of `stream`.
+
+    `after` is the last stream sequence the service has durably applied (its tracking row).
+    The consumer is then created anew to deliver from the next one, in order. The server's own
+    cursor cannot be trusted after a crash: with AckAll, a message delivered to the dead
+    process and never applied is acknowledged by the first later message the new process
+    acks, and would be lost. With nothing tracked, an existing consumer is kept as it is.
+    """
+    if after > 0:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(stream, name)
     config = ConsumerConfig(
         durable_name=name,
         name=name,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after > 0 else DeliverPolicy.ALL,
+        opt_start_seq=after + 1 if after > 0 else None,
         ack_policy=AckPolicy.ALL,
         ack_wait=30.0,
         max_ack_pending=20_000,

@@ -134,7 +134,9 @@ class EventService:
         self._tasks.append(asyncio.create_task(self._publisher(), name=f"{self.name}-publish"))
         await self.on_start()
         for spec in self.consumers():
-            await bus.durable(self.js, spec.stream, spec.durable, spec.filters)
+            await bus.durable(
+                self.js, spec.stream, spec.durable, spec.filters, self._tracked.get(spec.durable, 0)
+            )
             puller = bus.Puller(self.nc, spec.stream, spec.durable)
             await puller.start()
             self._pullers.append(puller)

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -34,6 +35,8 @@ from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS, child_trace
 
 log = logging.getLogger(__name__)
 
+PACKAGE_CACHE_BYTES = 64 * 1024 * 1024
+"""Code packages kept in memory by content address (repeated and retried jobs reuse them)."""
 MAX_INLINE_RESULT = 256 * 1024
 """A larger result goes to the object store and the event carries its name."""
 MAX_LINES_PER_EVENT = 1000
@@ -55,6 +58,9 @@ class Runner(EventService):
         self.backend: Backend = backend or make_backend(self.config, root, self.ledger)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
+        self._store: Any = None
+        self._packages: OrderedDict[str, bytes] = OrderedDict()
+        self._package_bytes = 0
 
     @property
     def db_path(self) -> Any:
@@ -125,6 +131,8 @@ class Runner(EventService):
 
     async def _start(self, job: st.RunJob) -> None:
         try:
+            # The package is fetched while the Launching record is committed: neither waits.
+            fetch = asyncio.create_task(self._package(job.spec.code_ref))
             if job.status == "ready":
                 await self.emit(
                     [],
@@ -135,7 +143,7 @@ class Runner(EventService):
                     ],
                 )
             try:
-                package = await self._package(job.spec.code_ref)
+                package = await fetch
                 handle = await self.backend.start(
                     Launch(
                         job_id=job.job_id,
@@ -184,10 +192,21 @@ class Runner(EventService):
             self.wake()
 
     async def _package(self, code_ref: str) -> bytes:
+        """The code package, from a small in-memory cache (packages are content addressed)."""
         assert self.js is not None
-        store = await self.js.object_store(subjects.CODE_BUCKET)
-        result = await store.get(code_ref)
-        return result.data or b""
+        if (cached := self._packages.get(code_ref)) is not None:
+            self._packages.move_to_end(code_ref)
+            return cached
+        if self._store is None:
+            self._store = await self.js.object_store(subjects.CODE_BUCKET)
+        result = await self._store.get(code_ref)
+        data = result.data or b""
+        self._packages[code_ref] = data
+        self._package_bytes += len(data)
+        while self._package_bytes > PACKAGE_CACHE_BYTES and len(self._packages) > 1:
+            _, dropped = self._packages.popitem(last=False)
+            self._package_bytes -= len(dropped)
+        return data
 
     def _env(self, job: st.RunJob) -> dict[str, str]:
         env = {

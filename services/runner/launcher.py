@@ -54,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     job_dir = Path(args[0])
     spec = json.loads((job_dir / "launch.json").read_text())
+    # Exactly one launcher runs a job: a runner that crashed after asking for a launch and
+    # its successor may both have asked. The loser steps aside at once.
+    try:
+        os.close(os.open(job_dir / "launched", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return 0
+    tmp_pid = job_dir / "launcher.pid.tmp"
+    tmp_pid.write_text(str(os.getpid()))
+    os.replace(tmp_pid, job_dir / "launcher.pid")
     ledger = spec.get("ledger")
     if ledger:
         with open(ledger, "a") as f:

@@ -29,6 +29,9 @@ from services.runner.backend import Exit, FileOutput, Launch, Output
 
 log = logging.getLogger(__name__)
 
+LAUNCHED = "launched"
+"""Created exclusively by the one launcher that runs a job (see services/runner/launcher.py)."""
+
 
 class ProcessBackend:
     name = "process"
@@ -72,6 +75,9 @@ class ProcessBackend:
         pid_file = job_dir / "launcher.pid"
         if pid_file.exists():
             return pid_file.read_text().strip()
+        if (job_dir / LAUNCHED).exists():
+            # A crashed runner's launcher won the job and is about to record its pid.
+            return self._launcher_pid(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "package.zip").write_bytes(package)
         (job_dir / ".nonce").write_text(nonce)
@@ -94,11 +100,18 @@ class ProcessBackend:
                     stderr=launcher_log,
                 )
             self._children[proc.pid] = proc
-            pid = proc.pid
-        tmp = job_dir / "launcher.pid.tmp"
-        tmp.write_text(str(pid))
-        os.replace(tmp, pid_file)
-        return str(pid)
+        # The launcher that won the job's LAUNCHED marker records its pid: if a crashed runner
+        # had already asked for one, that one may be the winner and this one steps aside.
+        return self._launcher_pid(job_dir)
+
+    def _launcher_pid(self, job_dir: Path, timeout: float = 30.0) -> str:
+        pid_file = job_dir / "launcher.pid"
+        deadline = time.monotonic() + timeout
+        while not pid_file.exists():
+            if time.monotonic() > deadline:
+                raise OSError(f"no launcher recorded its pid in {job_dir} within {timeout:.0f} s")
+            time.sleep(0.002)
+        return pid_file.read_text().strip()
 
     def _fork_launcher(self, job_dir: Path) -> int | None:
         """The launcher's pid, forked by the zygote; None if the zygote cannot do it."""
