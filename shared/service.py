@@ -4,7 +4,8 @@ A service names its durable consumers, how an event changes its state (`apply`) 
 decides on an event (`decide`, pure: it reads state and returns new events). The runtime does
 the rest, the same way everywhere (DESIGN.md rules 2 and 3):
 
-1. On start, replay the SQLite log into the state, then re-publish the outbox.
+1. On start, replay the SQLite log into the state, re-publish the outbox, and create each
+   durable consumer anew to deliver from the stream sequence after the one it tracks.
 2. Per fetched batch: skip messages at or below the tracked sequence (redeliveries), decode
    (a malformed message is set aside in `dead` and on `cumulus.dead.<service>`, never retried),
    apply, decide, apply the decisions; then ONE transaction writes the applied events, the
