@@ -26,7 +26,7 @@ from shared import events as ev
 from shared.errors import CumulusError, InvalidArgument, NotFound, PermissionDenied
 from shared.gpu import GpuRequest, parse_duration
 from shared.service import ConsumerSpec, EventService
-from shared.telemetry import new_trace
+from shared.telemetry import COLD_START, new_trace
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class Gateway(EventService):
 
     def apply(self, event: Any) -> None:
         self.table.apply(event)
+        if isinstance(event, ev.JobStarted) and self.ready.is_set():  # live, not replayed
+            job = self.table.get(event.job_id)
+            if job is not None:
+                COLD_START.observe(max(0.0, event.ts - job.submitted_at))
 
     async def on_start(self) -> None:
         assert self.nc is not None

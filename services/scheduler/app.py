@@ -23,7 +23,13 @@ from shared import api, subjects
 from shared import events as ev
 from shared.errors import NotFound
 from shared.service import ConsumerSpec, EventService
-from shared.telemetry import ACTIVE_WORKERS, ASSIGNMENT_DURATION, QUEUE_WAIT, WORKER_ASSIGNMENTS
+from shared.telemetry import (
+    ACTIVE_WORKERS,
+    ASSIGNMENT_DURATION,
+    GPU_MEMORY_USED,
+    QUEUE_WAIT,
+    WORKER_ASSIGNMENTS,
+)
 
 JOB_EVENTS = [
     "submitted",
@@ -60,7 +66,16 @@ class Scheduler(EventService):
         ]
 
     def apply(self, event: Any) -> None:
+        # A terminal event may come from the scheduler itself ("_"): read the job's worker first.
+        job = self.state.jobs.get(getattr(event, "job_id", ""))
+        worker_id = job.worker_id if job is not None else ""
         self.state.apply(event)
+        if isinstance(event, ev.WorkerSelected):
+            worker_id = event.worker_id
+        if worker_id and isinstance(
+            event, ev.WorkerSelected | ev.Terminal | ev.PartitionFailed | ev.PlacementRevoked
+        ):
+            self._gauge_memory(worker_id)
 
     def decide(self, event: Any) -> list[ev.Event]:
         started = time.perf_counter()
@@ -81,6 +96,13 @@ class Scheduler(EventService):
         if isinstance(event, ev.WorkerEvent):
             ACTIVE_WORKERS.set(len(self.state.live_workers()))
         return out
+
+    def _gauge_memory(self, worker_id: str) -> None:
+        """cumulus_gpu_memory_used_bytes: the share of each device's memory allocated."""
+        worker = self.state.workers.get(worker_id)
+        if worker is not None:
+            for d in worker.devices:
+                GPU_MEMORY_USED.labels(f"{worker_id}/{d.index}").set(d.memory_bytes * d.used // 10)
 
     def volatile(self, event: Any) -> bool:
         """Heartbeats of live workers only move a clock; one that revives a worker counts."""

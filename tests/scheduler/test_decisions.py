@@ -260,3 +260,24 @@ def test_a_swarm_node_down_loses_its_worker() -> None:
     assert isinstance(failed, ev.JobFailed)
     assert failed.message == "Worker w1 was lost while running the job (Swarm node n-w1 is down)"
     assert not d.state.workers["w1"].alive
+
+
+def test_the_seeds_metrics_count_placements_and_memory() -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    d = Driver()
+    d.add_worker("wm", 1)
+    before = sample("cumulus_worker_assignments_total", status="success")
+    queued = sample("cumulus_worker_assignments_total", status="queued")
+    job, _ = d.submit(5)
+    d.submit(10)
+    assert sample("cumulus_worker_assignments_total", status="success") == before + 1
+    assert sample("cumulus_worker_assignments_total", status="queued") == queued + 1
+    assert sample("cumulus_gpu_memory_used_bytes", device="wm/0") == 8 << 30
+    assert sample("cumulus_active_workers") >= 1
+    d.complete(job)
+    # The queued whole GPU took the device as soon as the half was freed.
+    assert sample("cumulus_gpu_memory_used_bytes", device="wm/0") == 16 << 30
