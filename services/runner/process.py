@@ -139,7 +139,7 @@ class ProcessBackend:
                 self.root.mkdir(parents=True, exist_ok=True)
                 with open(self.root / "zygote.log", "ab") as zlog:
                     self._zygote = subprocess.Popen(
-                        [sys.executable, "-m", "services.runner.zygote", path],
+                        [sys.executable, "-m", "services.runner.zygote", path, str(os.getpid())],
                         start_new_session=True,
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,

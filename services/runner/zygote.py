@@ -1,11 +1,12 @@
 """A warm fork server for the process backend: jobs start in ~2 ms instead of ~100 ms.
 
-`python -m services.runner.zygote SOCKET` imports everything a job needs (the in-job runner,
-cloudpickle) once, then serves requests on a Unix socket: for each job directory it forks a
-launcher (its own session, so it and the job outlive both the zygote and the runner) and
-answers with the launcher's pid. The launcher is `services.runner.launcher.main`, exactly as
-when it is started as a process of its own. The zygote exits when the runner that started it
-is gone, or on request; launchers it forked carry on.
+`python -m services.runner.zygote SOCKET RUNNER_PID` imports everything a job needs (the
+in-job runner, cloudpickle) once, then serves requests on a Unix socket: for each job
+directory it forks a launcher (its own session, so it and the job outlive both the zygote and
+the runner) and answers with the launcher's pid. The launcher is
+`services.runner.launcher.main`, exactly as when it is started as a process of its own. The
+zygote exits when the runner that started it is gone (its pid is passed in: the runner may die
+before the zygote first looks), or on request; launchers it forked carry on.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def _launch(job_dir: str, server: socket.socket) -> int:
         os._exit(code)
 
 
-def serve(path: Path) -> None:
-    parent = os.getppid()
+def serve(path: Path, parent: int) -> None:
+    """Serve until `parent` (the runner) is gone: it may die before this process looks."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,7 +81,7 @@ def serve(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    serve(Path(args[0]))
+    serve(Path(args[0]), int(args[1]) if len(args) > 1 else os.getppid())
     return 0
 
 
