@@ -206,15 +206,18 @@ def subject_of(event: Event) -> str:
     raise TypeError(f"no subject for {type(event).__name__}")
 
 
-def headers_of(event: Event) -> dict[str, str]:
-    headers = {"Nats-Msg-Id": event.event_id}
-    if event.trace:
-        headers["traceparent"] = event.trace
-    return headers
+def headers(msg_id: str, trace: str) -> dict[str, str]:
+    """`Nats-Msg-Id` (JetStream de-duplication) and the W3C trace context."""
+    out = {"Nats-Msg-Id": msg_id}
+    if trace:
+        out["traceparent"] = trace
+    return out
 
 
 async def publish(js: JetStreamContext, event: Event) -> None:
-    await js.publish(subject_of(event), events.encode(event), headers=headers_of(event))
+    await js.publish(
+        subject_of(event), events.encode(event), headers=headers(event.event_id, event.trace)
+    )
 
 
 async def publish_many(

@@ -319,7 +319,7 @@ class EventService:
             while True:
                 try:
                     await bus.publish_many(
-                        self.js, ((r.subject, _headers(r), r.data) for r in rows)
+                        self.js, ((r.subject, bus.headers(r.msg_id, r.trace), r.data) for r in rows)
                     )
                     await self.eventlog.published([r.id for r in rows])
                     backoff = 0.05
@@ -353,10 +353,3 @@ class EventService:
     def wake(self) -> None:
         """Ask for a reconcile pass (after a timer or an effect finished)."""
         self._reconcile_wanted.set()
-
-
-def _headers(row: OutboxRow) -> dict[str, str]:
-    headers = {"Nats-Msg-Id": row.msg_id}
-    if row.trace:
-        headers["traceparent"] = row.trace
-    return headers
