@@ -56,8 +56,19 @@ uuid, memory_bytes, allocated_tenths, free_tenths, partitions}]}``; available ->
 ``{"device": 0, "free": "0.5", "free_tenths": 5}``; reap -> ``{"reaped": [...]}``.
 
 Errors print one line, ``chronos_cli: error: <message>``, on stderr and never a traceback.
-Exit codes: 0 success; 2 bad usage or input (INVALID_ARGUMENT); 1 anything else (no capacity,
-unknown partition, unusable state, no devices).
+With ``--json`` they also print one object on stdout, the error's seed code, that same message
+and the error's attributes::
+
+    {"error": {"code": "NOT_FOUND", "message": "Partition not found or already released:
+      partition_0042", "details": {"partition_id": "partition_0042"}}}      (one line)
+
+codes: INVALID_ARGUMENT (bad usage or input), RESOURCE_EXHAUSTED (no capacity: ``device``,
+``requested_tenths``, ``free_tenths``), NOT_FOUND (unknown partition: ``partition_id``),
+UNAVAILABLE (no devices of a demanded backend; a corrupt state file moved aside, retry),
+INTERNAL (unusable state, I/O, our bugs), CANCELLED (interrupted). The attributes of each error
+are listed in ``cumulus_core/errors.py``.
+Exit codes: 0 success; 2 bad usage or input (INVALID_ARGUMENT); 130 interrupted; 1 anything
+else (no capacity, unknown partition, unusable state, no devices).
 """
 
 from __future__ import annotations
@@ -96,28 +107,43 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status instead of exiting."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Until the arguments parse, the option's presence is all we know of --json.
+    as_json = "--json" in argv
     try:
         args = _parser().parse_args(argv)
+        as_json = bool(args.json)
         return int(args.run(args))
     except _UsageError as err:
-        return _fail(f"{err} (see {PROG} --help)", EXIT_USAGE)
-    except InvalidRequest as err:
-        return _fail(str(err), EXIT_USAGE)
+        return _fail(f"{err} (see {PROG} --help)", EXIT_USAGE, as_json, "INVALID_ARGUMENT")
     except ChronosError as err:
-        return _fail(str(err), EXIT_FAILED)
+        exit_code = EXIT_USAGE if isinstance(err, InvalidRequest) else EXIT_FAILED
+        return _fail(str(err), exit_code, as_json, err.code, err.details())
     except OSError as err:
-        return _fail(f"{err.strerror or err}: {err.filename or ''}".rstrip(": "), EXIT_FAILED)
+        message = f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")
+        path = {"path": str(err.filename)} if err.filename else {}
+        return _fail(message, EXIT_FAILED, as_json, "INTERNAL", path)
     except SystemExit as done:  # --help prints and exits 0
         return done.code if isinstance(done.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", 130, as_json, "CANCELLED")
     except Exception as err:  # the promise is one line and no traceback, even for our bugs
-        return _fail(f"internal error: {type(err).__name__}: {err}", EXIT_FAILED)
+        return _fail(f"internal error: {type(err).__name__}: {err}", EXIT_FAILED, as_json)
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
+def _fail(
+    message: str,
+    exit_code: int,
+    as_json: bool = False,
+    code: str = "INTERNAL",
+    details: dict[str, Any] | None = None,
+) -> int:
+    """One line on stderr; with --json also `{"error": {code, message, details}}` on stdout."""
+    line = " ".join(message.split())
+    if as_json:
+        _emit({"error": {"code": code, "message": line, "details": details or {}}})
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return exit_code
 
 
 @functools.cache

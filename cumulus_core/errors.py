@@ -15,18 +15,37 @@
         └── StateRecovered            UNAVAILABLE        (moved_to): retry succeeds
 
 cumulus_core stands alone, so these do not derive from `shared.errors`; the `code` class
-attribute is the seed code a service maps them to.
+attribute is the seed code a service maps them to, and `to_dict()` is the shape
+`chronos_cli --json` prints under `"error"` (`{"code", "message", "details"}`), which
+`shared.errors.CumulusError.from_dict()` turns back into a typed error. `details()` holds the
+attributes in parentheses above.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ChronosError(Exception):
     """Root of every error cumulus_core raises on purpose; `str(err)` is the user's message."""
 
     code: ClassVar[str] = "INTERNAL"
+    fields: ClassVar[tuple[str, ...]] = ()
+    """The attributes this class declares; they travel in `details()`."""
+
+    def details(self) -> dict[str, Any]:
+        """The declared attributes as JSON values (a path or other object becomes its text)."""
+        out: dict[str, Any] = {}
+        for name in self.fields:
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            out[name] = value if isinstance(value, str | int | float | bool) else str(value)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"code", "message", "details"}`: what `chronos_cli --json` prints under "error"."""
+        return {"code": self.code, "message": str(self), "details": self.details()}
 
 
 class InvalidRequest(ChronosError, ValueError):
@@ -38,6 +57,8 @@ class InvalidRequest(ChronosError, ValueError):
 class InvalidAmount(InvalidRequest):
     """A GPU amount outside 0.1-0.9 (steps of 0.1) or whole 1-8; `amount` is the input as given."""
 
+    fields: ClassVar[tuple[str, ...]] = ("amount",)
+
     def __init__(self, amount: object) -> None:
         super().__init__(f"Invalid GPU amount: {amount}. Must be 0.1-0.9 or whole number 1-8")
         self.amount = amount
@@ -45,6 +66,8 @@ class InvalidAmount(InvalidRequest):
 
 class AmountExceedsDevice(InvalidRequest):
     """A valid amount above 1: one partition lives on one device."""
+
+    fields: ClassVar[tuple[str, ...]] = ("tenths",)
 
     def __init__(self, tenths: int, text: str) -> None:
         super().__init__(
@@ -57,6 +80,8 @@ class AmountExceedsDevice(InvalidRequest):
 class InvalidDevice(InvalidRequest):
     """A device index this machine does not have."""
 
+    fields: ClassVar[tuple[str, ...]] = ("device", "device_count")
+
     def __init__(self, device: object, device_count: int) -> None:
         have = f"devices 0-{device_count - 1}" if device_count else "no devices"
         super().__init__(f"Invalid device index: {device}. This machine has {have}")
@@ -66,6 +91,8 @@ class InvalidDevice(InvalidRequest):
 
 class InvalidDuration(InvalidRequest):
     """A partition duration that is not a whole number of seconds >= 1."""
+
+    fields: ClassVar[tuple[str, ...]] = ("duration_s",)
 
     def __init__(self, duration_s: object) -> None:
         super().__init__(
@@ -77,6 +104,8 @@ class InvalidDuration(InvalidRequest):
 class InvalidLabel(InvalidRequest):
     """A label that would not survive one-line output (empty, too long, control characters)."""
 
+    fields: ClassVar[tuple[str, ...]] = ("label",)
+
     def __init__(self, label: str) -> None:
         super().__init__(
             f"Invalid label: {label!r}. Use 1-128 printable characters without line breaks"
@@ -87,6 +116,8 @@ class InvalidLabel(InvalidRequest):
 class InvalidDeviceSpec(InvalidRequest):
     """A virtual-device declaration or backend name that cannot be parsed."""
 
+    fields: ClassVar[tuple[str, ...]] = ("spec",)
+
     def __init__(self, spec: str, reason: str) -> None:
         super().__init__(f"Invalid device spec {spec!r}: {reason}")
         self.spec = spec
@@ -96,6 +127,7 @@ class InsufficientCapacity(ChronosError):
     """The device has less free share than requested; amounts are in tenths of a GPU."""
 
     code = "RESOURCE_EXHAUSTED"
+    fields: ClassVar[tuple[str, ...]] = ("device", "requested_tenths", "free_tenths")
 
     def __init__(self, device: int, requested_tenths: int, free_tenths: int) -> None:
         from .amounts import format_amount
@@ -114,6 +146,7 @@ class NotFound(ChronosError):
     """No live or expired-but-unreaped partition has this id."""
 
     code = "NOT_FOUND"
+    fields: ClassVar[tuple[str, ...]] = ("partition_id",)
 
     def __init__(self, partition_id: str) -> None:
         super().__init__(f"Partition not found or already released: {partition_id}")
@@ -124,6 +157,7 @@ class DeviceUnavailable(ChronosError):
     """A backend was demanded explicitly (CHRONOS_DEVICES=nvidia|opencl) but has no devices."""
 
     code = "UNAVAILABLE"
+    fields: ClassVar[tuple[str, ...]] = ("backend",)
 
     def __init__(self, backend: str, reason: str) -> None:
         super().__init__(f"No {backend} devices: {reason}")
@@ -134,6 +168,7 @@ class StateError(ChronosError):
     """The partition state cannot be used as is and cannot safely be recovered."""
 
     code = "INTERNAL"
+    fields: ClassVar[tuple[str, ...]] = ("path",)
 
     def __init__(self, path: object, reason: str) -> None:
         super().__init__(f"Partition state {path}: {reason}")
@@ -147,6 +182,7 @@ class StateRecovered(StateError):
     """
 
     code = "UNAVAILABLE"
+    fields: ClassVar[tuple[str, ...]] = ("path", "moved_to")
 
     def __init__(self, path: object, moved_to: object, problem: str) -> None:
         ChronosError.__init__(

@@ -22,10 +22,10 @@ from shared import subjects
 from shared.errors import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
+    ApiUnreachable,
     CumulusError,
     Internal,
     InvalidArgument,
-    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,6 @@ class SchedulerQuery(msgspec.Struct, kw_only=True):
     gpu_tenths: int
 
 
-class ApiUnreachable(Unavailable):
-    """Nobody answered on the API subject: the service is not running or not reachable."""
-
-
 T = TypeVar("T")
 
 _json = msgspec.json.Encoder()
@@ -84,14 +80,28 @@ async def request(nc: Client, op: str, body: Any, reply_type: type[T], timeout: 
         msg = await nc.request(subject, _json.encode(body), timeout=timeout)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
         raise ApiUnreachable(
-            f"Cumulus API {subject} did not answer; is the gateway running (`cumulus up`)?"
+            f"Cumulus API {subject} did not answer; is the gateway running (`cumulus up`)?",
+            subject=subject,
         ) from None
     headers = msg.headers or {}
     if ERROR_CODE_HEADER in headers:
         raise CumulusError.from_code(
-            headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, "unknown error")
+            headers[ERROR_CODE_HEADER],
+            headers.get(ERROR_HEADER, "unknown error"),
+            _error_details(msg.data),
         )
     return msgspec.json.decode(msg.data, type=reply_type)
+
+
+def _error_details(data: bytes) -> dict[str, Any] | None:
+    """The declared attributes an error reply carries in its body (`to_dict()`), if any."""
+    try:
+        body = msgspec.json.decode(data) if data else None
+    except msgspec.DecodeError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    return details if isinstance(details, dict) else None
 
 
 def decode_request(data: bytes, typ: type[Any]) -> Any:
@@ -140,7 +150,7 @@ def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], 
         try:
             reply = await handler(req.data)
         except CumulusError as exc:
-            await req.respond_error(exc.code, exc.message)
+            await req.respond_error(exc.code, exc.message, _json.encode({"error": exc.to_dict()}))
             return
         except Exception as exc:
             log.exception("request failed", extra={"fields": {"subject": req.subject}})

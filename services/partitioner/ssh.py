@@ -8,6 +8,10 @@ through the pool, so `Chronos` drives a remote worker exactly as it drives a loc
 A command that may have started on the worker is never re-run here: when the connection
 breaks mid-command the caller sees `ChronosUnreachable`, and the partitioner's own retry
 looks for the labelled partition before creating again.
+
+Failures are typed (`shared.errors`): no connection, or one lost, is `ChronosUnreachable` (an
+`Unavailable`); a command that timed out or was killed by a signal, or a chronos_cli the
+worker's shell cannot find, is a plain `Unavailable`. `Chronos` adds the worker's id.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from services.partitioner.chronos import ChronosError, ChronosUnreachable
+from services.partitioner.chronos import EXIT_CANNOT_RUN, ChronosUnreachable
 from shared.config import SshConfig
+from shared.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +186,7 @@ class SshPool:
             result = await process.wait(timeout=timeout)
         except asyncssh.TimeoutError:
             process.close()
-            raise ChronosError(
+            raise Unavailable(
                 f"{shlex.join(argv[:3])} … timed out after {timeout:.0f} s on {target}"
             ) from None
         except (OSError, asyncssh.Error) as exc:
@@ -192,12 +197,13 @@ class SshPool:
                 self._drop(target, conn)
                 raise ChronosUnreachable(f"SSH connection to {target} lost during a command")
             signal = result.exit_signal[0] if result.exit_signal else "unknown"
-            raise ChronosError(f"chronos_cli on {target} was killed by signal {signal}")
+            raise Unavailable(f"chronos_cli on {target} was killed by signal {signal}")
         out = result.stdout if isinstance(result.stdout, str) else ""
         err = result.stderr if isinstance(result.stderr, str) else ""
-        if result.exit_status == 127:
-            raise ChronosError(
-                f"chronos_cli not found on {target} (exit 127): {err.strip()[-200:]}", 127
+        if result.exit_status in EXIT_CANNOT_RUN:
+            what = "not found" if result.exit_status == 127 else "cannot be run"
+            raise Unavailable(
+                f"chronos_cli {what} on {target} (exit {result.exit_status}): {err.strip()[-200:]}"
             )
         return result.exit_status, out, err
 

@@ -150,6 +150,87 @@ def test_bad_input_is_one_line_and_an_exit_code(
     assert "Traceback" not in err
 
 
+def _error_object(err: str) -> dict[str, object]:
+    """What --json prints for the failure whose stderr line is `err`, less its details."""
+    return {"code": None, "message": err.removeprefix("chronos_cli: error: ").rstrip("\n")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "exit_code", "code", "details"),
+    [
+        (
+            ["release", "partition_0042"],
+            1,
+            "NOT_FOUND",
+            {"partition_id": "partition_0042"},
+        ),
+        (["create", "2", "0.5", "60"], 2, "INVALID_ARGUMENT", {"device": 2, "device_count": 2}),
+        (["create", "0", "0.25", "60"], 2, "INVALID_ARGUMENT", {"amount": "0.25"}),
+        (["create", "0", "0.5", "1.5"], 2, "INVALID_ARGUMENT", {"duration_s": "1.5"}),
+        (["launch"], 2, "INVALID_ARGUMENT", {}),
+        (["--devices", "2xlots", "stats"], 2, "INVALID_ARGUMENT", {"spec": "2xlots"}),
+    ],
+)
+def test_json_errors_are_one_object_on_stdout_beside_the_stderr_line(
+    run: Run, argv: list[str], exit_code: int, code: str, details: dict[str, object]
+) -> None:
+    for placed in (["--json", *argv], [*argv, "--json"]):
+        got, out, err = run(*placed)
+        assert got == exit_code
+        assert out.count("\n") == 1
+        assert err.count("\n") == 1
+        assert err.startswith("chronos_cli: error: ")
+        assert json.loads(out) == {
+            "error": {**_error_object(err), "code": code, "details": details}
+        }
+
+
+def test_json_capacity_and_corrupt_state_errors_carry_their_numbers(
+    run: Run, tmp_path: Path
+) -> None:
+    run("create", "0", "0.8", "60")
+    code, out, err = run("--json", "create", "0", "0.3", "60")
+    assert code == 1
+    assert json.loads(out)["error"] == {
+        **_error_object(err),
+        "code": "RESOURCE_EXHAUSTED",
+        "details": {"device": 0, "requested_tenths": 3, "free_tenths": 2},
+    }
+    (tmp_path / "state" / "partitions.json").write_text("[")
+    code, out, err = run("--json", "list")
+    error = json.loads(out)["error"]
+    assert (code, error["code"]) == (1, "UNAVAILABLE")
+    assert error["details"]["path"] == str(tmp_path / "state" / "partitions.json")
+    assert Path(error["details"]["moved_to"]).read_text() == "["
+
+
+def test_without_json_an_error_prints_nothing_on_stdout(run: Run) -> None:
+    code, out, err = run("release", "partition_0042")
+    assert (code, out) == (1, "")
+    assert err == "chronos_cli: error: Partition not found or already released: partition_0042\n"
+
+
+def test_a_real_process_prints_json_errors(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*CLI, "--state-dir", str(tmp_path), "--json", "release", "partition_0007"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {
+        "error": {
+            "code": "NOT_FOUND",
+            "message": "Partition not found or already released: partition_0007",
+            "details": {"partition_id": "partition_0007"},
+        }
+    }
+    assert done.stderr == (
+        "chronos_cli: error: Partition not found or already released: partition_0007\n"
+    )
+
+
 def test_capacity_error(run: Run) -> None:
     run("create", "0", "0.8", "60")
     code, out, err = run("create", "0", "0.3", "60")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from services.partitioner.chronos import Chronos, ChronosError, ChronosUnreachable
+from services.partitioner.chronos import Chronos, ChronosUnreachable
 from services.partitioner.ssh import SshPool, SshRunner, parse_address
 from shared.config import SshConfig
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from tests.partitioner.conftest import Sshd, SshKeys, remote_chronos
 
 pytestmark = pytest.mark.ssh
@@ -31,7 +32,9 @@ def ssh_config(sshd: Sshd, **overrides: object) -> SshConfig:
 
 def remote(pool: SshPool, sshd: Sshd, state: Path, worker: str = "w1") -> Chronos:
     command = shlex.split(remote_chronos(state).replace("{worker}", worker))
-    return Chronos(command=command, run=SshRunner(pool, parse_address(sshd.address)))
+    return Chronos(
+        command=command, run=SshRunner(pool, parse_address(sshd.address)), worker_id=worker
+    )
 
 
 def local_list(state_dir: Path) -> list[dict[str, object]]:
@@ -70,26 +73,28 @@ async def test_create_and_release_over_ssh_on_one_reused_connection(
         await pool.close()
 
 
-async def test_chronos_errors_come_back_as_chronos_errors_not_ssh_failures(
+async def test_chronos_errors_come_back_typed_not_as_ssh_failures(
     sshd: Sshd, tmp_path: Path
 ) -> None:
     pool = SshPool(ssh_config(sshd))
     try:
         chronos = remote(pool, sshd, tmp_path)
-        with pytest.raises(ChronosError) as unknown:
+        with pytest.raises(NotFound) as unknown:
             await chronos.release("partition_9999")
-        assert not isinstance(unknown.value, ChronosUnreachable)
-        assert "partition_9999" in unknown.value.message
-        assert "\n" not in unknown.value.message
-        with pytest.raises(ChronosError) as too_much:
+        assert unknown.value.resource_id == "partition_9999"
+        assert unknown.value.message == "Partition not found or already released: partition_9999"
+        with pytest.raises(InvalidArgument):
             await chronos.create(0, 15, 60, "j.1")
-        assert too_much.value.exit_code == 2
         missing = Chronos(
-            command=["/nonexistent/chronos_cli"], run=SshRunner(pool, parse_address(sshd.address))
+            command=["/nonexistent/chronos_cli"],
+            run=SshRunner(pool, parse_address(sshd.address)),
+            worker_id="w9",
         )
-        with pytest.raises(ChronosError, match="not found") as gone:
+        with pytest.raises(Unavailable) as gone:
             await missing.stats()
         assert not isinstance(gone.value, ChronosUnreachable)
+        assert gone.value.worker_id == "w9"
+        assert gone.value.message.startswith("chronos_cli not found on ")
         assert pool.connects == 1
     finally:
         await pool.close()
@@ -105,8 +110,9 @@ async def test_sshd_gone_is_unreachable_and_a_restart_reconnects(
         await chronos.stats()
         assert pool.connected(target)
         sshd.stop()
-        with pytest.raises(ChronosUnreachable, match=r"127\.0\.0\.1"):
+        with pytest.raises(ChronosUnreachable, match=r"127\.0\.0\.1") as lost:
             await chronos.stats()
+        assert (lost.value.code, lost.value.worker_id) == ("UNAVAILABLE", "w1")
         assert not pool.connected(target)
         sshd.start()
         assert len(await chronos.stats()) == 2
@@ -143,7 +149,8 @@ async def test_concurrent_commands_share_the_connection(sshd: Sshd, tmp_path: Pa
         made = await asyncio.gather(*(chronos.create(0, 1, 600, f"j{i}.1") for i in range(10)))
         assert len({p["partition_id"] for p in made}) == 10
         assert pool.connects == 1
-        with pytest.raises(ChronosError):
+        with pytest.raises(ResourceExhausted) as full:
             await chronos.create(0, 1, 600, "j10.1")  # the device is full: never over-committed
+        assert (full.value.requested, full.value.largest_free) == ("0.1", "0")
     finally:
         await pool.close()
