@@ -2,6 +2,13 @@
 
 `cumulus up` and the tests use it. Every process is started here, watched by pid, and stopped
 by pid (SIGTERM, then SIGKILL after a grace period); nothing is ever killed by name.
+
+Configuration reaches every process as it would a deployed service (docs/config.md): the config
+file (`config_path`, else `$CUMULUS_CONFIG`) and the caller's `CUMULUS_*` variables, validated
+once before anything starts. Precedence, lowest first: built-in defaults < the embedded defaults
+below < the file < the environment < what the stack is given (`devices`, `backend`, `env`) <
+what it must set per process (the URL of its own nats-server, the data dir, each worker's id,
+one metrics port per process).
 """
 
 from __future__ import annotations
@@ -21,6 +28,15 @@ from pathlib import Path
 import nats
 
 from shared import api
+from shared import config as config_mod
+from shared.config import Config
+
+EMBEDDED = {
+    "worker.devices": "2x16GiB",
+    "worker.device_source": "virtual",
+    "worker.backend": "process",
+}
+"""What the embedded stack uses where neither the caller nor the configuration says."""
 
 
 def free_port() -> int:
@@ -89,47 +105,109 @@ class Proc:
 class Stack:
     data_dir: Path
     workers: list[str] = field(default_factory=lambda: ["worker-1"])
-    devices: str = "2x16GiB"
-    backend: str = "process"
+    devices: str | None = None
+    """Declared virtual devices of each local worker; None: the configuration's, else 2x16GiB.
+    Given, they are used even where a GPU exists (device source `virtual`; "" means `auto`)."""
+    backend: str | None = None
+    """Runner backend of each worker; None: the configuration's, else `process`."""
     port: int = 0
+    """Port of the stack's nats-server; 0: a free one."""
+    config_path: str | None = None
+    """Config file every process reads; None: `$CUMULUS_CONFIG`, if set."""
     env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for every process (above the caller's own)."""
+    defaults: dict[str, str] = field(default_factory=lambda: dict(EMBEDDED))
+    """Settings (`worker.backend`: value) used where neither the stack's arguments nor the
+    configuration say; `cumulus up` may make `auto` its backend this way."""
     procs: dict[str, Proc] = field(default_factory=dict)
     ssh_workers: dict[str, str] = field(default_factory=dict)
     """Workers (of `workers`) that one SSH-mode `partitioner-ssh` serves: id -> address."""
     proc_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra environment for one process, by its name (e.g. `partitioner-ssh`)."""
+    config: Config | None = field(default=None, init=False)
+    """The configuration a worker of this stack runs with; set by `start`."""
+    _settings: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _metrics_ports: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def _env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CUMULUS_")}
+        env = dict(os.environ)
+        if self.config_path:
+            env["CUMULUS_CONFIG"] = str(Path(self.config_path).absolute())
+        env.update(self._settings)
+        env.update(self.env)
         env.update(
             {
                 "CUMULUS_NATS_URL": self.url,
                 "CUMULUS_DATA_DIR": str(self.data_dir),
-                "CUMULUS_WORKER_DEVICES": self.devices,
-                "CUMULUS_WORKER_DEVICE_SOURCE": "virtual" if self.devices else "auto",
-                "CUMULUS_WORKER_BACKEND": self.backend,
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        env.update(self.env)
         env.update(extra)
         return env
 
+    def _resolve(self) -> None:
+        """Validate the configuration (a ConfigError before anything starts) and decide what
+        the stack sets on top of it: the embedded defaults the user left open, then the values
+        it was given."""
+        self._settings = {}
+        user = config_mod.settings(environ=self._env())
+        for key, value in self.defaults.items():
+            section, _, name = key.rpartition(".")
+            if name not in (user.get(section, {}) if section else user):
+                self._settings[config_mod.env_name(key)] = value
+        if self.devices is not None:
+            self._settings["CUMULUS_WORKER_DEVICES"] = self.devices
+            self._settings["CUMULUS_WORKER_DEVICE_SOURCE"] = "virtual" if self.devices else "auto"
+        if self.backend is not None:
+            self._settings["CUMULUS_WORKER_BACKEND"] = self.backend
+        self.config = config_mod.load(environ=self._env())
+
     def _service(self, name: str, module: str, **extra: str) -> Proc:
+        env = self._env(**{**extra, **self.proc_env.get(name, {})})
+        assert self.config is not None
+        if self.config.metrics_port:
+            # one port per process from the configured one up: they share a host
+            env["CUMULUS_METRICS_PORT"] = str(self.config.metrics_port + len(self._metrics_ports))
+            self._metrics_ports[name] = int(env["CUMULUS_METRICS_PORT"])
+        config_mod.load(environ=env)  # a process's own settings (proc_env) are checked too
         return Proc(
             name,
             [sys.executable, "-m", f"services.{module}"],
-            self._env(**{**extra, **self.proc_env.get(name, {})}),
+            env,
             self.data_dir / "logs" / f"{name}.log",
         )
 
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Process name -> its Prometheus port, when `metrics_port` is configured."""
+        return dict(self._metrics_ports)
+
     async def start(self, timeout: float = 30.0) -> None:
+        """Start nats-server, the services and the workers, and wait until all are ready; a
+        bad configuration raises ConfigError before any process starts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        self._resolve()
+        self._metrics_ports = {}
+        services = {"scheduler": self._service("scheduler", "scheduler")}
+        services["gateway"] = self._service("gateway", "gateway")
+        if self.ssh_workers:
+            served = ",".join(f"{w}={a}" for w, a in self.ssh_workers.items())
+            services["partitioner-ssh"] = self._service(
+                "partitioner-ssh", "partitioner", CUMULUS_SSH_WORKERS=served
+            )
+        for worker in self.workers:
+            if worker not in self.ssh_workers:
+                services[f"partitioner-{worker}"] = self._service(
+                    f"partitioner-{worker}", "partitioner", CUMULUS_WORKER_ID=worker
+                )
+            services[f"runner-{worker}"] = self._service(
+                f"runner-{worker}", "runner", CUMULUS_WORKER_ID=worker
+            )
         nats_proc = Proc(
             "nats",
             [
@@ -148,24 +226,9 @@ class Stack:
         self.procs["nats"] = nats_proc
         nats_proc.start()
         await self._wait_port(timeout)
-        self.procs["scheduler"] = self._service("scheduler", "scheduler")
-        self.procs["gateway"] = self._service("gateway", "gateway")
-        if self.ssh_workers:
-            served = ",".join(f"{w}={a}" for w, a in self.ssh_workers.items())
-            self.procs["partitioner-ssh"] = self._service(
-                "partitioner-ssh", "partitioner", CUMULUS_SSH_WORKERS=served
-            )
-        for worker in self.workers:
-            if worker not in self.ssh_workers:
-                self.procs[f"partitioner-{worker}"] = self._service(
-                    f"partitioner-{worker}", "partitioner", CUMULUS_WORKER_ID=worker
-                )
-            self.procs[f"runner-{worker}"] = self._service(
-                f"runner-{worker}", "runner", CUMULUS_WORKER_ID=worker
-            )
-        for name, proc in self.procs.items():
-            if name != "nats":
-                proc.start()
+        self.procs.update(services)
+        for proc in services.values():
+            proc.start()
         await self.wait_ready(timeout)
 
     async def _wait_port(self, timeout: float) -> None:

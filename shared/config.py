@@ -2,82 +2,112 @@
 
 Precedence: defaults < YAML file (`--config` or `CUMULUS_CONFIG`) < environment variables named
 `CUMULUS_<SECTION>_<KEY>` (e.g. `CUMULUS_NATS_URL`, `CUMULUS_WORKER_DEVICES`,
-`CUMULUS_LIMITS_MIN_DURATION`). docs/config.md lists every key.
+`CUMULUS_LIMITS_MIN_DURATION`). Everything is validated at load: an unknown key, a value of the
+wrong type, a number out of range or an enumerated setting outside its `Literal` is a
+`ConfigError` naming the key as the user wrote it (and the variable, when it came from the
+environment). docs/config.md lists every key.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
 
-from shared.errors import InvalidArgument
+from shared.errors import ConfigError
+
+PlacementPolicy = Literal["best", "first", "worst"]
+"""How shares are placed on devices (services/scheduler/placement.py)."""
+BackfillPolicy = Literal["reserve", "none", "greedy"]
+"""How the queue is drained past a head that does not fit (services/scheduler/handlers.py)."""
+BackendKind = Literal["process", "docker", "swarm", "auto"]
+"""Where a worker's jobs run (services/runner/config.py)."""
+DeviceSource = Literal["auto", "nvidia", "opencl", "virtual"]
+"""Which devices chronos_cli discovers (cumulus_core/devices.py)."""
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["json", "text"]
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+"""A duration that must be above zero."""
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
+"""A duration where 0 has a meaning (off, or at once)."""
 
 
-class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A config section: unknown keys are refused, values are checked by their annotations."""
+
+
+class NatsConfig(_Section):
     url: str = "nats://127.0.0.1:4222"
     """Where the bus is; a comma-separated list for a cluster."""
-    connect_timeout: float = 5.0
+    connect_timeout: Seconds = 5.0
+    """Seconds to wait for the first connection to the bus."""
 
 
-class LimitsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    min_duration: int = 60
+class LimitsConfig(_Section):
+    min_duration: Positive = 60
     """Shortest duration a job may ask for, in seconds (the seed: 60)."""
-    max_job_duration: int = 86400
+    max_job_duration: Positive = 86400
     """Longest duration a job may ask for, in seconds (the seed: 86400)."""
-    default_duration: int = 3600
-    max_code_bytes: int = 64 * 1024 * 1024
+    max_code_bytes: Positive = 64 * 1024 * 1024
     """Largest code package accepted, zipped."""
-    max_unpacked_bytes: int = 512 * 1024 * 1024
+    max_unpacked_bytes: Positive = 512 * 1024 * 1024
     """Largest total size a code package may unpack to (zip-bomb guard)."""
 
 
-class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    heartbeat_misses: int = 3
+class SchedulerConfig(_Section):
+    heartbeat_misses: Positive = 3
     """A worker silent for this many heartbeat intervals is down."""
-    queue_limit: int = 10000
-    max_attempts: int = 3
+    queue_limit: Positive = 10000
+    """Jobs that may wait in the queue; beyond it a submit is RESOURCE_EXHAUSTED."""
+    max_attempts: Positive = 3
     """Placements tried for one job when partitions fail (the seed: 3)."""
-    placement: str = "best"
+    placement: PlacementPolicy = "best"
     """How shares are placed: best | first | worst (best-fit measured best, docs/benchmarks.md)."""
-    backfill: str = "reserve"
+    backfill: BackfillPolicy = "reserve"
     """reserve (backfill around the queue head's reservation) | none (strict FIFO) | greedy."""
     swarm_nodes: bool = False
     """Read Swarm nodes (labels, state, availability) through the local Docker engine: a node
     that is down loses its worker, a drained or paused one gets no new placements."""
-    swarm_poll_s: float = 5.0
-    reserve_after_s: float = 10.0
+    swarm_poll_s: Seconds = 5.0
+    reserve_after_s: SecondsOrOff = 10.0
     """How long the head of the queue may be overtaken by backfill before it gets a reservation."""
 
 
-class WorkerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class WorkerConfig(_Section):
     id: str = ""
     """Worker id; defaults to the host name."""
     devices: str = "2x16GiB"
     """Declared virtual devices, used when no real GPU is found."""
-    device_source: str = "auto"
+    device_source: DeviceSource = "auto"
     """auto | nvidia | opencl | virtual."""
-    backend: str = "process"
+    backend: BackendKind = "process"
     """Runner backend: process | docker | swarm | auto (docker when an engine with the job
     image is reachable, else process)."""
-    heartbeat_s: float = 5.0
+    heartbeat_s: Seconds = 5.0
     chronos_cli: str = ""
     """Path of the chronos_cli to drive; empty means ours (`python -m cumulus_core`)."""
-    max_log_bytes: int = 64 * 1024 * 1024
+    max_log_bytes: Positive = 64 * 1024 * 1024
     """Output of one job delivered as events; beyond it the log is cut with a marker."""
-    create_retries: int = 3
-    create_backoff_s: float = 1.0
-    reap_interval_s: float = 30.0
+    create_retries: Positive = 3
+    """Attempts to create a partition (the seed: 3)."""
+    create_backoff_s: SecondsOrOff = 1.0
+    """Wait before the second attempt, doubled before each further one."""
+    reap_interval_s: SecondsOrOff = 30.0
     """How often the partitioner runs `chronos_cli reap` and releases partitions whose job is
     gone; 0 turns the reaper off."""
 
 
-class SshConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class SshConfig(_Section):
     """SSH mode: one partitioner serves agentless workers over SSH (the seed's `ssh:` section)."""
 
     workers: str | dict[str, str] = ""
@@ -86,21 +116,21 @@ class SshConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     swarm: bool = False
     """Also serve every Swarm node labelled `ssh.address` (read with the Docker SDK at start)."""
     user: str = "root"
-    port: int = 22
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 22
     key_path: str = "~/.ssh/id_rsa"
     known_hosts: str = ""
     """known_hosts file; empty: ~/.ssh/known_hosts; `none`: host keys are not checked."""
-    timeout: float = 10.0
+    timeout: Seconds = 10.0
     """Seconds to connect to a worker (the seed: 10 s)."""
-    command_timeout: float = 30.0
+    command_timeout: Seconds = 30.0
     """Seconds one chronos_cli command may take on a worker."""
     chronos_cli: str = "chronos_cli"
     """The command run on each worker; `{worker}` in it is replaced by the worker id."""
-    max_sessions: int = 8
+    max_sessions: Positive = 8
     """Commands run at once over one worker's connection (sshd's MaxSessions is 10)."""
 
 
-class ContainerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ContainerConfig(_Section):
     image: str = "cumulus-job:latest"
     """The job image (infra/images/build-images.sh); Swarm services are created from its ID."""
     wheelhouse: str = ""
@@ -117,15 +147,17 @@ class ContainerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Internal overlay network for Swarm jobs without network (Swarm has no `none`)."""
 
 
-class LoggingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    level: str = "info"
-    format: str = "json"
+class LoggingConfig(_Section):
+    level: LogLevel = "info"
+    """Written in any case (`INFO` is `info`)."""
+    format: LogFormat = "json"
+    """json: one JSON object a line; text: a plain line for a person."""
 
 
-class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class Config(_Section):
     data_dir: str = "~/.cumulus"
     """Root of every service's SQLite files, the job directories and nats-server's store."""
-    metrics_port: int = 0
+    metrics_port: Port = 0
     """Prometheus /metrics port for a service; 0 turns it off."""
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -144,23 +176,73 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.worker.id or socket.gethostname().split(".")[0]
 
 
-_SECTIONS = ("nats", "limits", "scheduler", "worker", "ssh", "container", "logging")
+def _sections() -> dict[str, type[_Section]]:
+    hints = typing.get_type_hints(Config)
+    return {
+        f.name: hints[f.name]
+        for f in msgspec.structs.fields(Config)
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], _Section)
+    }
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+_SECTIONS = _sections()
+"""Section name -> its struct; a `CUMULUS_<SECTION>_` variable belongs to the config."""
+_TOP_LEVEL = tuple(f.name for f in msgspec.structs.fields(Config) if f.name not in _SECTIONS)
+
+
+def keys(section: str = "") -> tuple[str, ...]:
+    """The keys of one section (or the top level, with the section names), in file order."""
+    struct = _SECTIONS[section] if section else Config
+    return tuple(f.name for f in msgspec.structs.fields(struct))
+
+
+def all_keys() -> tuple[str, ...]:
+    """Every setting as written in docs/config.md: `data_dir`, ..., `logging.format`."""
+    top = tuple(k for k in keys() if k not in _SECTIONS)
+    return top + tuple(f"{s}.{k}" for s in _SECTIONS for k in keys(s))
+
+
+def allowed(key: str) -> tuple[str, ...]:
+    """The values an enumerated key (`scheduler.placement`) takes; () for any other key."""
+    struct: type[msgspec.Struct] = Config
+    *path, name = key.split(".")
+    for part in path:
+        struct = _SECTIONS[part]
+    hint = typing.get_type_hints(struct).get(name)
+    if typing.get_origin(hint) is Literal:
+        return tuple(str(v) for v in typing.get_args(hint))
+    return ()
+
+
+def env_name(key: str) -> str:
+    """The variable that sets `key`: `scheduler.backfill` -> `CUMULUS_SCHEDULER_BACKFILL`."""
+    return "CUMULUS_" + key.replace(".", "_").upper()
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings `CUMULUS_*` variables give, and which variable gave each key.
+
+    A variable whose name starts with a section (`CUMULUS_SCHEDULER_`) is a setting, so a typo
+    there is an error; other `CUMULUS_*` variables (`CUMULUS_USER`, `CUMULUS_CONFIG`, a job's
+    `CUMULUS_JOB_DIR`) belong to other programs and are left alone.
+    """
     out: dict[str, Any] = {}
-    for key, value in environ.items():
-        if not key.startswith("CUMULUS_") or key == "CUMULUS_CONFIG":
+    names: dict[str, str] = {}
+    for var, value in environ.items():
+        if not var.startswith("CUMULUS_") or var == "CUMULUS_CONFIG":
             continue
-        rest = key[len("CUMULUS_") :].lower()
+        rest = var[len("CUMULUS_") :].lower()
         for section in _SECTIONS:
             if rest.startswith(section + "_"):
-                out.setdefault(section, {})[rest[len(section) + 1 :]] = value
+                key = rest[len(section) + 1 :]
+                out.setdefault(section, {})[key] = value
+                names[f"{section}.{key}"] = var
                 break
         else:
-            if rest in ("data_dir", "metrics_port"):
+            if rest in _TOP_LEVEL:
                 out[rest] = value
-    return out
+                names[rest] = var
+    return out, names
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,21 +255,115 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """Case-insensitive log levels: `INFO` and `Info` mean `info`."""
+    section = data.get("logging")
+    if isinstance(section, Mapping) and isinstance(section.get("level"), str):
+        data = _merge(data, {"logging": {"level": section["level"].lower()}})
+    return data
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The settings a YAML file gives, unvalidated; an unreadable file is a ConfigError."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    return loaded
+
+
+def settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """What the user set (file, then environment), validated but without the defaults: lets a
+    caller such as the embedded stack tell a chosen value from a default one."""
+    return _load(path, environ)[0]
+
+
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load the configuration; a bad file or value is InvalidArgument naming the key."""
+    """Load and validate the configuration; any fault is a ConfigError naming the key."""
+    return _load(path, environ)[1]
+
+
+def _load(
+    path: str | Path | None, environ: Mapping[str, str] | None
+) -> tuple[dict[str, Any], Config]:
     environ = os.environ if environ is None else environ
     path = path or environ.get("CUMULUS_CONFIG")
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InvalidArgument(f"cannot read config {path}: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise InvalidArgument(f"config {path} must be a mapping")
-        data = loaded
-    data = _merge(data, _env_overrides(environ))
+    data = read_file(path) if path else {}
+    overrides, names = _env_overrides(environ)
+    data = _normalise(_merge(data, overrides))
     try:
-        return msgspec.convert(data, Config, strict=False)
+        config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise InvalidArgument(f"invalid configuration: {exc}") from None
+        raise _explain(exc, data, names, path) from None
+    _check(config, names, path)
+    return data, config
+
+
+def _check(config: Config, names: Mapping[str, str], path: str | Path | None) -> None:
+    """Rules across keys, which the annotations cannot say."""
+    limits = config.limits
+    if limits.min_duration > limits.max_job_duration:
+        key = "limits.min_duration"
+        raise ConfigError(
+            f"Invalid {key}: {limits.min_duration}{_origin(key, names, path)}. Must not be "
+            f"above limits.max_job_duration ({limits.max_job_duration})",
+            key=key,
+        )
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
+
+
+def _origin(key: str, names: Mapping[str, str], path: str | Path | None) -> str:
+    """Where the user wrote `key`: the variable, else the file."""
+    if key in names:
+        return f" (from {names[key]})"
+    section = key.split(".")[0]
+    if section in names:
+        return f" (from {names[section]})"
+    return f" (in {path})" if path else ""
+
+
+def _explain(
+    exc: msgspec.ValidationError,
+    data: Mapping[str, Any],
+    names: Mapping[str, str],
+    path: str | Path | None,
+) -> ConfigError:
+    """msgspec's first complaint, said in the user's terms: the key as written in the file
+    (`scheduler.backfill`), the variable that set it, the value and what is allowed."""
+    match = _AT.match(str(exc))
+    assert match is not None  # the pattern matches any text
+    what = match["what"].replace("`", "")
+    parts = [p for p in re.split(r"[.\[]", match["path"] or "") if p and not p.endswith("]")]
+    unknown = _UNKNOWN.match(match["what"])
+    if unknown:
+        key = ".".join([*parts[:2], unknown["name"]])
+        section = parts[0] if parts else ""
+        known = keys(section) if not parts or section in _SECTIONS else ()
+        where = f"the {section} section" if parts else "the top level"
+        hint = f"; {where} has {', '.join(known)}" if known else ""
+        origin = f" (from {names[key]})" if key in names else (f" (in {path})" if path else "")
+        return ConfigError(f"Unknown config key {key}{origin}{hint}", key=key, allowed=known)
+    key = ".".join(parts[:2])
+    value: Any = data
+    for part in parts:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    choices = allowed(key) if len(parts) == 2 and parts[0] in _SECTIONS else ()
+    if choices:
+        return ConfigError(
+            f"Invalid {key}: {value!r}{_origin(key, names, path)}. "
+            f"Must be one of {', '.join(choices)}",
+            key=key,
+            allowed=choices,
+        )
+    shown = f": {value!r}" if value is not None and not isinstance(value, Mapping) else ""
+    return ConfigError(
+        f"Invalid {key or 'configuration'}{shown}{_origin(key, names, path)}. {what}",
+        key=key,
+    )

@@ -76,6 +76,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
+    """Logs to stderr: `fmt` json (one object a line) or text; `level` a logging level name in
+    any case (the config's `logging` section, validated at load)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

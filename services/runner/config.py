@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+import typing
 from pathlib import Path
 
 from services.runner.backend import Backend
 from services.runner.process import ProcessBackend
-from shared.config import Config
-from shared.errors import InvalidArgument
+from shared.config import BackendKind, Config
+from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("process", "docker", "swarm", "auto")
+BACKENDS: tuple[BackendKind, ...] = typing.get_args(BackendKind)
 
 
 def detect(config: Config) -> str:
@@ -37,10 +38,12 @@ def detect(config: Config) -> str:
 
 
 def make_backend(config: Config, root: Path, ledger: Path) -> Backend:
-    kind = config.worker.backend
-    if kind not in BACKENDS:
-        raise InvalidArgument(
-            f"Invalid worker.backend: {kind!r}. Must be one of {', '.join(BACKENDS)}"
+    kind: str = config.worker.backend
+    if kind not in BACKENDS:  # load() refuses it; a Config built in code is checked here
+        raise ConfigError(
+            f"Invalid worker.backend: {kind!r}. Must be one of {', '.join(BACKENDS)}",
+            key="worker.backend",
+            allowed=BACKENDS,
         )
     if kind == "auto":
         kind = detect(config)
