@@ -24,7 +24,7 @@ from typing import Any
 import docker
 from docker.types import ContainerSpec, Placement, RestartPolicy, TaskTemplate
 
-from sdk import AsyncCumulusClient
+from cumulus import AsyncClient
 from services.stack import Stack
 from shared import events as ev
 
@@ -111,7 +111,7 @@ async def cumulus(kind: str, jobs: int, lines: int) -> dict[str, list[float]]:
     await stack.start()
     out: dict[str, list[float]] = {"started": [], "result": [], "log": []}
     try:
-        async with AsyncCumulusClient(stack.url) as client:
+        async with AsyncClient(stack.url) as client:
             await client.run(trivial, gpu=0.1, duration=600, logs=None, timeout=60)  # warm-up
             for _ in range(jobs):
                 t0 = time.time()

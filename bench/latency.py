@@ -22,7 +22,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdk import AsyncCumulusClient, package_function  # noqa: E402
+from cumulus import AsyncClient, package_function  # noqa: E402
 from services.stack import Stack  # noqa: E402
 
 
@@ -79,7 +79,7 @@ async def main() -> None:
         stack = Stack(data_dir=Path(tmp) / "stack", devices="2x16GiB")
         await stack.start()
         try:
-            async with AsyncCumulusClient(stack.url) as client:
+            async with AsyncClient(stack.url) as client:
                 for _ in range(3):  # warm-up: imports, object store, consumers
                     await client.run(trivial, gpu=0.1, duration=600, logs=None)
                 sem = asyncio.Semaphore(args.concurrency)

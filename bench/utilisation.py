@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.placement import MIX, simulate  # noqa: E402
-from sdk import AsyncCumulusClient  # noqa: E402
+from cumulus import AsyncClient  # noqa: E402
 from services.stack import Stack  # noqa: E402
 
 
@@ -51,7 +51,7 @@ async def main() -> None:
         )
         await stack.start()
         try:
-            async with AsyncCumulusClient(stack.url) as client:
+            async with AsyncClient(stack.url) as client:
                 await client.run(compute, 0.0, gpu=0.1, duration=600, logs=None)  # warm up
                 t0 = time.perf_counter()
                 jobs = await asyncio.gather(

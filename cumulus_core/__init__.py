@@ -6,6 +6,8 @@ processes share safely; `partition_env` is what a container needs to stay inside
 The `chronos_cli` command (`cumulus_core.cli:main`) drives it all from the shell.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .amounts import TENTHS_PER_GPU, format_amount, parse_amount
 from .devices import Device, DeviceKind, discover_devices, parse_virtual_spec
 from .env import merge_envs, partition_env
@@ -25,7 +27,20 @@ from .errors import (
     StateRecovered,
 )
 from .partition import DeviceStats, Partition
-from .table import PartitionTable
+
+if TYPE_CHECKING:
+    from .table import PartitionTable
+
+
+def __getattr__(name: str) -> Any:
+    # The partition table needs fcntl (POSIX only): it is loaded on first use, so that the
+    # amount rules (`cumulus_core.amounts`) import anywhere, the SDK on Windows included.
+    if name == "PartitionTable":
+        from .table import PartitionTable
+
+        return PartitionTable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "TENTHS_PER_GPU",

@@ -8,7 +8,7 @@ Ten 0.1 shares fit on one GPU, so the sweep packs a whole device; `map` keeps at
 
 from __future__ import annotations
 
-from sdk import CumulusClient
+import cumulus
 
 
 def fit(lr: float, epochs: int = 20) -> float:
@@ -29,7 +29,7 @@ def fit(lr: float, epochs: int = 20) -> float:
 
 if __name__ == "__main__":
     rates = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    with CumulusClient() as client:
+    with cumulus.Client() as client:
         losses = client.map(fit, rates, gpu=0.1, duration=600, concurrency=12)
     best_loss, best_lr = min(zip(losses, rates, strict=True))
     for lr, loss in zip(rates, losses, strict=True):

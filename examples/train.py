@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 
-from sdk import remote
+import cumulus
 
 
 def make_data(n: int = 256, seed: int = 0) -> list[tuple[float, float]]:
@@ -54,7 +54,7 @@ def _train_python(data: list[tuple[float, float]], epochs: int, lr: float) -> di
     return {"w": w, "b": b, "loss": loss}
 
 
-@remote(gpu=0.5, duration=600)
+@cumulus.remote(gpu=0.5, duration=600)
 def train(epochs: int = 30, lr: float = 0.5) -> dict[str, float]:
     """Fit y = wx + b; returns the weights and the last loss."""
     print(

@@ -1,38 +1,48 @@
-"""Cumulus client SDK: run Python functions and scripts on a share of a GPU.
+"""Deprecated: the SDK is the `cumulus` package now (`import cumulus`; `cumulus.Client`).
 
-    from sdk import CumulusClient, remote
-
-    client = CumulusClient()                       # $CUMULUS_NATS_URL, else nats://127.0.0.1:4222
-    client.run(train, 0.1, gpu=0.5, duration=600)  # prints the job's logs, returns its value
-
-    @remote(gpu=0.5)
-    def train(lr: float) -> float: ...
-    train.remote(0.1)                              # on the cluster; train(0.1) runs here
-
-Every public name is re-exported here; tests/sdk/test_exports.py pins the list.
+`sdk` collides with any user project that has its own `sdk/` folder. This alias re-exports
+the old names for one release and warns on import; it goes away in the next.
 """
 
-from sdk.client import AsyncCumulusClient, CumulusClient
-from sdk.jobs import AsyncJob, Job, LogLine, decode_result
-from sdk.packaging import (
-    PackagingError,
-    package_function,
-    package_script,
-    read_requirements,
+import warnings
+
+from cumulus import (
+    AsyncClient as AsyncCumulusClient,
 )
-from sdk.remote import RemoteFunction, connect, default_client, remote
-from sdk.retry import RetryPolicy
-from shared.errors import (
+from cumulus import (
+    AsyncJob,
     Cancelled,
     CumulusError,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
+    Job,
+    LogLine,
     NotFound,
+    PackagingError,
     PermissionDenied,
+    RemoteFunction,
     ResourceExhausted,
+    RetryPolicy,
     Unauthenticated,
     Unavailable,
+    connect,
+    decode_result,
+    default_client,
+    package_function,
+    package_script,
+    read_requirements,
+    remote,
+)
+from cumulus import (
+    Client as CumulusClient,
+)
+
+warnings.warn(
+    "`sdk` is deprecated and will be removed in the next release: "
+    "use `import cumulus` (cumulus.Client, cumulus.AsyncClient, cumulus.remote, …)",
+    DeprecationWarning,
+    stacklevel=2,
 )
 
 __all__ = [

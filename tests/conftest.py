@@ -15,7 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from sdk import AsyncCumulusClient
+from cumulus import AsyncClient
 from services.stack import Stack
 
 StackFactory = Callable[..., Awaitable[Stack]]
@@ -49,8 +49,8 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
 
 
 @pytest.fixture
-async def client(stack: Stack) -> AsyncIterator[AsyncCumulusClient]:
-    async with AsyncCumulusClient(stack.url) as c:
+async def client(stack: Stack) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(stack.url) as c:
         yield c
 
 

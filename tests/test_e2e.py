@@ -8,7 +8,7 @@ import json
 import pytest
 from nats.aio.client import Client
 
-from sdk import AsyncCumulusClient, CumulusError, package_function
+from cumulus import AsyncClient, CumulusError, package_function
 from shared import subjects
 
 
@@ -22,12 +22,12 @@ def chatty() -> str:
     return "done"
 
 
-async def test_two_plus_two_comes_back(client: AsyncCumulusClient) -> None:
+async def test_two_plus_two_comes_back(client: AsyncClient) -> None:
     assert await client.run(add, 2, 2, gpu=0.5, duration=600, logs=None, timeout=60) == 4
 
 
 async def test_plain_subscriber_sees_the_whole_history_in_order(
-    client: AsyncCumulusClient, nc: Client
+    client: AsyncClient, nc: Client
 ) -> None:
     seen: list[tuple[str, dict[str, object]]] = []
     done = asyncio.Event()
@@ -71,7 +71,7 @@ async def test_plain_subscriber_sees_the_whole_history_in_order(
     assert [text for _, text in log_lines] == ["first line", "second line"]
 
 
-async def test_events_replay_from_the_start_after_the_job_ended(client: AsyncCumulusClient) -> None:
+async def test_events_replay_from_the_start_after_the_job_ended(client: AsyncClient) -> None:
     job = await client.submit(add, 20, 22, gpu=0.3, duration=600)
     assert await job.result(timeout=60) == 42
     # A late subscriber (e.g. after a reconnect) still gets everything from the first event.
@@ -80,17 +80,17 @@ async def test_events_replay_from_the_start_after_the_job_ended(client: AsyncCum
     assert names[-1] == "JobCompleted"
 
 
-async def test_status_reports_the_finished_job(client: AsyncCumulusClient) -> None:
+async def test_status_reports_the_finished_job(client: AsyncClient) -> None:
     job = await client.submit(add, 1, 1, gpu=1, duration=600)
     assert await job.result(timeout=60) == 2
     status = await job.status()
-    assert status["status"] == "COMPLETED"
-    assert status["gpu"] == "1"
-    assert status["worker_id"] == "worker-1"
-    assert len(status["partition_ids"]) == 1
+    assert status.status == "COMPLETED"
+    assert status.gpu == "1"
+    assert status.worker_id == "worker-1"
+    assert len(status.partition_ids) == 1
 
 
-async def test_user_exception_comes_back_typed_with_traceback(client: AsyncCumulusClient) -> None:
+async def test_user_exception_comes_back_typed_with_traceback(client: AsyncClient) -> None:
     def boom() -> None:
         raise ValueError("bad input 17")
 
@@ -102,8 +102,8 @@ async def test_user_exception_comes_back_typed_with_traceback(client: AsyncCumul
     assert "Remote traceback" in info.value.message
     assert "in boom" in info.value.message
     status = await job.status()
-    assert status["status"] == "FAILED"
-    assert status["error_code"] == "INTERNAL"
+    assert status.status == "FAILED"
+    assert status.error_code == "INTERNAL"
 
 
 def big(n: int) -> str:
@@ -111,7 +111,7 @@ def big(n: int) -> str:
     return "y" * n
 
 
-async def test_a_result_larger_than_a_message_comes_back_whole(client: AsyncCumulusClient) -> None:
+async def test_a_result_larger_than_a_message_comes_back_whole(client: AsyncClient) -> None:
     value = await client.run(big, 3_000_000, gpu=0.1, duration=600, logs=None, timeout=60)
     assert value == "y" * 3_000_000
 
@@ -124,7 +124,7 @@ def last_line_without_newline() -> int:
     return 7
 
 
-async def test_the_last_line_without_a_newline_is_delivered(client: AsyncCumulusClient) -> None:
+async def test_the_last_line_without_a_newline_is_delivered(client: AsyncClient) -> None:
     job = await client.submit(last_line_without_newline, gpu=0.1, duration=600)
     lines = [
         line.text async for e in job.events() if type(e).__name__ == "JobLog" for line in e.lines

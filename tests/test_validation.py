@@ -7,7 +7,7 @@ import json
 import pytest
 from nats.aio.client import Client
 
-from sdk import AsyncCumulusClient, CumulusError, package_function
+from cumulus import AsyncClient, CumulusError, package_function
 from services.stack import Stack
 from shared import api, subjects
 
@@ -19,7 +19,7 @@ def one() -> int:
 
 
 @pytest.fixture
-async def code_ref(client: AsyncCumulusClient) -> str:
+async def code_ref(client: AsyncClient) -> str:
     return await client.upload(package_function(one))
 
 
@@ -40,7 +40,7 @@ async def test_invalid_gpu_amount_is_rejected_with_the_seed_message(
 
 @pytest.mark.parametrize("duration", [59, 86401, 0, -5, "abc", 60.5])
 async def test_invalid_duration_is_rejected(
-    client: AsyncCumulusClient, code_ref: str, duration: object
+    client: AsyncClient, code_ref: str, duration: object
 ) -> None:
     request = api.SubmitRequest(code_ref=code_ref, gpu=0.5, duration=duration)
     with pytest.raises(CumulusError) as info:
@@ -51,7 +51,7 @@ async def test_invalid_duration_is_rejected(
 
 @pytest.mark.parametrize("amount", [float("nan"), 2.3, "abc"], ids=repr)
 async def test_sdk_rejects_bad_amounts_before_uploading(
-    client: AsyncCumulusClient, amount: object
+    client: AsyncClient, amount: object
 ) -> None:
     with pytest.raises(CumulusError) as info:
         await client.submit(one, gpu=amount, duration=600)  # type: ignore[arg-type]
@@ -59,9 +59,7 @@ async def test_sdk_rejects_bad_amounts_before_uploading(
     assert info.value.message.startswith(f"Invalid GPU amount: {amount}.")
 
 
-async def test_rejected_submissions_leave_no_job_behind(
-    client: AsyncCumulusClient, code_ref: str
-) -> None:
+async def test_rejected_submissions_leave_no_job_behind(client: AsyncClient, code_ref: str) -> None:
     request = api.SubmitRequest(code_ref=code_ref, gpu=2.3, duration=600, job_id="never-made")
     with pytest.raises(CumulusError):
         await api.request(client.nc, "submit", request, api.SubmitReply)
@@ -81,7 +79,7 @@ async def test_malformed_requests_and_unknown_code_are_invalid_argument(nc: Clie
     assert "not found in the object store" in msg.headers["Nats-Service-Error"]
 
 
-async def test_too_many_gpus_for_the_pool_is_resource_exhausted(client: AsyncCumulusClient) -> None:
+async def test_too_many_gpus_for_the_pool_is_resource_exhausted(client: AsyncClient) -> None:
     with pytest.raises(CumulusError) as info:
         await client.run(one, gpu=8, duration=600, logs=None, timeout=30)
     assert info.value.code == "RESOURCE_EXHAUSTED"
@@ -91,7 +89,7 @@ async def test_too_many_gpus_for_the_pool_is_resource_exhausted(client: AsyncCum
 
 
 async def test_malformed_event_is_set_aside_and_services_keep_serving(
-    stack: Stack, client: AsyncCumulusClient, nc: Client
+    stack: Stack, client: AsyncClient, nc: Client
 ) -> None:
     js = nc.jetstream()
     dead = await js.subscribe("cumulus.dead.>", ordered_consumer=True)

@@ -5,40 +5,16 @@ from __future__ import annotations
 from functools import singledispatchmethod
 from typing import Any
 
-import msgspec
-
 from shared import events as ev
+from shared import views
 from shared.gpu import GpuRequest
+from shared.views import JobInfo, JobStatus
 
-ACTIVE = ("SUBMITTED", "QUEUED", "SCHEDULED", "PARTITIONED", "RUNNING")
-TERMINAL = ("COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED")
+JobView = JobInfo
+"""What GetJobStatus answers: the shared view (`shared.views.JobInfo`) the SDK decodes."""
 
-
-class JobView(msgspec.Struct, kw_only=True):
-    """What GetJobStatus answers; every field is derived from the job's events."""
-
-    job_id: str
-    user: str
-    status: str = "SUBMITTED"
-    gpu: str = ""
-    duration_s: int = 0
-    priority: int = 0
-    entrypoint: str = ""
-    worker_id: str = ""
-    devices: list[int] = []
-    partition_ids: list[str] = []
-    attempt: int = 0
-    queue_position: int | None = None
-    waiting_reason: str = ""
-    submitted_at: float = 0.0
-    scheduled_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    cancel_requested: bool = False
-    partition_released: bool = False
-    error_code: str = ""
-    error_message: str = ""
-    result: msgspec.Raw | None = None
+ACTIVE = views.ACTIVE
+TERMINAL = views.TERMINAL
 
 
 class JobTable:
@@ -71,14 +47,14 @@ class JobTable:
     @apply.register
     def _(self, event: ev.JobQueued) -> None:
         if job := self._active(event):
-            job.status = "QUEUED"
+            job.status = JobStatus.QUEUED
             job.queue_position = event.position
             job.waiting_reason = event.reason
 
     @apply.register
     def _(self, event: ev.WorkerSelected) -> None:
         if job := self._active(event):
-            job.status = "SCHEDULED"
+            job.status = JobStatus.SCHEDULED
             job.worker_id = event.worker_id
             job.devices = list(event.devices)
             job.attempt = event.attempt
@@ -89,14 +65,14 @@ class JobTable:
     @apply.register
     def _(self, event: ev.PartitionReady) -> None:
         if job := self._active(event):
-            job.status = "PARTITIONED"
+            job.status = JobStatus.PARTITIONED
             job.partition_ids = list(event.partition_ids)
             job.waiting_reason = "starting the job"
 
     @apply.register
     def _(self, event: ev.PartitionFailed) -> None:
         if job := self._active(event):
-            job.status = "SUBMITTED"
+            job.status = JobStatus.SUBMITTED
             job.waiting_reason = f"partition failed on {event.worker_id}: {event.message}; retrying"
 
     @apply.register
@@ -107,7 +83,7 @@ class JobTable:
     @apply.register
     def _(self, event: ev.JobStarted) -> None:
         if job := self._active(event):
-            job.status = "RUNNING"
+            job.status = JobStatus.RUNNING
             job.started_at = event.ts
             job.waiting_reason = ""
 
@@ -119,7 +95,7 @@ class JobTable:
     def _finish(self, event: ev.Terminal) -> JobView | None:
         job = self._active(event)
         if job is not None:
-            job.status = event.status
+            job.status = JobStatus(event.status)
             job.finished_at = event.ts
             job.queue_position = None
             job.waiting_reason = ""

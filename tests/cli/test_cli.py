@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk import CumulusClient
+import cumulus
 from services.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def test_logs_f_on_a_finished_job_prints_the_whole_log_and_exits(
     cli: Cli, project: Path, stack: Stack
 ) -> None:
     job_id = cli("submit", "jobs:train", "1", "epochs=40").stdout.strip()
-    with CumulusClient(stack.url) as client:
+    with cumulus.Client(stack.url) as client:
         assert client.get_job(job_id).wait(timeout=60) == "COMPLETED"
     started = time.monotonic()
     done = cli("logs", "-f", job_id, timeout=30)
@@ -273,8 +273,8 @@ def test_ctrl_c_during_run_cancels_the_job_and_says_so(
     assert "interrupted; cancelling job" in err
     job_id = err.split("cancelling job ")[1].split()[0]
     assert f"job {job_id} cancelled" in err
-    with CumulusClient(stack.url) as client:
-        assert client.get_job(job_id).status()["status"] == "CANCELLED"
+    with cumulus.Client(stack.url) as client:
+        assert client.get_job(job_id).status().status == "CANCELLED"
 
 
 def test_run_a_directory_with_its_requirements_from_a_wheelhouse(cli: Cli, tmp_path: Path) -> None:
@@ -303,3 +303,14 @@ def test_run_a_directory_with_its_requirements_from_a_wheelhouse(cli: Cli, tmp_p
         "done with tinystats 0.1.0",
     ]
     assert "using requirements from examples/script_job/requirements.txt" in done.stderr
+
+
+def test_up_reads_its_config_and_a_wrong_enum_exits_2_naming_the_key(
+    cli: Cli, tmp_path: Path
+) -> None:
+    config = tmp_path / "cumulus.yaml"
+    config.write_text("scheduler:\n  backfill: sometimes\n")
+    done = cli("demo", "--config", str(config), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "scheduler.backfill" in done.stderr
+    assert "reserve, none, greedy" in done.stderr

@@ -11,15 +11,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from sdk import (
-    AsyncCumulusClient,
-    CumulusClient,
+from cumulus import (
+    AsyncClient,
+    Client,
     CumulusError,
     Internal,
     Job,
+    JobInfo,
+    JobOptions,
+    JobStatus,
     RemoteFunction,
     ResourceExhausted,
     RetryPolicy,
+    WorkerInfo,
     remote,
 )
 from services.stack import Stack
@@ -53,13 +57,13 @@ def fail_on(x: int, bad: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def sync_client(stack: Stack) -> Iterator[CumulusClient]:
-    with CumulusClient(stack.url) as client:
+def sync_client(stack: Stack) -> Iterator[Client]:
+    with Client(stack.url) as client:
         yield client
 
 
 def test_run_prints_the_logs_live_and_returns_the_value(
-    sync_client: CumulusClient, capsys: pytest.CaptureFixture[str]
+    sync_client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert sync_client.run(talk, 3, gpu=0.2, duration=600) == "said"
     out, err = capsys.readouterr()
@@ -67,20 +71,23 @@ def test_run_prints_the_logs_live_and_returns_the_value(
     assert "a warning" in err
 
 
-def test_run_quietly_or_into_a_stream(sync_client: CumulusClient) -> None:
+def test_run_quietly_or_into_a_stream(sync_client: Client) -> None:
     buffer = io.StringIO()
     assert sync_client.run(talk, 1, gpu=0.1, logs=buffer) == "said"
     assert buffer.getvalue().splitlines() == ["line 0", "a warning"]
     assert sync_client.run(square, 9, gpu=0.1, logs=False) == 81
 
 
-def test_a_job_handle(sync_client: CumulusClient) -> None:
+def test_a_job_handle(sync_client: Client) -> None:
     job = sync_client.submit(talk, 2, gpu=0.3, duration=600)
     assert isinstance(job, Job)
     assert [line.text for line in job.logs(follow=True)] == ["line 0", "line 1", "a warning"]
     assert job.result(timeout=30) == "said"
-    assert job.wait() == "COMPLETED"
-    assert job.status()["status"] == "COMPLETED"
+    assert job.wait() is JobStatus.COMPLETED
+    status = job.status()
+    assert isinstance(status, JobInfo)
+    assert status.status is JobStatus.COMPLETED
+    assert status.status.is_terminal
     names = [type(e).__name__ for e in job.events()]
     assert names[0] == "JobSubmitted"
     assert names[-1] == "JobCompleted"
@@ -90,21 +97,21 @@ def test_a_job_handle(sync_client: CumulusClient) -> None:
 
 
 def test_result_timeout_leaves_the_job_running_and_cancel_stops_it(
-    sync_client: CumulusClient,
+    sync_client: Client,
 ) -> None:
     job = sync_client.submit(sleepy, 60, gpu=0.1, duration=600)
     with pytest.raises(TimeoutError, match="keeps running"):
         job.result(timeout=0.5)
-    assert job.status()["status"] in ("SUBMITTED", "QUEUED", "SCHEDULED", "PARTITIONED", "RUNNING")
+    assert job.status().status in ("SUBMITTED", "QUEUED", "SCHEDULED", "PARTITIONED", "RUNNING")
     job.cancel()
     with pytest.raises(CumulusError) as info:
         job.result(timeout=30)
     assert info.value.code == "CANCELLED"
-    assert job.status()["status"] == "CANCELLED"
+    assert job.status().status == "CANCELLED"
 
 
 def test_a_failing_job_raises_the_typed_error_with_the_remote_traceback(
-    sync_client: CumulusClient,
+    sync_client: Client,
 ) -> None:
     with pytest.raises(Internal) as info:
         sync_client.run(fail_on, 3, 3, gpu=0.1, logs=False)
@@ -114,7 +121,7 @@ def test_a_failing_job_raises_the_typed_error_with_the_remote_traceback(
 
 
 def test_map_over_100_inputs_on_a_tenth_each_keeps_the_input_order(
-    sync_client: CumulusClient,
+    sync_client: Client,
 ) -> None:
     started = time.monotonic()
     values = sync_client.map(square, range(100), gpu=0.1, duration=600, concurrency=25)
@@ -122,7 +129,7 @@ def test_map_over_100_inputs_on_a_tenth_each_keeps_the_input_order(
     assert time.monotonic() - started < 110
 
 
-def test_map_raises_the_first_failure_or_returns_it_in_place(sync_client: CumulusClient) -> None:
+def test_map_raises_the_first_failure_or_returns_it_in_place(sync_client: Client) -> None:
     with pytest.raises(Internal, match="bad input 2"):
         sync_client.map(fail_on, [1, 2, 3], [2, 2, 2], gpu=0.1)
     values = sync_client.map(fail_on, [1, 2, 3], [2, 2, 2], gpu=0.1, return_exceptions=True)
@@ -144,7 +151,7 @@ def test_remote_runs_here_when_called_and_there_with_remote(
     assert cube.__name__ == "cube"
     assert cube(2) == 8  # here
     here = capsys.readouterr().out
-    with CumulusClient(stack.url) as client:
+    with Client(stack.url) as client:
         fn = cube.options(client=client)
         assert fn.remote(3) == 27
         assert "cubing 3" in capsys.readouterr().out
@@ -155,24 +162,26 @@ def test_remote_runs_here_when_called_and_there_with_remote(
 
 
 async def test_remote_from_asyncio(stack: Stack) -> None:
-    with CumulusClient(stack.url) as client:
+    with Client(stack.url) as client:
         assert await cube.options(client=client, logs=False).remote_async(6) == 216
 
 
-async def test_async_map_and_handles(client: AsyncCumulusClient) -> None:
+async def test_async_map_and_handles(client: AsyncClient) -> None:
     assert await client.map(square, [3, 1, 2], gpu=0.1) == [9, 1, 4]
     job = await client.submit(talk, 1, gpu=0.1)
     lines = [line.text async for line in job.logs(follow=True)]
     assert lines == ["line 0", "a warning"]
-    assert (await client.jobs(limit=500))[0]["job_id"]
-    assert any(j["job_id"] == job.job_id for j in await client.jobs(limit=500))
+    jobs = await client.jobs(limit=500)
+    assert all(isinstance(j, JobInfo) for j in jobs)
+    assert any(j.job_id == job.job_id for j in jobs)
     workers = await client.workers()
-    assert workers["workers"][0]["devices"][0]["free"] is not None
+    assert isinstance(workers[0], WorkerInfo)
+    assert workers[0].devices[0].free is not None
 
 
-async def test_cancelling_an_async_run_cancels_the_job(client: AsyncCumulusClient) -> None:
+async def test_cancelling_an_async_run_cancels_the_job(client: AsyncClient) -> None:
     task = asyncio.ensure_future(client.run(sleepy, 60, gpu=0.1, logs=False))
-    jobs: list[dict[str, object]] = []
+    jobs: list[JobInfo] = []
     deadline = time.monotonic() + 30
     while not jobs and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
@@ -180,7 +189,7 @@ async def test_cancelling_an_async_run_cancels_the_job(client: AsyncCumulusClien
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    job = client.get_job(str(jobs[0]["job_id"]))
+    job = client.get_job(jobs[0].job_id)
     assert await job.wait(timeout=30) == "CANCELLED"
 
 
@@ -189,10 +198,10 @@ async def test_resource_exhausted_is_retried_with_backoff_then_raised(
 ) -> None:
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.2, multiplier=2)
     assert policy.backoffs() == [0.2, 0.4]
-    async with AsyncCumulusClient(stack.url, retry=policy) as c:
+    async with AsyncClient(stack.url, retry=policy) as c:
         started = time.monotonic()
         with (
-            caplog.at_level(logging.WARNING, logger="cumulus.sdk"),
+            caplog.at_level(logging.WARNING, logger="cumulus"),
             pytest.raises(ResourceExhausted) as info,
         ):
             await c.run(square, 2, gpu=8, logs=False)
@@ -211,7 +220,7 @@ def test_retry_policy_is_validated() -> None:
     assert RetryPolicy(max_attempts=6, max_backoff_s=5).backoffs() == [1, 2, 4, 5, 5]
 
 
-def test_an_invalid_gpu_amount_is_not_retried(sync_client: CumulusClient) -> None:
+def test_an_invalid_gpu_amount_is_not_retried(sync_client: Client) -> None:
     started = time.monotonic()
     with pytest.raises(CumulusError) as info:
         sync_client.run(square, 1, gpu=2.3)
@@ -222,6 +231,21 @@ def test_an_invalid_gpu_amount_is_not_retried(sync_client: CumulusClient) -> Non
 
 def test_an_unreachable_cluster_is_unavailable() -> None:
     with pytest.raises(CumulusError) as info:
-        CumulusClient("nats://127.0.0.1:1")
+        Client("nats://127.0.0.1:1")
     assert info.value.code == "UNAVAILABLE"
     assert "cumulus up" in info.value.message
+
+
+def test_job_options_are_one_validated_value(sync_client: Client) -> None:
+    options = JobOptions(gpu=0.1, duration=600, requirements=["tinystats"], env={"A": "1"})
+    assert options.requirements == ("tinystats",)
+    assert options.tenths == 1
+    assert options.replace(gpu=2).tenths == 20
+    with pytest.raises(CumulusError, match="Invalid GPU amount: 0.15"):
+        JobOptions(gpu=0.15)
+    with pytest.raises(CumulusError, match="requirements must be a list"):
+        JobOptions(requirements="numpy")
+    assert sync_client.run_call(square, (4,), None, options.replace(requirements=())) == 16
+    fn = remote(options=JobOptions(gpu=0.2, duration=600), client=sync_client)(square)
+    assert fn.opts.job.gpu == 0.2
+    assert fn.options(gpu=0.3).opts.job == JobOptions(gpu=0.3, duration=600)

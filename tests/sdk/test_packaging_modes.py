@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from cumulus import AsyncClient, PackagingError, package_function, package_script
+from cumulus._packaging import choose_packaging, read_requirements
 from job_image.package import MANIFEST, check
-from sdk import AsyncCumulusClient, PackagingError, package_function, package_script
-from sdk.packaging import choose_packaging, read_requirements
 
 RUN = r"""
 import io, json, sys, zipfile, pickle
@@ -120,7 +120,7 @@ def test_auto_chooses_cloudpickle_where_pythons_match_and_says_why() -> None:
 
 
 async def test_a_source_package_runs_on_the_cluster(user_modules: Any, stack: Any) -> None:
-    async with AsyncCumulusClient(stack.url, packaging="source") as client:
+    async with AsyncClient(stack.url, packaging="source") as client:
         job = await client.submit(user_modules.work, 2, plus=5, gpu=0.1, duration=600)
         assert job.packaging == "source, as asked"
         assert await job.result(timeout=60) == {"value": 19}

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from sdk import AsyncCumulusClient, RetryPolicy
+from cumulus import AsyncClient, RetryPolicy
 from services.stack import Stack
 from tests.conftest import StackFactory
 
@@ -31,12 +31,12 @@ def count_slowly(n: int, pause: float) -> int:
     return n
 
 
-async def _until_running(client: AsyncCumulusClient, timeout: float = 30) -> str:
+async def _until_running(client: AsyncClient, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         running = await client.jobs(status=["RUNNING"])
         if running:
-            return str(running[0]["job_id"])
+            return running[0].job_id
         await asyncio.sleep(0.1)
     raise AssertionError("no job started")
 
@@ -46,7 +46,7 @@ async def test_a_gateway_killed_and_restarted_during_run_loses_nothing(
 ) -> None:
     stack: Stack = await make_stack()
     out = io.StringIO()
-    async with AsyncCumulusClient(stack.url, retry=PATIENT) as client:
+    async with AsyncClient(stack.url, retry=PATIENT) as client:
         run = asyncio.ensure_future(client.run(count_slowly, 12, 0.25, gpu=0.5, logs=out))
         job_id = await _until_running(client)
         stack.kill9("gateway")
@@ -55,14 +55,14 @@ async def test_a_gateway_killed_and_restarted_during_run_loses_nothing(
         assert await asyncio.wait_for(run, 60) == 12
         assert out.getvalue().splitlines() == [f"tick {i}" for i in range(12)]
         status = await client.get_job(job_id).status()  # retried until the gateway answers
-        assert status["status"] == "COMPLETED"
+        assert status.status == "COMPLETED"
 
 
 async def test_a_submit_while_the_gateway_is_down_is_retried_until_it_is_back(
     make_stack: StackFactory,
 ) -> None:
     stack: Stack = await make_stack()
-    async with AsyncCumulusClient(stack.url, retry=PATIENT) as client:
+    async with AsyncClient(stack.url, retry=PATIENT) as client:
         stack.kill9("gateway")
 
         async def bring_back() -> None:
@@ -78,7 +78,7 @@ async def test_a_submit_while_the_gateway_is_down_is_retried_until_it_is_back(
 async def test_the_event_stream_resumes_after_nats_restarts(make_stack: StackFactory) -> None:
     stack: Stack = await make_stack()
     out = io.StringIO()
-    async with AsyncCumulusClient(stack.url, retry=PATIENT) as client:
+    async with AsyncClient(stack.url, retry=PATIENT) as client:
         run = asyncio.ensure_future(client.run(count_slowly, 16, 0.25, gpu=0.5, logs=out))
         await _until_running(client)
         stack.kill9("nats")

@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 import cloudpickle
 
+from cumulus._options import Packaging
 from job_image.package import MANIFEST, MAX_FILES, MAX_RATIO
-
-Packaging = Literal["auto", "pickle", "source"]
+from shared.errors import PackagingError
 
 CLIENT_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 MAX_PACKAGE_BYTES = 64 * 1024 * 1024
@@ -47,10 +47,6 @@ MAIN_AS = "__cumulus_main__"
 SKIP_DIRS = frozenset(
     {"__pycache__", "node_modules", "venv", "env", "build", "dist", "site-packages"}
 )
-
-
-class PackagingError(ValueError):
-    """The function or script cannot be packaged; the message says what to change."""
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from shared.errors import CumulusError, InvalidArgument
 
 T = TypeVar("T")
 
-log = logging.getLogger("cumulus.sdk")
+log = logging.getLogger("cumulus")
 
 
 @dataclass(frozen=True)

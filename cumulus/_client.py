@@ -1,6 +1,6 @@
 """The Python client: run a function or a script on a share of a GPU.
 
-    client = CumulusClient()                         # $CUMULUS_NATS_URL, else nats://127.0.0.1:4222
+    client = cumulus.Client()                        # $CUMULUS_NATS_URL, else nats://127.0.0.1:4222
     client.run(train, data, gpu=0.5, duration=600)   # blocks, prints the job's logs, returns
     job = client.submit(train, data, gpu=0.5)        # a handle: status, logs, events, result
     client.map(score, [1, 2, 3], gpu=0.1)            # many jobs, results in input order
@@ -16,50 +16,59 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
+from nats.aio.client import Client as NatsClient
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from sdk.jobs import AsyncJob, Job, Logs, Runner
-from sdk.packaging import (
-    Packaging,
+from cumulus._jobs import AsyncJob, Job, Logs, Runner
+from cumulus._options import JobOptionArgs, JobOptions, Packaging
+from cumulus._packaging import (
     choose_packaging,
     code_ref,
     package_function,
     package_script,
     script_entry,
 )
-from sdk.retry import RetryPolicy
+from cumulus._retry import RetryPolicy
 from shared import api, subjects
-from shared.errors import CumulusError
-from shared.gpu import GpuRequest
+from shared.errors import CumulusError, InvalidArgument
+from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 CONNECT_TIMEOUT_S = 5.0
 """How long connect() tries before it gives up with UNAVAILABLE."""
 
-log = logging.getLogger("cumulus.sdk")
+log = logging.getLogger("cumulus")
+
+T = TypeVar("T")
+
+Gpu = float | str | None
+"""A GPU amount in the keyword form; None: JobOptions' default (0.5)."""
 
 
 def default_url() -> str:
     return os.environ.get("CUMULUS_NATS_URL") or DEFAULT_URL
 
 
-class AsyncCumulusClient:
-    """The asyncio client. Use it as `async with AsyncCumulusClient() as client:`.
+class AsyncClient:
+    """The asyncio client. Use it as `async with cumulus.AsyncClient() as client:`.
 
     `retry` says how calls the cluster cannot take now (RESOURCE_EXHAUSTED, UNAVAILABLE) are
     retried; `packaging` how functions travel ("auto": cloudpickle where the workers run this
-    Python, source otherwise).
+    Python, source otherwise). A job's options (`gpu`, `duration`, …) are keyword arguments of
+    each call, or one `JobOptions`; left out, they are JobOptions' defaults.
     """
 
     def __init__(
@@ -74,21 +83,25 @@ class AsyncCumulusClient:
         self.user = user or os.environ.get("CUMULUS_USER") or "default"
         self.retry = retry or RetryPolicy()
         self.packaging: Packaging = packaging
-        self._nc: Client | None = None
+        self._nc: NatsClient | None = None
         self._worker_pythons: list[str] | None = None
 
     def __repr__(self) -> str:
-        return f"AsyncCumulusClient({self.nats_url!r}, user={self.user!r})"
+        return f"AsyncClient({self.nats_url!r}, user={self.user!r})"
 
     @property
-    def nc(self) -> Client:
+    def nc(self) -> NatsClient:
+        """The NATS connection underneath, for tools that speak NATS themselves."""
         if self._nc is None:
             raise RuntimeError("client is not connected: use `async with` or await connect()")
         return self._nc
 
-    async def connect(self) -> AsyncCumulusClient:
+    def _jetstream(self) -> JetStreamContext:
+        return self.nc.jetstream()
+
+    async def connect(self) -> AsyncClient:
         if self._nc is None:
-            nc = Client()
+            nc = NatsClient()
             try:
                 await asyncio.wait_for(
                     nc.connect(
@@ -120,7 +133,7 @@ class AsyncCumulusClient:
             with contextlib.suppress(Exception):
                 await nc.drain()
 
-    async def __aenter__(self) -> AsyncCumulusClient:
+    async def __aenter__(self) -> AsyncClient:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -129,11 +142,15 @@ class AsyncCumulusClient:
     # -- the API -------------------------------------------------------------------------
 
     async def request(self, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Call one gateway operation (`cumulus.api.<op>`), retried as the policy says."""
+        """Call one gateway operation (`cumulus.api.<op>`), retried as the policy says; the
+        reply as JSON decodes it."""
+        return await self._call(op, body, dict)
+
+    async def _call(self, op: str, body: dict[str, Any], reply_type: type[T]) -> T:
         body = {"user": self.user, **body} if op in ("status", "cancel", "submit") else body
 
-        async def attempt() -> dict[str, Any]:
-            return await api.request(self.nc, op, body, dict)
+        async def attempt() -> T:
+            return await api.request(self.nc, op, body, reply_type)
 
         return await self.retry.call(op, attempt)
 
@@ -141,27 +158,52 @@ class AsyncCumulusClient:
         """A handle for a job submitted earlier (by id), e.g. from another process."""
         return AsyncJob(self, job_id)
 
-    async def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+    async def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[JobInfo]:
         """This user's jobs, newest first, optionally only those in the given statuses."""
-        reply = await self.request(
-            "jobs", {"user": self.user, "status": list(status), "limit": limit}
-        )
-        jobs: list[dict[str, Any]] = reply["jobs"]
-        return jobs
+        body = {"user": self.user, "status": [str(s) for s in status], "limit": limit}
+        return (await self._call("jobs", body, _JobList)).jobs
 
-    async def workers(self) -> dict[str, Any]:
+    async def workers(self) -> list[WorkerInfo]:
         """Workers and their devices, each with its allocated and free share."""
-        return await self.request("workers", {})
+        return (await self.worker_list()).workers
 
-    async def health(self) -> dict[str, Any]:
-        return await self.request("health", {})
+    async def worker_list(self) -> WorkerList:
+        """The workers and how many jobs wait in the queue (the `workers` operation)."""
+        return await self._call("workers", {}, WorkerList)
+
+    async def health(self) -> HealthInfo:
+        """The gateway's health and the scheduler's."""
+        return await self._call("health", {}, HealthInfo)
+
+    async def tail(
+        self, subject: str = "jobs.>", *, replay: bool = False
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """(subject, data) of every message on `subject` from now on, like `nats sub`; with
+        `replay`, from the first message the job stream still holds. Decode an event with
+        `shared.events.decode`. Runs until the caller stops iterating."""
+        sub: Any
+        if replay:
+            sub = await self._jetstream().subscribe(
+                subject,
+                ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )
+        else:
+            sub = await self.nc.subscribe(subject)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)
+                yield msg.subject, msg.data
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # -- submitting ----------------------------------------------------------------------
 
     async def upload(self, data: bytes) -> str:
         """Put a code package in the object store (once per content); returns its code_ref."""
         ref = code_ref(data)
-        store = await self.nc.jetstream().object_store(subjects.CODE_BUCKET)
+        store = await self._jetstream().object_store(subjects.CODE_BUCKET)
         try:
             info = await store.get_info(ref)
             if info.size == len(data):
@@ -174,112 +216,94 @@ class AsyncCumulusClient:
     async def submit_package(
         self,
         package: bytes,
+        options: JobOptions | None = None,
         *,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
         entrypoint: str = "function",
-        priority: int = 0,
-        env: dict[str, str] | None = None,
         job_id: str = "",
-        packaging: str = "",
+        packaging_note: str = "",
+        **option_args: Unpack[JobOptionArgs],
     ) -> AsyncJob:
-        """Submit a package made by `package_function` or `package_script`."""
-        GpuRequest.parse(gpu)  # fail fast, with the gateway's exact message
+        """Submit a package made by `package_function` or `package_script`; `packaging_note`
+        says how it was made (the handle's `packaging`)."""
+        opts = JobOptions.build(options, **option_args)
         ref = await self.upload(package)
         request = msgspec.to_builtins(
             api.SubmitRequest(
                 code_ref=ref,
-                gpu=gpu,
-                duration=duration,
+                gpu=opts.gpu,
+                duration=opts.duration,
                 user=self.user,
                 job_id=job_id or new_job_id(),
                 entrypoint=entrypoint,
-                requirements=list(requirements),
-                priority=priority,
-                env=dict(env or {}),
+                requirements=list(opts.requirements),
+                priority=opts.priority,
+                env=dict(opts.env),
             )
         )
-        reply = await self.request("submit", request)
-        return AsyncJob(self, reply["job_id"], packaging)
+        reply = await self._call("submit", request, api.SubmitReply)
+        return AsyncJob(self, reply.job_id, packaging_note)
 
-    async def how_to_package(self) -> tuple[str, str]:
+    async def how_to_package(self, requested: Packaging | None = None) -> tuple[str, str]:
         """("pickle" or "source", why), from the Python versions the workers report."""
-        if self.packaging == "auto" and self._worker_pythons is None:
+        requested = requested or self.packaging
+        if requested == "auto" and self._worker_pythons is None:
             try:
-                reply = await api.request(self.nc, "workers", {}, dict, timeout=2.0)
-                self._worker_pythons = [
-                    str(w.get("labels", {}).get("python", "")) for w in reply.get("workers", [])
-                ]
+                reply = await api.request(self.nc, "workers", {}, WorkerList, timeout=2.0)
+                self._worker_pythons = [w.labels.get("python", "") for w in reply.workers]
             except CumulusError:
                 self._worker_pythons = []
-        return choose_packaging(self.packaging, self._worker_pythons or [])
+        return choose_packaging(requested, self._worker_pythons or [])
 
     async def submit_call(
         self,
         func: Callable[..., Any],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        options: JobOptions | None = None,
         *,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
-        priority: int = 0,
-        env: dict[str, str] | None = None,
         job_id: str = "",
+        **option_args: Unpack[JobOptionArgs],
     ) -> AsyncJob:
         """Submit `func(*args, **kwargs)`; use this when the function has a keyword argument
         named like one of submit()'s options."""
-        how, why = await self.how_to_package()
-        package = package_function(func, args, kwargs, requirements, how)  # type: ignore[arg-type]
-        return await self.submit_package(
-            package,
-            gpu=gpu,
-            duration=duration,
-            requirements=requirements,
-            priority=priority,
-            env=env,
-            job_id=job_id,
-            packaging=why,
-        )
+        opts = JobOptions.build(options, **option_args)
+        how, why = await self.how_to_package(opts.packaging)
+        package = package_function(func, args, kwargs, opts.requirements, how)  # type: ignore[arg-type]
+        return await self.submit_package(package, opts, job_id=job_id, packaging_note=why)
 
     async def submit(
         self,
         func: Callable[..., Any],
         *args: Any,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
-        priority: int = 0,
+        gpu: Gpu = None,
+        duration: int | None = None,
+        requirements: Sequence[str] | None = None,
+        priority: int | None = None,
         env: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> AsyncJob:
         """Submit `func(*args, **kwargs)` and return its handle at once."""
-        return await self.submit_call(
-            func,
-            args,
-            kwargs,
-            gpu=gpu,
-            duration=duration,
-            requirements=requirements,
-            priority=priority,
-            env=env,
+        options = JobOptions.build(
+            gpu=gpu, duration=duration, requirements=requirements, priority=priority, env=env
         )
+        return await self.submit_call(func, args, kwargs, options)
 
     async def run_call(
         self,
         func: Callable[..., Any],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        options: JobOptions | None = None,
         *,
         logs: Logs = True,
         timeout: float | None = None,
-        **options: Any,
+        **option_args: Unpack[JobOptionArgs],
     ) -> Any:
         """Run `func(*args, **kwargs)` and return its value (see run())."""
+        opts = JobOptions.build(options, **option_args)
         waits = iter(self.retry.backoffs())
         while True:
-            job = await self.submit_call(func, args, kwargs, **options)
+            job = await self.submit_call(func, args, kwargs, opts)
             try:
                 return await job.result(timeout=timeout, logs=logs)
             except CumulusError as exc:
@@ -288,11 +312,12 @@ class AsyncCumulusClient:
                 wait = next(waits, None)
                 if not self.retry.retries(exc) or wait is None:
                     raise
-                print(
-                    f"[cumulus] job {job.job_id} ended with {exc.code}: {exc.message}; "
-                    f"running it again in {wait:g} s",
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    "[cumulus] job %s ended with %s: %s; running it again in %g s",
+                    job.job_id,
+                    exc.code,
+                    exc.message,
+                    wait,
                 )
                 await asyncio.sleep(wait)
             except asyncio.CancelledError:
@@ -305,10 +330,10 @@ class AsyncCumulusClient:
         self,
         func: Callable[..., Any],
         *args: Any,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
-        priority: int = 0,
+        gpu: Gpu = None,
+        duration: int | None = None,
+        requirements: Sequence[str] | None = None,
+        priority: int | None = None,
         env: dict[str, str] | None = None,
         logs: Logs = True,
         timeout: float | None = None,
@@ -319,54 +344,37 @@ class AsyncCumulusClient:
         The job's output is printed as it comes (`logs=False` to keep quiet); its failure is
         raised as the typed error. Cancelling the call cancels the job.
         """
-        return await self.run_call(
-            func,
-            args,
-            kwargs,
-            logs=logs,
-            timeout=timeout,
-            gpu=gpu,
-            duration=duration,
-            requirements=requirements,
-            priority=priority,
-            env=env,
+        options = JobOptions.build(
+            gpu=gpu, duration=duration, requirements=requirements, priority=priority, env=env
         )
+        return await self.run_call(func, args, kwargs, options, logs=logs, timeout=timeout)
 
     async def map(
         self,
         func: Callable[..., Any],
         *iterables: Iterable[Any],
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
-        priority: int = 0,
-        env: dict[str, str] | None = None,
+        options: JobOptions | None = None,
         concurrency: int = 16,
         return_exceptions: bool = False,
         logs: Logs = False,
         timeout: float | None = None,
+        **option_args: Unpack[JobOptionArgs],
     ) -> list[Any]:
         """`[func(*xs) for xs in zip(*iterables)]`, one job per input, at most `concurrency`
         jobs in flight; results in input order. The first failure cancels the jobs still
         running and is raised, unless `return_exceptions` puts errors in the list instead."""
         if concurrency < 1:
-            raise CumulusError.from_code("INVALID_ARGUMENT", "map concurrency must be >= 1")
+            raise InvalidArgument("map concurrency must be >= 1")
+        opts = JobOptions.build(options, **option_args)
         inputs = list(zip(*iterables, strict=False))
         results: list[Any] = [None] * len(inputs)
         gate = asyncio.Semaphore(concurrency)
-        options = {
-            "gpu": gpu,
-            "duration": duration,
-            "requirements": requirements,
-            "priority": priority,
-            "env": env,
-        }
 
         async def one(index: int, args: tuple[Any, ...]) -> None:
             async with gate:
                 try:
                     results[index] = await self.run_call(
-                        func, args, None, logs=logs, timeout=timeout, **options
+                        func, args, None, opts, logs=logs, timeout=timeout
                     )
                 except Exception as exc:
                     if not return_exceptions:
@@ -386,27 +394,20 @@ class AsyncCumulusClient:
         self,
         path: str | Path,
         args: Sequence[str] = (),
+        options: JobOptions | None = None,
         *,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
         working_dir: str | Path | None = None,
-        priority: int = 0,
-        env: dict[str, str] | None = None,
+        **option_args: Unpack[JobOptionArgs],
     ) -> AsyncJob:
         """Submit a script (run as `python script.py *args` in a copy of `working_dir`)."""
-        package = package_script(path, args, requirements, working_dir)
+        opts = JobOptions.build(options, **option_args)
+        package = package_script(path, args, opts.requirements, working_dir)
         entry = script_entry(path, working_dir)
-        return await self.submit_package(
-            package,
-            gpu=gpu,
-            duration=duration,
-            requirements=requirements,
-            entrypoint=entry,
-            priority=priority,
-            env=env,
-            packaging="script",
-        )
+        return await self.submit_package(package, opts, entrypoint=entry, packaging_note="script")
+
+
+class _JobList(msgspec.Struct):
+    jobs: list[JobInfo] = []
 
 
 async def _quiet(exc: Exception) -> None:
@@ -426,8 +427,8 @@ def new_job_id() -> str:
     return "j" + uuid.uuid4().hex[:20]
 
 
-class CumulusClient:
-    """The blocking client: the same operations as AsyncCumulusClient, returning values."""
+class Client:
+    """The blocking client: the same operations as AsyncClient, returning values."""
 
     def __init__(
         self,
@@ -438,7 +439,7 @@ class CumulusClient:
         packaging: Packaging = "auto",
     ) -> None:
         self._runner = Runner()
-        self.aio = AsyncCumulusClient(nats_url, user, retry=retry, packaging=packaging)
+        self.aio = AsyncClient(nats_url, user, retry=retry, packaging=packaging)
         """The asyncio client underneath (its calls run on this client's private loop)."""
         try:
             self._runner.call(self.aio.connect())
@@ -447,7 +448,7 @@ class CumulusClient:
             raise
 
     def __repr__(self) -> str:
-        return f"CumulusClient({self.aio.nats_url!r}, user={self.aio.user!r})"
+        return f"Client({self.aio.nats_url!r}, user={self.aio.user!r})"
 
     @property
     def nats_url(self) -> str:
@@ -463,7 +464,7 @@ class CumulusClient:
                 self._runner.call(self.aio.close(), timeout=10)
             self._runner.close()
 
-    def __enter__(self) -> CumulusClient:
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -476,55 +477,54 @@ class CumulusClient:
         """A handle for a job submitted earlier (by id)."""
         return self._job(self.aio.get_job(job_id))
 
-    def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+    def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[JobInfo]:
+        """This user's jobs, newest first (see AsyncClient.jobs)."""
         return self._runner.call(self.aio.jobs(status, limit))
 
-    def workers(self) -> dict[str, Any]:
+    def workers(self) -> list[WorkerInfo]:
+        """Workers and their devices, each with its allocated and free share."""
         return self._runner.call(self.aio.workers())
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> HealthInfo:
         return self._runner.call(self.aio.health())
 
     def submit(
         self,
         func: Callable[..., Any],
         *args: Any,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
-        priority: int = 0,
+        gpu: Gpu = None,
+        duration: int | None = None,
+        requirements: Sequence[str] | None = None,
+        priority: int | None = None,
         env: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> Job:
         """Submit `func(*args, **kwargs)` and return its handle at once."""
-        return self.submit_call(
-            func,
-            args,
-            kwargs,
-            gpu=gpu,
-            duration=duration,
-            requirements=requirements,
-            priority=priority,
-            env=env,
+        options = JobOptions.build(
+            gpu=gpu, duration=duration, requirements=requirements, priority=priority, env=env
         )
+        return self.submit_call(func, args, kwargs, options)
 
     def submit_call(
         self,
         func: Callable[..., Any],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
-        **options: Any,
+        options: JobOptions | None = None,
+        **option_args: Unpack[JobOptionArgs],
     ) -> Job:
-        return self._job(self._runner.call(self.aio.submit_call(func, args, kwargs, **options)))
+        """Submit `func(*args, **kwargs)` (see AsyncClient.submit_call)."""
+        opts = JobOptions.build(options, **option_args)
+        return self._job(self._runner.call(self.aio.submit_call(func, args, kwargs, opts)))
 
     def run(
         self,
         func: Callable[..., Any],
         *args: Any,
-        gpu: float | str = 0.5,
-        duration: int = 3600,
-        requirements: Sequence[str] = (),
-        priority: int = 0,
+        gpu: Gpu = None,
+        duration: int | None = None,
+        requirements: Sequence[str] | None = None,
+        priority: int | None = None,
         env: dict[str, str] | None = None,
         logs: Logs = True,
         timeout: float | None = None,
@@ -534,27 +534,27 @@ class CumulusClient:
 
         Ctrl-C cancels the job and raises KeyboardInterrupt.
         """
-        return self.run_call(
-            func,
-            args,
-            kwargs,
-            logs=logs,
-            timeout=timeout,
-            gpu=gpu,
-            duration=duration,
-            requirements=requirements,
-            priority=priority,
-            env=env,
+        options = JobOptions.build(
+            gpu=gpu, duration=duration, requirements=requirements, priority=priority, env=env
         )
+        return self.run_call(func, args, kwargs, options, logs=logs, timeout=timeout)
 
     def run_call(
         self,
         func: Callable[..., Any],
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
-        **options: Any,
+        options: JobOptions | None = None,
+        *,
+        logs: Logs = True,
+        timeout: float | None = None,
+        **option_args: Unpack[JobOptionArgs],
     ) -> Any:
-        return self._interruptible(self.aio.run_call(func, args, kwargs, **options))
+        """Run `func(*args, **kwargs)` and return its value (see run())."""
+        opts = JobOptions.build(options, **option_args)
+        return self._interruptible(
+            self.aio.run_call(func, args, kwargs, opts, logs=logs, timeout=timeout)
+        )
 
     def map(
         self,
@@ -562,13 +562,23 @@ class CumulusClient:
         *iterables: Iterable[Any],
         **options: Any,
     ) -> list[Any]:
-        """Many jobs, results in input order (see AsyncCumulusClient.map for the options)."""
+        """Many jobs, results in input order (see AsyncClient.map for the options)."""
         values: list[Any] = self._interruptible(self.aio.map(func, *iterables, **options))
         return values
 
-    def submit_script(self, path: str | Path, args: Sequence[str] = (), **options: Any) -> Job:
-        """Submit a script (see AsyncCumulusClient.submit_script for the options)."""
-        return self._job(self._runner.call(self.aio.submit_script(path, args, **options)))
+    def submit_script(
+        self,
+        path: str | Path,
+        args: Sequence[str] = (),
+        options: JobOptions | None = None,
+        *,
+        working_dir: str | Path | None = None,
+        **option_args: Unpack[JobOptionArgs],
+    ) -> Job:
+        """Submit a script (see AsyncClient.submit_script)."""
+        opts = JobOptions.build(options, **option_args)
+        submitted = self.aio.submit_script(path, args, opts, working_dir=working_dir)
+        return self._job(self._runner.call(submitted))
 
     def _interruptible(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run on the private loop; Ctrl-C here cancels it there (which cancels its jobs) and
@@ -589,5 +599,5 @@ class CumulusClient:
             return self._runner.call(finish(task))
         except KeyboardInterrupt:
             self._runner.call(stop(task))
-            print("[cumulus] interrupted: the job was cancelled", file=sys.stderr, flush=True)
+            log.warning("[cumulus] interrupted: the job was cancelled")
             raise

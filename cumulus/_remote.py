@@ -1,6 +1,6 @@
 """`@remote`: a function that still runs here when called, and on a GPU share with `.remote()`.
 
-    @remote(gpu=0.5, duration=600, requirements=["numpy"])
+    @cumulus.remote(gpu=0.5, duration=600, requirements=["numpy"])
     def train(lr: float) -> float: ...
 
     train(0.1)                      # here, as before
@@ -19,27 +19,31 @@ import atexit
 import copy
 import functools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
-from sdk.client import AsyncCumulusClient, CumulusClient
-from sdk.jobs import Job, Logs
-from sdk.retry import RetryPolicy
+from cumulus._client import AsyncClient, Client
+from cumulus._jobs import Job, Logs
+from cumulus._options import JobOptionArgs, JobOptions
+from cumulus._retry import RetryPolicy
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_default: CumulusClient | None = None
+_KEEP: Any = object()
+"""`options()`'s default: keep what the function had."""
+
+_default: Client | None = None
 _default_lock = threading.Lock()
 
 
 def connect(
     nats_url: str | None = None, user: str | None = None, *, retry: RetryPolicy | None = None
-) -> CumulusClient:
+) -> Client:
     """Connect the default client that `@remote` functions use (closing any previous one)."""
     global _default
-    client = CumulusClient(nats_url, user, retry=retry)
+    client = Client(nats_url, user, retry=retry)
     with _default_lock:
         previous, _default = _default, client
     if previous is not None:
@@ -47,12 +51,12 @@ def connect(
     return client
 
 
-def default_client() -> CumulusClient:
+def default_client() -> Client:
     """The default client, connected from $CUMULUS_NATS_URL on first use."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = CumulusClient()
+            _default = Client()
         return _default
 
 
@@ -63,34 +67,24 @@ def _close_default() -> None:
 
 
 @dataclass(frozen=True)
-class Options:
-    """What a remote call asks for; see CumulusClient.run."""
+class RemoteOptions:
+    """What a remote call asks for: the job's options and how `.remote()` waits for it."""
 
-    gpu: float | str = 0.5
-    duration: int = 3600
-    requirements: Sequence[str] = ()
-    priority: int = 0
-    env: dict[str, str] = field(default_factory=dict)
+    job: JobOptions = field(default_factory=JobOptions)
     timeout: float | None = None
     """Client-side bound on waiting for `.remote()` (TimeoutError); the job is not cut short."""
     logs: Logs = True
-    """Where `.remote()` prints the job's output (see CumulusClient.run)."""
+    """Where `.remote()` prints the job's output (see Client.run)."""
 
-    def submit_options(self) -> dict[str, Any]:
-        return {
-            "gpu": self.gpu,
-            "duration": self.duration,
-            "requirements": list(self.requirements),
-            "priority": self.priority,
-            "env": dict(self.env),
-        }
+    def __str__(self) -> str:
+        return f"{self.job}"
 
 
 class RemoteFunction(Generic[P, R]):
     """A function with a cluster side. Calling it runs it here; see the module docstring."""
 
     def __init__(
-        self, func: Callable[P, R], options: Options, client: CumulusClient | None = None
+        self, func: Callable[P, R], options: RemoteOptions, client: Client | None = None
     ) -> None:
         self.__cumulus_function__ = func
         self.func = func
@@ -99,7 +93,8 @@ class RemoteFunction(Generic[P, R]):
         functools.update_wrapper(self, func)
 
     def __repr__(self) -> str:
-        return f"<remote function {getattr(self.func, '__qualname__', self.func)!r} {self.opts}>"
+        name = getattr(self.func, "__qualname__", self.func)
+        return f"<remote function {name!r} {self.opts.job}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # In a job it is just the function: the job needs neither the SDK nor a client.
@@ -109,30 +104,36 @@ class RemoteFunction(Generic[P, R]):
         return self.func(*args, **kwargs)
 
     @property
-    def client(self) -> CumulusClient:
+    def client(self) -> Client:
         return self._client or default_client()
 
     def options(
-        self, *, client: CumulusClient | None = None, **changes: Any
+        self,
+        *,
+        client: Client | None = None,
+        timeout: float | None = _KEEP,
+        logs: Logs = _KEEP,
+        **changes: Unpack[JobOptionArgs],
     ) -> RemoteFunction[P, R]:
         """The same function with some options changed: `f.options(gpu=1).remote(x)`."""
-        return RemoteFunction(self.func, replace(self.opts, **changes), client or self._client)
+        opts = replace(
+            self.opts,
+            job=JobOptions.build(self.opts.job, **changes),
+            timeout=self.opts.timeout if timeout is _KEEP else timeout,
+            logs=self.opts.logs if logs is _KEEP else logs,
+        )
+        return RemoteFunction(self.func, opts, client or self._client)
 
     def remote(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run on the cluster, print the job's output, return its value (Ctrl-C cancels)."""
         value: R = self.client.run_call(
-            self.func,
-            args,
-            kwargs,
-            logs=self.opts.logs,
-            timeout=self.opts.timeout,
-            **self.opts.submit_options(),
+            self.func, args, kwargs, self.opts.job, logs=self.opts.logs, timeout=self.opts.timeout
         )
         return value
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Start on the cluster and return the job's handle at once."""
-        return self.client.submit_call(self.func, args, kwargs, **self.opts.submit_options())
+        return self.client.submit_call(self.func, args, kwargs, self.opts.job)
 
     def map(
         self,
@@ -145,24 +146,24 @@ class RemoteFunction(Generic[P, R]):
         values: list[R] = self.client.map(
             self.func,
             *iterables,
+            options=self.opts.job,
             concurrency=concurrency,
             return_exceptions=return_exceptions,
             timeout=self.opts.timeout,
-            **self.opts.submit_options(),
         )
         return values
 
     async def remote_async(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """`.remote()` for asyncio code, over a connection of its own to the default URL."""
         url = self._client.nats_url if self._client is not None else None
-        async with AsyncCumulusClient(url) as client:
+        async with AsyncClient(url) as client:
             value: R = await client.run_call(
                 self.func,
                 args,
                 kwargs,
+                self.opts.job,
                 logs=self.opts.logs,
                 timeout=self.opts.timeout,
-                **self.opts.submit_options(),
             )
             return value
 
@@ -174,14 +175,11 @@ def remote(func: Callable[P, R], /) -> RemoteFunction[P, R]: ...
 @overload
 def remote(
     *,
-    gpu: float | str = 0.5,
-    duration: int = 3600,
-    requirements: Sequence[str] = (),
-    priority: int = 0,
-    env: dict[str, str] | None = None,
+    options: JobOptions | None = None,
     timeout: float | None = None,
     logs: Logs = True,
-    client: CumulusClient | None = None,
+    client: Client | None = None,
+    **job_options: Unpack[JobOptionArgs],
 ) -> Callable[[Callable[P, R]], RemoteFunction[P, R]]: ...
 
 
@@ -189,28 +187,18 @@ def remote(
     func: Callable[P, R] | None = None,
     /,
     *,
-    gpu: float | str = 0.5,
-    duration: int = 3600,
-    requirements: Sequence[str] = (),
-    priority: int = 0,
-    env: dict[str, str] | None = None,
+    options: JobOptions | None = None,
     timeout: float | None = None,
     logs: Logs = True,
-    client: CumulusClient | None = None,
+    client: Client | None = None,
+    **job_options: Unpack[JobOptionArgs],
 ) -> RemoteFunction[P, R] | Callable[[Callable[P, R]], RemoteFunction[P, R]]:
     """Give a function a cluster side: `f.remote(x)` runs it on `gpu` of a GPU for at most
-    `duration` seconds with `requirements` installed; `f(x)` still runs it here."""
-    options = Options(
-        gpu=gpu,
-        duration=duration,
-        requirements=tuple(requirements),
-        priority=priority,
-        env=dict(env or {}),
-        timeout=timeout,
-        logs=logs,
-    )
+    `duration` seconds with `requirements` installed (the JobOptions keywords, or one
+    `options=JobOptions(...)`); `f(x)` still runs it here."""
+    opts = RemoteOptions(JobOptions.build(options, **job_options), timeout, logs)
 
     def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
-        return RemoteFunction(f, options, client)
+        return RemoteFunction(f, opts, client)
 
     return wrap(func) if func is not None else wrap

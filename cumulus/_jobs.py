@@ -25,10 +25,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import events as ev
 from shared import subjects
-from shared.errors import CumulusError, NotFound
+from shared.errors import CumulusError, MalformedEvent, NotFound
+from shared.views import JobInfo, JobStatus
 
 if TYPE_CHECKING:
-    from sdk.client import AsyncCumulusClient
+    from nats.js import JetStreamContext
+
+    from cumulus._client import AsyncClient
 
 T = TypeVar("T")
 
@@ -64,11 +67,10 @@ def job_error(event: ev.Terminal) -> CumulusError:
         message = event.message
         if event.traceback:
             message = f"{event.message}\n\nRemote traceback:\n{event.traceback}"
-        return CumulusError.from_code(
-            event.code, message, job_id=event.job_id, remote_traceback=event.traceback
-        )
+        details = {"job_id": event.job_id, "remote_traceback": event.traceback}
+        return CumulusError.from_code(event.code, message, details)
     if isinstance(event, ev.JobTimedOut | ev.JobCancelled):
-        return CumulusError.from_code(event.code, event.message, job_id=event.job_id)
+        return CumulusError.from_code(event.code, event.message, {"job_id": event.job_id})
     return CumulusError.from_code("INTERNAL", f"job {event.job_id} ended as {event.status}")
 
 
@@ -85,7 +87,7 @@ def print_lines(event: ev.JobLog, logs: Logs) -> None:
 class AsyncJob:
     """A submitted job (asyncio API). Get one from `submit()` or `client.get_job(job_id)`."""
 
-    def __init__(self, client: AsyncCumulusClient, job_id: str, packaging: str = "") -> None:
+    def __init__(self, client: AsyncClient, job_id: str, packaging: str = "") -> None:
         self.client = client
         self.job_id = job_id
         self.packaging = packaging
@@ -106,27 +108,21 @@ class AsyncJob:
                     return
 
     async def _stream(self, follow: bool) -> AsyncGenerator[tuple[int, ev.AnyJobEvent], None]:
-        js = self.client.nc.jetstream()
+        """(stream sequence, event) from the first event; after a lost connection it
+        resubscribes right after the last one handed out, for up to RESUME_WINDOW_S."""
+        js = self.client._jetstream()
         subject = subjects.job_all(self.job_id, self.client.user)
-        end: int | None = None
-        if not follow:
-            try:
-                end = (await js.get_last_msg(subjects.JOBS_STREAM, subject)).seq or 0
-            except nats.js.errors.NotFoundError:
-                raise NotFound(f"Job {self.job_id} not found") from None
+        end = None if follow else await self._last_sequence(js, subject)
         last = 0
         resume_by = time.monotonic() + RESUME_WINDOW_S
         while end is None or last < end:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-            if last:
-                config = ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1
-                )
             try:
-                sub = await js.subscribe(subject, ordered_consumer=True, config=config)
+                sub = await js.subscribe(
+                    subject, ordered_consumer=True, config=_from_sequence(last + 1)
+                )
+            except nats.errors.ConnectionClosedError:
+                raise
             except (nats.errors.Error, OSError) as exc:
-                if isinstance(exc, nats.errors.ConnectionClosedError):
-                    raise
                 if time.monotonic() > resume_by:
                     raise CumulusError.from_code(
                         "UNAVAILABLE", f"lost the event stream of job {self.job_id}: {exc}"
@@ -134,21 +130,12 @@ class AsyncJob:
                 await asyncio.sleep(0.5)
                 continue
             try:
-                while end is None or last < end:
-                    try:
-                        msg = await sub.next_msg(timeout=1.0)
-                    except nats.errors.TimeoutError:
-                        continue
-                    seq = msg.metadata.sequence.stream
-                    if seq <= last:
-                        continue  # a redelivery after a consumer reset: already handed out
-                    last = seq
-                    resume_by = time.monotonic() + RESUME_WINDOW_S
-                    try:
-                        event = ev.decode(msg.data)
-                    except ev.MalformedEvent:
-                        continue
-                    yield seq, event  # type: ignore[misc]
+                async with contextlib.aclosing(_read(sub, last, end)) as messages:
+                    async for seq, event in messages:
+                        last = seq
+                        resume_by = time.monotonic() + RESUME_WINDOW_S
+                        if event is not None:
+                            yield seq, event
             except nats.errors.ConnectionClosedError:
                 raise
             except (nats.errors.Error, OSError):
@@ -158,6 +145,13 @@ class AsyncJob:
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+
+    async def _last_sequence(self, js: JetStreamContext, subject: str) -> int:
+        """The stream sequence of the job's newest event (NOT_FOUND: the job has none)."""
+        try:
+            return (await js.get_last_msg(subjects.JOBS_STREAM, subject)).seq or 0
+        except nats.js.errors.NotFoundError:
+            raise NotFound(f"Job {self.job_id} not found") from None
 
     async def logs(self, follow: bool = False) -> AsyncGenerator[LogLine, None]:
         """The job's output lines from the first. With `follow`, live until the job ends;
@@ -178,7 +172,7 @@ class AsyncJob:
                     if isinstance(event, ev.JobLog):
                         print_lines(event, logs)
                     elif isinstance(event, ev.JobCompleted):
-                        return await self._value(event)
+                        return await self.value(event)
                     elif isinstance(event, ev.Terminal):
                         raise job_error(event)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
@@ -191,35 +185,66 @@ class AsyncJob:
                 "wait again with result(), or cancel()"
             ) from None
 
-    async def wait(self, timeout: float | None = None) -> str:
+    async def wait(self, timeout: float | None = None) -> JobStatus:
         """Until the job ends; its final status (COMPLETED, FAILED, TIMED_OUT, CANCELLED)."""
 
-        async def follow() -> str:
+        async def follow() -> JobStatus:
             async with contextlib.aclosing(self.events()) as events:
                 async for event in events:
                     if isinstance(event, ev.Terminal):
-                        return event.status
+                        return JobStatus(event.status)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
 
         return await asyncio.wait_for(follow(), timeout)
 
-    async def _value(self, event: ev.JobCompleted) -> Any:
-        envelope = msgspec.json.decode(event.result)
+    async def value(self, completed: ev.JobCompleted) -> Any:
+        """The value a JobCompleted event of this job carries (fetched from the object store
+        when it was too large to travel in the event). For code that follows `events()`."""
+        envelope = msgspec.json.decode(completed.result)
         if "stored" not in envelope:
-            return decode_result(event)
+            return decode_result(completed)
         bucket, _, name = envelope["stored"].partition("/")
-        store = await self.client.nc.jetstream().object_store(bucket)
+        store = await self.client._jetstream().object_store(bucket)
         stored = await store.get(name)
         return decode_result(bytes(stored.data or b""))
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> JobInfo:
         """The gateway's view of the job: status, gpu, worker, devices, queue position and
         reason, times, error code and message."""
-        return await self.client.request("status", {"job_id": self.job_id})
+        return await self.client._call("status", {"job_id": self.job_id}, JobInfo)
 
-    async def cancel(self) -> dict[str, Any]:
+    async def cancel(self) -> JobInfo:
         """Ask for the job to be stopped (a no-op once it ended); returns its status."""
-        return await self.client.request("cancel", {"job_id": self.job_id})
+        return await self.client._call("cancel", {"job_id": self.job_id}, JobInfo)
+
+
+def _from_sequence(first: int) -> ConsumerConfig:
+    """Deliver from stream sequence `first` (1: from the beginning)."""
+    if first <= 1:
+        return ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
+
+
+async def _read(
+    sub: Any, last: int, end: int | None
+) -> AsyncGenerator[tuple[int, ev.AnyJobEvent | None], None]:
+    """(sequence, event) after `last` until `end` (forever if None); a message that is not
+    an event comes as (sequence, None), so the caller still moves past it."""
+    while end is None or last < end:
+        try:
+            msg = await sub.next_msg(timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        seq = msg.metadata.sequence.stream
+        if seq <= last:
+            continue  # a redelivery after a consumer reset: already handed out
+        last = seq
+        try:
+            event = ev.decode(msg.data)
+        except MalformedEvent:
+            yield seq, None
+            continue
+        yield seq, event  # type: ignore[misc]
 
 
 class Runner:
@@ -286,11 +311,18 @@ class Job:
         """The function's value, or the job's typed error raised (see AsyncJob.result)."""
         return self._runner.call(self._inner.result(timeout, logs))
 
-    def wait(self, timeout: float | None = None) -> str:
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Until the job ends; its final status (see AsyncJob.wait)."""
         return self._runner.call(self._inner.wait(timeout))
 
-    def status(self) -> dict[str, Any]:
+    def value(self, completed: ev.JobCompleted) -> Any:
+        """The value a JobCompleted event of this job carries (see AsyncJob.value)."""
+        return self._runner.call(self._inner.value(completed))
+
+    def status(self) -> JobInfo:
+        """The gateway's view of the job (see AsyncJob.status)."""
         return self._runner.call(self._inner.status())
 
-    def cancel(self) -> dict[str, Any]:
+    def cancel(self) -> JobInfo:
+        """Ask for the job to be stopped; returns its status (see AsyncJob.cancel)."""
         return self._runner.call(self._inner.cancel())

@@ -1,0 +1,95 @@
+"""`JobOptions`: what a job asks of the cluster, validated once, wherever a job is made.
+
+The client's `submit`/`run`/`map`, `submit_script` and `@remote` all take the same keyword
+arguments (`gpu=0.5, duration=600, …`); each builds one `JobOptions`, so the defaults and the
+checks live here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypedDict
+
+from shared.errors import InvalidArgument
+from shared.gpu import GpuRequest
+
+Packaging = Literal["auto", "pickle", "source"]
+
+
+def gpu_tenths(value: object) -> int:
+    """The GPU amount in exact tenths, or InvalidGpuAmount with the seed's message.
+
+    The gateway's own rule (`shared.gpu`, which is cumulus_core's), so the SDK, the gateway
+    and chronos_cli can never disagree on what is valid.
+    """
+    return GpuRequest.parse(value).tenths
+
+
+class JobOptionArgs(TypedDict, total=False):
+    """The keyword form of `JobOptions` (for `**options`)."""
+
+    gpu: float | str
+    duration: int
+    requirements: Sequence[str]
+    priority: int
+    env: Mapping[str, str] | None
+    packaging: Packaging | None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What one job asks for. Frozen; `replace()` makes a changed copy.
+
+    The GPU amount is checked here, so a bad one fails before anything is uploaded; the
+    gateway checks the duration against its configured bounds (60-86,400 s by default).
+    """
+
+    gpu: float | str = 0.5
+    """0.1-0.9 of one device (steps of 0.1) or a whole 1-8 devices."""
+    duration: int = 3600
+    """Seconds the job may run; it is stopped (DEADLINE_EXCEEDED) after that."""
+    requirements: Sequence[str] = ()
+    """pip requirements installed in the job before it runs."""
+    priority: int = 0
+    """Higher goes first when jobs wait for capacity."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment variables for the job."""
+    packaging: Packaging | None = None
+    """How a function travels ("auto", "pickle", "source"); None: the client's choice."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.requirements, str):  # one string is not a list of requirements
+            raise InvalidArgument("requirements must be a list of strings", field="requirements")
+        object.__setattr__(self, "requirements", tuple(self.requirements))
+        object.__setattr__(self, "env", dict(self.env or {}))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidArgument (InvalidGpuAmount for the GPU) naming what is wrong."""
+        gpu_tenths(self.gpu)
+        if not all(isinstance(r, str) for r in self.requirements):
+            raise InvalidArgument("requirements must be a list of strings", field="requirements")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            raise InvalidArgument("env must map names to string values", field="env")
+        if self.packaging not in (None, "auto", "pickle", "source"):
+            raise InvalidArgument(
+                f"packaging must be 'auto', 'pickle' or 'source', not {self.packaging!r}",
+                field="packaging",
+            )
+
+    @property
+    def tenths(self) -> int:
+        return gpu_tenths(self.gpu)
+
+    def replace(self, **changes: Any) -> JobOptions:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def build(cls, base: JobOptions | None = None, **changes: Any) -> JobOptions:
+        """`base` (or the defaults) with the keyword form's changes; None values keep the base."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        if base is None:
+            return cls(**given)
+        return base.replace(**given) if given else base

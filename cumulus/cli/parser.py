@@ -1,0 +1,117 @@
+"""The command line of `cumulus`: one sub-command per operation (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+SERVICES = ("gateway", "scheduler", "partitioner", "runner")
+
+
+def _default_url() -> str:
+    return os.environ.get("CUMULUS_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def _stack_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name in ("up", "demo"):
+        p = sub.add_parser(
+            name,
+            help="start the embedded stack" + (", run an example, stop" if name == "demo" else ""),
+        )
+        p.add_argument("--config", metavar="FILE", help="config file (docs/config.md)")
+        p.add_argument("--data-dir")
+        p.add_argument(
+            "--devices", help="virtual devices per worker (default: the config's, else 2x16GiB)"
+        )
+        p.add_argument(
+            "--backend",
+            choices=("auto", "process", "docker", "swarm"),
+            help="where jobs run: auto = the Docker engine when it holds the job image, "
+            "else a process per job (default: the config's, else auto)",
+        )
+        p.add_argument("--workers", type=int, default=1)
+        p.add_argument("--port", type=int, default=0 if name == "demo" else 4222)
+
+
+def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name in ("run", "submit"):
+        p = sub.add_parser(
+            name,
+            help="run a script, directory or module:function"
+            + (" and follow it" if name == "run" else ", detached: print its id"),
+            description="Options come before the target; what follows the target is its "
+            "arguments (for module:function, JSON values or name=value keywords).",
+        )
+        p.add_argument("--gpu", default="0.5", help="0.1-0.9 or a whole 1-8 (default 0.5)")
+        p.add_argument("--duration", type=int, default=3600, help="seconds, 60-86400")
+        p.add_argument(
+            "-r",
+            "--requirements",
+            action="append",
+            metavar="FILE",
+            help="requirements.txt to install in the job (default: the one beside the script)",
+        )
+        p.add_argument("--pip", action="append", metavar="SPEC", help="one more requirement")
+        p.add_argument("--env", action="append", metavar="NAME=VALUE", help="job environment")
+        p.add_argument("--priority", type=int, default=0)
+        p.add_argument("--working-dir", help="directory shipped with a script (default: its own)")
+        p.add_argument(
+            "--packaging",
+            choices=("auto", "pickle", "source"),
+            default="auto",
+            help="how a function travels (default: cloudpickle if the workers' Python matches)",
+        )
+        p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+        if name == "run":
+            p.add_argument("-q", "--quiet", action="store_true", help="no logs, no progress")
+        p.add_argument("target", help="script.py, a directory with main.py, or module:function")
+        p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the target")
+        p.set_defaults(detach=name == "submit", quiet=name == "submit")
+
+
+def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="a job's status")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("logs", help="a job's output; -f follows it until the job ends")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true")
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("jobs", help="your jobs, newest first")
+    p.add_argument("--status", action="append", help="only jobs in this status (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    for name, text in (("workers", "workers and their GPU shares"), ("health", "API health")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+    p = sub.add_parser("events", help="live tail of events, like `nats sub 'jobs.>'`")
+    p.add_argument("subject", nargs="?", default="jobs.>")
+    p.add_argument("--replay", action="store_true", help="from the stream's first event")
+    p.add_argument("--count", type=int, default=0, help="stop after this many")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cumulus",
+        description="Share GPUs: run Python on a GPU share.",
+        epilog="Exit codes: 0 done; 1 job failed; 2 usage/INVALID_ARGUMENT; 3 NOT_FOUND; "
+        "4 DEADLINE_EXCEEDED; 5 CANCELLED; 6 UNAVAILABLE/RESOURCE_EXHAUSTED; "
+        "7 PERMISSION_DENIED; 130 interrupted. See docs/cli.md.",
+    )
+    parser.add_argument(
+        "--url", default=_default_url(), help="NATS URL (default $CUMULUS_NATS_URL)"
+    )
+    parser.add_argument(
+        "--user", default=os.environ.get("CUMULUS_USER"), help="user (default $CUMULUS_USER)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _stack_commands(sub)
+    _job_commands(sub)
+    _view_commands(sub)
+    for name in SERVICES:
+        p = sub.add_parser(name, help=f"run the {name} service")
+        p.add_argument("--config")
+    return parser
