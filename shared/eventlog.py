@@ -6,12 +6,18 @@ set aside, and the highest stream sequence it consumed (tracking). A crash at an
 either all of that or none of it. On start the service replays `log` to rebuild its state and
 re-publishes whatever is still in `outbox`.
 
+One writer per file: `EventLog.open` takes an exclusive lock on a lock file beside it
+(`<file>.lock`, holding the owner's pid) for as long as the log is open, so a second copy of the
+same service on the same data directory fails at start instead of interleaving its writes.
+
 sqlite3 errors are turned into `EventLogError` here, at one choke point.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from shared.errors import Internal
+from shared.errors import EventLogError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS log (
@@ -51,10 +57,6 @@ CREATE TABLE IF NOT EXISTS dead (
 """
 
 
-class EventLogError(Internal):
-    """The service's SQLite file could not be read or written."""
-
-
 @dataclass
 class OutboxRow:
     subject: str
@@ -77,38 +79,108 @@ class Batch:
         return bool(self.log or self.outbox or self.dead or self.tracking)
 
 
-class EventLog:
-    """A service's SQLite file. Open with `await EventLog.open(path)`."""
+class WriterLock:
+    """An exclusive `flock` on `<db file>.lock`: one writer per event log, across processes.
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    The lock file holds the owner's pid, for the message a second writer gets. The kernel drops
+    the lock when its process dies, however it dies, so a crash never leaves it behind.
+    """
+
+    def __init__(self, db_path: Path, fd: int) -> None:
+        self.db_path = db_path
+        self._fd: int | None = fd
+
+    @staticmethod
+    def path_for(db_path: Path) -> Path:
+        return db_path.with_name(db_path.name + ".lock")
+
+    @classmethod
+    def acquire(cls, db_path: Path) -> WriterLock:
+        """Take the lock or raise EventLogError naming the file and the holder's pid."""
+        lock_path = cls.path_for(db_path)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise EventLogError(
+                f"cannot lock event log {db_path}: {exc}", path=str(db_path)
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise EventLogError(
+                f"event log {db_path} is in use by another process ({holder}): stop that "
+                "process first, or give this one its own data directory",
+                path=str(db_path),
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise EventLogError(
+                f"cannot lock event log {db_path}: {exc}", path=str(db_path)
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(db_path, fd)
+
+    def release(self) -> None:
+        """Give the lock up (closing the file does); the lock file stays, harmlessly."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        return f"pid {int(os.pread(fd, 32, 0).decode().strip())}"
+    return "pid unknown"
+
+
+class EventLog:
+    """A service's SQLite file. Open with `await EventLog.open(path)`; only one at a time."""
+
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, lock: WriterLock | None = None
+    ) -> None:
         self._db = db
         self.path = path
+        self._lock = lock
 
     @classmethod
     async def open(cls, path: Path) -> EventLog:
+        """Open (creating) the log at `path`, holding its writer lock until `close`."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock.acquire(path)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
-            raise EventLogError(f"cannot open event log {path}: {exc}") from exc
+            lock.release()
+            raise EventLogError(f"cannot open event log {path}: {exc}", path=str(path)) from exc
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             await db.close()  # its thread would otherwise keep the process alive
-            raise EventLogError(f"cannot open event log {path}: {exc}") from exc
-        return cls(db, path)
+            lock.release()
+            raise EventLogError(f"cannot open event log {path}: {exc}", path=str(path)) from exc
+        return cls(db, path, lock)
 
     async def close(self) -> None:
-        await self._db.close()
+        try:
+            await self._db.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     @asynccontextmanager
     async def _errors(self, what: str) -> AsyncIterator[None]:
         try:
             yield
         except sqlite3.Error as exc:
-            raise EventLogError(f"event log {self.path}: {what} failed: {exc}") from exc
+            raise EventLogError(
+                f"event log {self.path}: {what} failed: {exc}", path=str(self.path)
+            ) from exc
 
     async def commit(self, batch: Batch) -> list[OutboxRow]:
         """Write `batch` in one transaction; returns its outbox rows with their ids."""

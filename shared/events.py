@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import msgspec
 
-from shared.errors import CumulusError
+from shared.errors import CumulusError, MalformedEvent
 
 
 def new_id() -> str:
@@ -264,11 +265,23 @@ JOB_EVENT_TYPES: tuple[type[JobEvent], ...] = AnyJobEvent.__args__
 WORKER_EVENT_TYPES: tuple[type[WorkerEvent], ...] = AnyWorkerEvent.__args__
 
 _encoder = msgspec.json.Encoder()
-_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
 
 
-class MalformedEvent(CumulusError):
-    code = "INVALID_ARGUMENT"
+def decoder(typ: Any) -> Callable[[bytes], Any]:
+    """A decode function for `typ` (the event union, or a service's union of events and its own
+    records): anything that is not a known, well-formed value raises MalformedEvent."""
+    typed: msgspec.json.Decoder[Any] = msgspec.json.Decoder(typ)
+
+    def decode(data: bytes) -> Any:
+        try:
+            return typed.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise MalformedEvent(f"malformed event: {exc}") from None
+
+    return decode
+
+
+_decode = decoder(AnyEvent)
 
 
 def encode(event: Event) -> bytes:
@@ -277,10 +290,8 @@ def encode(event: Event) -> bytes:
 
 def decode(data: bytes) -> AnyEvent:
     """Decode one event; anything that is not a known, well-formed event is MalformedEvent."""
-    try:
-        return _decoder.decode(data)  # type: ignore[no-any-return]
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedEvent(f"malformed event: {exc}") from None
+    event: AnyEvent = _decode(data)
+    return event
 
 
 def failure_of(exc: CumulusError, job: JobEvent, **fields: Any) -> JobFailed:

@@ -18,7 +18,7 @@ import msgspec
 import nats
 import pytest
 
-from sdk import AsyncCumulusClient
+from cumulus import AsyncClient
 from services.scheduler.state import rebuild
 from services.stack import Stack
 from shared import api, subjects
@@ -134,7 +134,7 @@ async def _exactly_once(stack: Stack, nc: nats.NATS, job_ids: list[str]) -> None
 async def test_kill_9_mid_flight_every_job_completes_exactly_once(make_stack, victim: str) -> None:
     # 2 workers x 2 devices hold 20 jobs of 0.1 .. 0.3: some run, some queue.
     stack: Stack = await make_stack(workers=["worker-1", "worker-2"], devices="2x16GiB")
-    async with AsyncCumulusClient(stack.url) as client:
+    async with AsyncClient(stack.url) as client:
         nc = client.nc
         amounts = [0.1, 0.2, 0.3, 0.4] * (JOBS // 4)
         jobs = [
@@ -158,7 +158,7 @@ async def test_kill_9_mid_flight_every_job_completes_exactly_once(make_stack, vi
 
 async def test_scheduler_rebuilds_the_same_allocation_after_kill_9(make_stack) -> None:
     stack: Stack = await make_stack(workers=["worker-1", "worker-2"], devices="2x16GiB")
-    async with AsyncCumulusClient(stack.url) as client:
+    async with AsyncClient(stack.url) as client:
         nc = client.nc
         # 20 jobs x 0.2 GPU fill the pool's 4 devices exactly; while they sleep the scheduler
         # has nothing to do, so its state cannot move between the snapshot and the kill.

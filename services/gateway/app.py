@@ -23,7 +23,13 @@ from job_image.package import check as check_package
 from services.gateway.state import TERMINAL, JobTable, JobView
 from shared import api, bus, subjects
 from shared import events as ev
-from shared.errors import CumulusError, InvalidArgument, NotFound, PermissionDenied
+from shared.errors import (
+    ApiUnreachable,
+    CumulusError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from shared.gpu import GpuRequest, parse_duration
 from shared.service import ConsumerSpec, EventService
 from shared.telemetry import COLD_START, new_trace
@@ -38,17 +44,19 @@ CATCH_UP_S = 2.0
 """How long a status query waits for the job table to reach the job's newest event."""
 
 
-class Gateway(EventService):
+class Gateway(EventService[JobTable]):
     name = "gateway"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.table = JobTable()
         self._micro: Any = None
         self._store: Any = None
         self._checked: dict[str, str] = {}
         """code_ref -> the kind of package it is, for packages that passed the checks."""
         self.started_at = time.time()
+
+    def new_state(self) -> JobTable:
+        return JobTable()
 
     def consumers(self) -> list[ConsumerSpec]:
         # Every job event, so the tracked sequence tells whether a job's newest event is
@@ -59,9 +67,9 @@ class Gateway(EventService):
         return subject.endswith((".log", ".cancel"))
 
     def apply(self, event: Any) -> None:
-        self.table.apply(event)
+        self.state.apply(event)
         if isinstance(event, ev.JobStarted) and self.ready.is_set():  # live, not replayed
-            job = self.table.get(event.job_id)
+            job = self.state.get(event.job_id)
             if job is not None:
                 COLD_START.observe(max(0.0, event.ts - job.submitted_at))
 
@@ -100,10 +108,11 @@ class Gateway(EventService):
         gpu = GpuRequest.parse(req.gpu)
         limits = self.config.limits
         duration = parse_duration(req.duration, limits.min_duration, limits.max_job_duration)
-        if existing := self.table.get(job_id):
-            if existing.user != req.user:
-                raise PermissionDenied(f"Job {job_id} belongs to another user")
-            return api.SubmitReply(job_id=job_id, status=existing.status)
+        async with self.reading() as table:
+            if existing := table.get(job_id):
+                if existing.user != req.user:
+                    raise PermissionDenied(f"Job {job_id} belongs to another user")
+                return api.SubmitReply(job_id=job_id, status=existing.status)
         await self._check_code(req.code_ref, req.entrypoint)
         await self._admit(gpu)
         event = ev.JobSubmitted(
@@ -123,7 +132,7 @@ class Gateway(EventService):
         )
         assert self.js is not None
         await bus.publish(self.js, event)
-        self.table.apply(event)  # answer status at once; the stream copy is then a no-op
+        await self._published(event)
         return api.SubmitReply(job_id=job_id, status="SUBMITTED")
 
     async def _check_code(self, code_ref: str, entrypoint: str) -> None:
@@ -180,13 +189,14 @@ class Gateway(EventService):
                 dict,
                 timeout=1.0,
             )
-        except api.ApiUnreachable:
+        except ApiUnreachable:
             log.warning("scheduler did not answer the admission check; accepting the job")
 
     async def status(self, data: bytes) -> Any:
         ref = api.decode_request(data, api.JobRef)
         await self._catch_up(ref.job_id)
-        return self._job(ref)
+        async with self.reading() as table:
+            return self._job(table, ref)
 
     async def _catch_up(self, job_id: str) -> None:
         """Read-your-writes: a client that saw an event of this job sees it in status too."""
@@ -201,25 +211,33 @@ class Gateway(EventService):
 
     async def cancel(self, data: bytes) -> Any:
         ref = api.decode_request(data, api.JobRef)
-        job = self._job(ref)
-        if job.status in TERMINAL or job.cancel_requested:
-            return job
+        async with self.reading() as table:
+            job = self._job(table, ref)
+            if job.status in TERMINAL or job.cancel_requested:
+                return job
         event = ev.CancelRequested(
             event_id=f"cancel-{job.job_id}", job_id=job.job_id, user=job.user, trace=new_trace()
         )
         assert self.js is not None
         await bus.publish(self.js, event)
-        self.table.apply(event)
+        await self._published(event)
         return job
+
+    async def _published(self, event: ev.JobEvent) -> None:
+        """Apply an event the gateway published itself, so its reply and the next status
+        query see it at once; the stream copy applied later changes nothing."""
+        async with self.reading() as table:
+            table.apply(event)
 
     async def list_jobs(self, data: bytes) -> Any:
         req = api.decode_request(data, api.ListJobsRequest)
-        jobs = [
-            job
-            for job in self.table.jobs.values()
-            if (not req.user or job.user == req.user)
-            and (not req.status or job.status in req.status)
-        ]
+        async with self.reading() as table:
+            jobs = [
+                job
+                for job in table.jobs.values()
+                if (not req.user or job.user == req.user)
+                and (not req.status or job.status in req.status)
+            ]
         jobs.sort(key=lambda j: j.submitted_at, reverse=True)
         return {"jobs": jobs[: max(0, req.limit)]}
 
@@ -238,12 +256,13 @@ class Gateway(EventService):
             "status": "SERVING",
             "version": VERSION,
             "uptime_s": round(time.time() - self.started_at, 3),
-            "jobs": len(self.table.jobs),
+            "jobs": len(self.state.jobs),
             "scheduler": scheduler,
         }
 
-    def _job(self, ref: api.JobRef) -> JobView:
-        job = self.table.get(ref.job_id)
+    @staticmethod
+    def _job(table: JobTable, ref: api.JobRef) -> JobView:
+        job = table.get(ref.job_id)
         if job is None:
             raise NotFound(f"Job {ref.job_id} not found")
         if ref.user and job.user != ref.user:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.micro
@@ -30,6 +31,9 @@ from shared.telemetry import (
     QUEUE_WAIT,
     WORKER_ASSIGNMENTS,
 )
+from shared.views import DeviceUsage, SwarmNode, WorkerInfo, WorkerList
+
+Handler = Callable[[bytes], Awaitable[Any]]
 
 JOB_EVENTS = [
     "submitted",
@@ -41,12 +45,11 @@ JOB_EVENTS = [
 ]
 
 
-class Scheduler(EventService):
+class Scheduler(EventService[SchedulerState]):
     name = "scheduler"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.state = SchedulerState()
         self.startup_allocation: dict[str, Any] = {}
         self.startup_position = 0
         self._micro: Any = None
@@ -58,6 +61,9 @@ class Scheduler(EventService):
             backfill=sched.backfill,
             reserve_after_s=sched.reserve_after_s,
         )
+
+    def new_state(self) -> SchedulerState:
+        return SchedulerState()
 
     def consumers(self) -> list[ConsumerSpec]:
         return [
@@ -119,9 +125,9 @@ class Scheduler(EventService):
         now = time.time()
         for worker in self.state.workers.values():
             worker.last_seen = max(worker.last_seen, now)
-        self._tasks.append(asyncio.create_task(self._liveness(), name="scheduler-liveness"))
+        self.spawn(self._liveness(), name="liveness")
         if self.config.scheduler.swarm_nodes:
-            self._tasks.append(asyncio.create_task(self._swarm(), name="scheduler-swarm"))
+            self.spawn(self._swarm(), name="swarm")
         self._micro = await nats.micro.add_service(
             self.nc,
             name="cumulus-scheduler",
@@ -129,10 +135,22 @@ class Scheduler(EventService):
             description="Placement and worker inventory",
         )
         group = self._micro.add_group(name="cumulus.scheduler")
-        await group.add_endpoint(name="admit", handler=api.endpoint(self.admit))
-        await group.add_endpoint(name="workers", handler=api.endpoint(self.workers))
-        await group.add_endpoint(name="state", handler=api.endpoint(self.snapshot))
-        await group.add_endpoint(name="queue", handler=api.endpoint(self.queue_position))
+        for op, handler in (
+            ("admit", self.admit),
+            ("workers", self.workers),
+            ("state", self.allocation),
+            ("queue", self.queue_position),
+        ):
+            await group.add_endpoint(name=op, handler=api.endpoint(self._reading(handler)))
+
+    def _reading(self, handler: Handler) -> Handler:
+        """`handler` run under `reading()`: every request reads state as of a commit."""
+
+        async def read(data: bytes) -> Any:
+            async with self.reading():
+                return await handler(data)
+
+        return read
 
     async def on_stop(self) -> None:
         if self._micro is not None:
@@ -187,52 +205,49 @@ class Scheduler(EventService):
         }
 
     async def workers(self, data: bytes) -> Any:
-        return {
-            "workers": [
-                {
-                    "worker_id": w.worker_id,
-                    "hostname": w.hostname,
-                    "backend": w.backend,
-                    "status": "ready"
+        return WorkerList(
+            workers=[
+                WorkerInfo(
+                    worker_id=w.worker_id,
+                    hostname=w.hostname,
+                    backend=w.backend,
+                    status="ready"
                     if w.schedulable
                     else ("down" if not w.alive else w.node_availability or w.node_state),
-                    "down_reason": w.lost_reason,
-                    "node": {
-                        "id": w.node_id,
-                        "state": w.node_state,
-                        "availability": w.node_availability,
-                        "labels": w.node_labels,
-                    }
+                    down_reason=w.lost_reason,
+                    node=SwarmNode(
+                        id=w.node_id,
+                        state=w.node_state,
+                        availability=w.node_availability,
+                        labels=w.node_labels,
+                    )
                     if w.node_id
                     else None,
-                    "last_seen": w.last_seen,
-                    "labels": w.labels,
-                    "devices": [
-                        {
-                            "index": d.index,
-                            "name": d.name,
-                            "kind": d.kind,
-                            "memory_bytes": d.memory_bytes,
-                            "allocated": format_amount(d.used),
-                            "free": format_amount(d.free),
-                            "jobs": {j: format_amount(t) for j, t in sorted(d.allocated.items())},
-                        }
+                    last_seen=w.last_seen,
+                    labels=w.labels,
+                    devices=[
+                        DeviceUsage(
+                            index=d.index,
+                            name=d.name,
+                            kind=d.kind,
+                            memory_bytes=d.memory_bytes,
+                            allocated=format_amount(d.used),
+                            free=format_amount(d.free),
+                            jobs={j: format_amount(t) for j, t in sorted(d.allocated.items())},
+                        )
                         for d in w.devices
                     ],
-                }
+                )
                 for w in sorted(self.state.workers.values(), key=lambda w: w.worker_id)
             ],
-            "queued": len(self.state.queue),
-        }
+            queued=len(self.state.queue),
+        )
 
-    async def snapshot(self, data: bytes) -> Any:
-        # Under the write lock: between applying a batch and committing it, the state is
-        # ahead of the log position.
-        async with self._write:
-            position, allocation = self.position, self.state.allocation()
+    async def allocation(self, data: bytes) -> Any:
+        """The allocation state and the log position it was read at (under `reading()`)."""
         return {
-            "position": position,
-            "allocation": allocation,
+            "position": self.position,
+            "allocation": self.state.allocation(),
             "startup_position": self.startup_position,
             "startup_allocation": self.startup_allocation,
         }

@@ -9,12 +9,9 @@ choice among equals is deterministic.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from cumulus_core.amounts import TENTHS_PER_GPU
-
-if TYPE_CHECKING:
-    from services.scheduler.state import WorkerState
+from services.scheduler.inventory import WorkerState
 
 Slot = tuple[str, int]
 """(worker id, device index)."""

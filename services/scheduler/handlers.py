@@ -51,9 +51,7 @@ DEFAULT = Policy()
 
 
 def queue_full(limit: int) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"Job queue is full ({limit} jobs waiting); retry later", queue_limit=limit
-    )
+    return ResourceExhausted(f"Job queue is full ({limit} jobs waiting); retry later")
 
 
 def admission_error(state: SchedulerState, tenths: int, policy: Policy) -> Exception | None:

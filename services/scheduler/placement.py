@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 from cumulus_core.amounts import TENTHS_PER_GPU
 from services.scheduler.capacity import Slot, free_runs
-from services.scheduler.state import SchedulerState, WorkerState
+from services.scheduler.inventory import WorkerState
+from services.scheduler.state import SchedulerState
 
 POLICIES = ("best", "first", "worst")
 

@@ -1,8 +1,8 @@
 """Drive the real Scheduler's apply/decide chain without a bus: events in, events out.
 
-`Driver.feed(event)` runs exactly what the service runs per consumed event (apply, decide,
-apply each decision, decide again …) and keeps the log bytes the service would write, so a
-"restart" is a new Scheduler replaying that log.
+`Driver.feed(event)` runs exactly what the service runs per consumed event (`step`: apply,
+decide, apply each decision, decide again …) and keeps the log bytes the service would write,
+so a "restart" is a new Scheduler replaying that log.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 
 from services.scheduler.app import Scheduler
+from services.scheduler.state import SchedulerState
 from shared import config as config_mod
 from shared import events as ev
-from shared.eventlog import Batch
 
 _ids = itertools.count()
 
@@ -37,17 +37,14 @@ class Driver:
         self.emitted: list[ev.Event] = []
 
     @property
-    def state(self) -> Any:
+    def state(self) -> SchedulerState:
         return self.scheduler.state
 
     def feed(self, event: ev.Event) -> list[ev.Event]:
-        batch = Batch()
-        batch.log.append(ev.encode(event))
-        self.scheduler._apply_and_decide(event, batch)
-        self.log.extend(batch.log)
-        out = [ev.decode(row.data) for row in batch.outbox]
-        self.emitted.extend(out)  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]
+        out = self.scheduler.step(event)
+        self.log.extend(ev.encode(e) for e in [event, *out])
+        self.emitted.extend(out)
+        return out
 
     def restart(self) -> None:
         self.scheduler = Scheduler(self.config)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sdk import AsyncCumulusClient
+from cumulus import AsyncClient
 from services.scheduler.swarm import observations
 from services.stack import Stack
 from shared import api
@@ -85,7 +85,7 @@ async def test_the_real_swarm_node_labels_and_drain_reach_the_scheduler(
             "chronos.installed": "true",
         }
         me.update({**spec, "Labels": {**(spec.get("Labels") or {}), **labels}})
-        async with AsyncCumulusClient(stack.url) as sdk:
+        async with AsyncClient(stack.url) as sdk:
 
             async def worker() -> dict[str, Any]:
                 reply = await api.request(sdk.nc, "workers", {}, dict)

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from sdk import AsyncCumulusClient, CumulusError, package_function
+from cumulus import AsyncClient, CumulusError, package_function
 from services.stack import Stack
 from shared import api
 
@@ -33,7 +34,7 @@ def hold(flag: str, seconds: float = 60.0) -> str:
 async def wait_status(job: Any, wanted: str, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        status = await job.status()
+        status = msgspec.json.decode(msgspec.json.encode(await job.status()))  # as JSON
         if status["status"] == wanted:
             return status
         if time.monotonic() > deadline:
@@ -43,7 +44,7 @@ async def wait_status(job: Any, wanted: str, timeout: float = 30) -> dict[str, A
         await asyncio.sleep(0.05)
 
 
-async def workers(client: AsyncCumulusClient) -> dict[str, Any]:
+async def workers(client: AsyncClient) -> dict[str, Any]:
     reply = await api.request(client.nc, "workers", {}, dict)
     return {w["worker_id"]: w for w in reply["workers"]}
 
@@ -52,7 +53,7 @@ async def test_half_and_three_tenths_share_a_gpu_and_the_next_half_waits(
     make_stack: Any, tmp_path: Path
 ) -> None:
     stack: Stack = await make_stack(devices="1x16GiB")
-    async with AsyncCumulusClient(stack.url) as client:
+    async with AsyncClient(stack.url) as client:
         a = await client.submit(hold, str(tmp_path / "a"), gpu=0.5, duration=600)
         b = await client.submit(hold, str(tmp_path / "b"), gpu=0.3, duration=600)
         sa = await wait_status(a, "RUNNING")
@@ -76,7 +77,7 @@ async def test_half_and_three_tenths_share_a_gpu_and_the_next_half_waits(
 
 async def test_jobs_spread_over_two_workers(make_stack: Any, tmp_path: Path) -> None:
     stack: Stack = await make_stack(workers=["worker-1", "worker-2"], devices="1x16GiB")
-    async with AsyncCumulusClient(stack.url) as client:
+    async with AsyncClient(stack.url) as client:
         jobs = [
             await client.submit(hold, str(tmp_path / "go"), gpu=0.5, duration=600) for _ in range(4)
         ]
@@ -96,7 +97,7 @@ async def test_two_gpus_take_contiguous_free_devices_and_eight_is_refused_at_onc
     make_stack: Any, tmp_path: Path
 ) -> None:
     stack: Stack = await make_stack(devices="4x16GiB")
-    async with AsyncCumulusClient(stack.url) as client:
+    async with AsyncClient(stack.url) as client:
         one = await client.submit(hold, str(tmp_path / "go"), gpu=1, duration=600)
         await wait_status(one, "RUNNING")
         half = await client.submit(hold, str(tmp_path / "go"), gpu=0.5, duration=600)
@@ -129,7 +130,7 @@ async def test_a_lost_worker_fails_its_running_job_and_its_waiting_job_moves(
         # Lost after 6 silent half-seconds: quick, yet no live worker under CI load misses 6.
         env={"CUMULUS_WORKER_HEARTBEAT_S": "0.5", "CUMULUS_SCHEDULER_HEARTBEAT_MISSES": "6"},
     )
-    async with AsyncCumulusClient(stack.url) as client:
+    async with AsyncClient(stack.url) as client:
         first = await client.submit(hold, str(tmp_path / "first"), gpu=1, duration=600)
         s1 = await wait_status(first, "RUNNING")
         second = await client.submit(hold, str(tmp_path / "second"), gpu=1, duration=600)

@@ -1,7 +1,9 @@
-"""The SQLite event log on real files: one transaction per batch, replay, outbox, tracking."""
+"""The SQLite event log on real files: one transaction per batch, replay, outbox, tracking,
+and one writer per file."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import Internal
-from shared.eventlog import Batch, EventLog, EventLogError, OutboxRow, read_log
+from shared.errors import EventLogError, Internal
+from shared.eventlog import Batch, EventLog, OutboxRow, WriterLock, read_log
 
 
 @pytest.fixture
@@ -186,7 +188,8 @@ def test_a_corrupt_file_is_reported_and_the_process_can_exit(tmp_path: Path) -> 
     script = textwrap.dedent(
         f"""
         import asyncio, pathlib
-        from shared.eventlog import EventLog, EventLogError
+        from shared.errors import EventLogError
+        from shared.eventlog import EventLog
 
         async def main():
             try:
@@ -206,3 +209,54 @@ def test_a_corrupt_file_is_reported_and_the_process_can_exit(tmp_path: Path) -> 
         pytest.fail(f"the process did not exit after the error; its output: {out!r}")
     assert "reported: cannot open event log" in done.stdout
     assert done.returncode == 0
+
+
+async def test_a_second_writer_is_refused_naming_the_file_and_the_holder(db_path: Path) -> None:
+    first = await EventLog.open(db_path)
+    try:
+        with pytest.raises(EventLogError) as info:
+            await EventLog.open(db_path)
+    finally:
+        await first.close()
+    message = str(info.value)
+    assert f"event log {db_path} is in use by another process (pid {os.getpid()})" in message
+    assert info.value.path == str(db_path)
+    assert WriterLock.path_for(db_path).exists()
+
+
+async def test_closing_gives_the_writer_lock_back(db_path: Path) -> None:
+    first = await EventLog.open(db_path)
+    await first.close()
+    again = await EventLog.open(db_path)  # no error: the lock went with the first
+    await again.close()
+
+
+def test_the_lock_dies_with_its_process(db_path: Path) -> None:
+    """A holder killed with SIGKILL leaves no lock behind (the kernel drops it)."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, pathlib, sys
+        from shared.eventlog import EventLog
+
+        async def main():
+            await EventLog.open(pathlib.Path({str(db_path)!r}))
+            print("locked", flush=True)
+            await asyncio.sleep(60)
+
+        asyncio.run(main())
+        """
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(EventLogError, match=rf"\(pid {holder.pid}\)"):
+            WriterLock.acquire(db_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    WriterLock.acquire(db_path).release()

@@ -1,0 +1,73 @@
+"""The outbox relay: publishes what a service committed to its outbox, then forgets it.
+
+A service commits the events it emits to the `outbox` table in the same SQLite transaction as
+its state change (DESIGN.md rule 2); the relay publishes them in order, pipelined, and deletes
+the rows JetStream acknowledged. A failed publish is retried with exponential backoff, for
+ever: the rows stay in the outbox, so a crash at any point re-publishes them on the next start,
+and JetStream drops the copies it already holds by their `Nats-Msg-Id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js import JetStreamContext
+
+from shared import bus
+from shared.eventlog import EventLog, OutboxRow
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows in commit order; `run()` is the relay's task."""
+
+    def __init__(self, js: JetStreamContext, eventlog: EventLog, service: str) -> None:
+        self._js = js
+        self._eventlog = eventlog
+        self._service = service
+        self._queue: asyncio.Queue[list[OutboxRow]] = asyncio.Queue()
+
+    def put(self, rows: list[OutboxRow]) -> None:
+        """Hand on rows just committed (or found in the outbox at start)."""
+        if rows:
+            self._queue.put_nowait(rows)
+
+    async def drained(self) -> None:
+        """Return once every row handed on so far is published and forgotten."""
+        await self._queue.join()
+
+    async def run(self) -> None:
+        """Publish for ever: everything waiting goes out as one pipelined burst."""
+        backoff = BACKOFF_FIRST_S
+        while True:
+            chunks = [await self._queue.get()]
+            while not self._queue.empty():
+                chunks.append(self._queue.get_nowait())
+            rows = [row for chunk in chunks for row in chunk]
+            while True:
+                try:
+                    await self._publish(rows)
+                    backoff = BACKOFF_FIRST_S
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "publish failed; retrying",
+                        extra={"fields": {"service": self._service, "error": repr(exc)}},
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+            for _ in chunks:
+                self._queue.task_done()
+
+    async def _publish(self, rows: list[OutboxRow]) -> None:
+        await bus.publish_many(
+            self._js, ((r.subject, bus.headers(r.msg_id, r.trace), r.data) for r in rows)
+        )
+        await self._eventlog.published([r.id for r in rows])
