@@ -23,7 +23,6 @@ from shared.errors import (
     ResourceExhausted,
     Unavailable,
     no_workers,
-    partition_failed,
     resources_exhausted,
 )
 from shared.gpu import GpuRequest
@@ -89,16 +88,15 @@ def _(event: ev.PartitionFailed, state: SchedulerState, policy: Policy = DEFAULT
     if job.cancel_requested:
         return [_cancelled(job)]
     if job.attempt >= policy.max_attempts:
-        message = (
-            event.message if event.code != "INTERNAL" else partition_failed(event.message).message
-        )
+        # The partitioner's message is the seed's already ("Chronos partition creation failed:
+        # …" or the SSH one): wrapping it again printed the prefix twice.
         return [
             ev.JobFailed(
                 job_id=job.job_id,
                 user=job.user,
                 worker_id=event.worker_id,
                 code=event.code,
-                message=f"{message} (after {job.attempt} attempts)",
+                message=f"{event.message} (after {job.attempt} attempts)",
                 trace=job.trace,
             )
         ]

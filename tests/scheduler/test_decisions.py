@@ -202,7 +202,7 @@ def test_partition_failure_moves_the_job_then_fails_after_three_attempts() -> No
                 worker_id=current.worker_id,
                 attempt=attempt,
                 code="INTERNAL",
-                message="boom",
+                message="Chronos partition creation failed: boom",
             )
         )
     assert len(set(seen)) == 3
