@@ -23,6 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from cumulus._transport import Transport
 from shared import events as ev
 from shared import subjects
 from shared.errors import CumulusError, MalformedEvent, NotFound
@@ -31,7 +32,6 @@ from shared.views import JobInfo, JobStatus
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-    from cumulus._client import AsyncClient
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ def print_lines(event: ev.JobLog, logs: Logs) -> None:
 class AsyncJob:
     """A submitted job (asyncio API). Get one from `submit()` or `client.get_job(job_id)`."""
 
-    def __init__(self, client: AsyncClient, job_id: str, packaging: str = "") -> None:
+    def __init__(self, client: Transport, job_id: str, packaging: str = "") -> None:
         self.client = client
         self.job_id = job_id
         self.packaging = packaging

@@ -10,9 +10,9 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 from .errors import InvalidAmount
+from .tenths import TENTHS_PER_GPU, format_amount
 
-TENTHS_PER_GPU = 10
-"""Tenths in one whole device: the most one partition (and one device) can hold."""
+__all__ = ["MAX_WHOLE_GPUS", "TENTHS_PER_GPU", "format_amount", "parse_amount"]
 
 MAX_WHOLE_GPUS = 8
 
@@ -42,10 +42,3 @@ def parse_amount(value: str | int | float | Decimal) -> int:
     if whole % TENTHS_PER_GPU == 0 and 1 <= whole // TENTHS_PER_GPU <= MAX_WHOLE_GPUS:
         return whole
     raise InvalidAmount(value)
-
-
-def format_amount(tenths: int) -> str:
-    """Tenths as the shortest decimal text: 5 -> "0.5", 10 -> "1", 15 -> "1.5"."""
-    sign = "-" if tenths < 0 else ""
-    whole, tenth = divmod(abs(tenths), TENTHS_PER_GPU)
-    return f"{sign}{whole}" if tenth == 0 else f"{sign}{whole}.{tenth}"

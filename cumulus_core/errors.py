@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from .tenths import format_amount
+
 
 class ChronosError(Exception):
     """Root of every error cumulus_core raises on purpose; `str(err)` is the user's message."""
@@ -130,8 +132,6 @@ class InsufficientCapacity(ChronosError):
     fields: ClassVar[tuple[str, ...]] = ("device", "requested_tenths", "free_tenths")
 
     def __init__(self, device: int, requested_tenths: int, free_tenths: int) -> None:
-        from .amounts import format_amount
-
         super().__init__(
             f"Not enough available capacity on device {device}: requested "
             f"{format_amount(requested_tenths)} GPU, free {format_amount(free_tenths)} GPU. "
