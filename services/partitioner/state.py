@@ -1,13 +1,12 @@
-"""One worker's partitions as the partitioner knows them, rebuilt from its log.
+"""One worker's placements as the partitioner knows them, rebuilt from its log.
 
-Also the reaper's decision, pure: which live partitions belong to no placement this worker
-still holds (`orphans`), found by their `<job_id>.<attempt>` labels.
+Every partition of a placement carries the label `<job_id>.<attempt>` (`PartitionJob.label`,
+read back by `parse_label`), so a replay finds what a crashed run created.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
 from functools import singledispatchmethod
 from typing import Any
 
@@ -127,26 +126,3 @@ def parse_label(label: str | None) -> tuple[str, int] | None:
     if match is None:
         return None
     return match["job"], int(match["attempt"])
-
-
-def orphans(
-    state: PartitionerState, partitions: Iterable[dict[str, Any]], busy: Collection[str]
-) -> list[dict[str, Any]]:
-    """The live partitions no placement of this worker holds any more.
-
-    A partition labelled `<job>.<attempt>` is an orphan when this worker never had that job,
-    has moved on to another attempt of it, or has released it or failed it (a release that
-    could not reach chronos_cli reports the placement released and leaves the partition to
-    the reaper). Jobs in `busy` (a create or release under way) are left alone, and so are
-    partitions without such a label: they are not ours, and expiry ends them.
-    """
-    found = []
-    for partition in partitions:
-        parsed = parse_label(partition.get("label"))
-        if parsed is None or parsed[0] in busy:
-            continue
-        job_id, attempt = parsed
-        job = state.jobs.get(job_id)
-        if job is None or job.attempt != attempt or job.status in ("released", "failed"):
-            found.append(partition)
-    return found

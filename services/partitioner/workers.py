@@ -9,7 +9,6 @@ a worker served over SSH looks to the rest of Cumulus exactly like one with its 
 from __future__ import annotations
 
 import asyncio
-import logging
 import shlex
 import socket
 from collections.abc import Iterable, Mapping
@@ -21,8 +20,7 @@ from services.partitioner.ssh import SshPool, SshRunner, SshTarget, parse_addres
 from services.partitioner.state import PartitionerState
 from shared import subjects
 from shared.config import Config
-
-log = logging.getLogger(__name__)
+from shared.swarm_nodes import node_attrs
 
 SWARM_LABEL = "ssh.address"
 """The Swarm node label that names an agentless worker's SSH address (the seed's)."""
@@ -74,6 +72,8 @@ def local_agent(config: Config, chronos: Chronos | None = None) -> WorkerAgent:
             chronos = Chronos(command=[worker.chronos_cli], options=options)
         else:
             chronos = Chronos(command=[IN_PROCESS], options=options, run=run_in_process)
+    if not chronos.worker_id:
+        chronos.worker_id = worker_id
     return WorkerAgent(worker_id=worker_id, chronos=chronos, hostname=socket.gethostname())
 
 
@@ -92,6 +92,7 @@ def ssh_agents(config: Config, pool: SshPool, addresses: Mapping[str, str]) -> l
                     command=command,
                     run=SshRunner(pool, target),
                     timeout=config.ssh.command_timeout,
+                    worker_id=worker_id,
                 ),
                 hostname=target.host,
                 labels={"partitioner": "ssh", SWARM_LABEL: address},
@@ -127,18 +128,6 @@ def ssh_addresses_from_nodes(nodes: Iterable[Mapping[str, Any]]) -> dict[str, st
 def swarm_addresses(timeout: float = 5.0) -> dict[str, str]:
     """The `ssh.address` labels of the Swarm this machine manages; {} when there is none.
 
-    Blocking (the Docker SDK): call it in a thread. Any failure (no engine, not a manager)
-    is logged and means "no Swarm workers", never a crash.
+    Blocking (the Docker SDK): call it in a thread.
     """
-    try:
-        import docker
-
-        client = docker.from_env(timeout=max(1, int(timeout)))
-        try:
-            nodes = [node.attrs for node in client.nodes.list()]
-        finally:
-            client.close()
-    except Exception as exc:
-        log.warning("cannot read Swarm node labels", extra={"fields": {"error": repr(exc)}})
-        return {}
-    return ssh_addresses_from_nodes(nodes)
+    return ssh_addresses_from_nodes(node_attrs(timeout))

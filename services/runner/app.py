@@ -8,7 +8,8 @@ last line included, read a bounded amount at a time), the duration is enforced
 (DEADLINE_EXCEEDED), a cancel kills within the poll interval, a revoked placement is killed
 without an outcome, and the exit becomes JobCompleted or JobFailed. After a crash it replays
 its log, re-adopts running jobs from the backend and removes whatever the backend still holds
-for jobs that are over.
+for jobs that are over. What to start, when a job is over and which events report it are
+decided in `handlers.py`; this module is the wiring and the effects.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from job_image.runner import end_marker, parse_frame
+from services.runner import handlers
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
 from services.runner.config import make_backend
 from shared import events as ev
 from shared import subjects
-from shared.errors import deadline_exceeded
+from shared.config import Config
 from shared.service import ConsumerSpec, EventService
-from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS, child_trace
+from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +41,31 @@ PACKAGE_CACHE_BYTES = 64 * 1024 * 1024
 """Code packages kept in memory by content address (repeated and retried jobs reuse them)."""
 MAX_INLINE_RESULT = 256 * 1024
 """A larger result goes to the object store and the event carries its name."""
-MAX_LINES_PER_EVENT = 1000
-MAX_BYTES_PER_EVENT = 256 * 1024
 POLL_FAST_S = 0.005
 POLL_SLOW_S = 0.05
 """Output is read this often (and at once when a backend reports the job's exit)."""
 
 
-class Runner(EventService):
+class Runner(EventService[st.RunnerState]):
     name = "runner"
 
-    def __init__(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.worker_id = self.config.worker_id
-        self.state = st.RunnerState(self.worker_id)
+    def __init__(self, config: Config, *, backend: Backend | None = None) -> None:
+        self.worker_id = config.worker_id
+        super().__init__(config)
         root = self.config.data_path / f"runner-{self.worker_id}"
         self.ledger = root / "launches.log"
         self.backend: Backend = backend or make_backend(self.config, root, self.ledger)
-        self._watchers: dict[str, asyncio.Task[None]] = {}
-        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._busy: set[str] = set()
+        """Jobs with a start or a watcher under way."""
         self._store: Any = None
         self._packages: OrderedDict[str, bytes] = OrderedDict()
         self._package_bytes = 0
 
+    def new_state(self) -> st.RunnerState:
+        return st.RunnerState(self.worker_id)
+
     @property
-    def db_path(self) -> Any:
+    def db_path(self) -> Path:
         return self.config.data_path / f"runner-{self.worker_id}.sqlite"
 
     def consumers(self) -> list[ConsumerSpec]:
@@ -91,105 +93,64 @@ class Runner(EventService):
         except Exception:
             log.exception("could not list what the backend holds; nothing reaped")
             return
-        for job_id, attempt in held:
-            job = self.state.jobs.get(job_id)
-            if job is None or job.status == "done" or job.attempt != attempt:
-                await self.backend.cleanup(job_id, attempt)
+        for job_id, attempt in handlers.leftovers(self.state, held):
+            await self.backend.cleanup(job_id, attempt)
 
     async def on_stop(self) -> None:
-        tasks = [*self._watchers.values(), *self._starting.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         close = getattr(self.backend, "close", None)
         if close is not None:
             await close()
 
     async def reconcile(self) -> None:
         WORKER_ACTIVE_JOBS.set(len(self.state.active()))
-        for job in self.state.active():
-            if job.job_id in self._starting or job.job_id in self._watchers:
-                continue
-            if job.status in ("ready", "launching"):
-                if job.cancel and job.status == "ready":
-                    await self._end(
-                        job,
-                        ev.JobCancelled(
-                            job_id=job.job_id,
-                            user=job.user,
-                            worker_id=self.worker_id,
-                            message=job.cancel_reason or "cancelled by user",
-                            trace=child_trace(job.trace),
-                        ),
-                    )
-                    continue
-                self._starting[job.job_id] = asyncio.create_task(self._start(job))
-            elif job.status == "running":
-                self._watchers[job.job_id] = asyncio.create_task(self._watch(job))
+        work = handlers.work(self.state, self._busy)
+        for job in work.cancel:
+            await self._end(job, handlers.cancelled(job, self.worker_id))
+        for job in work.start:
+            self._effect(job, self._launch(job), "start")
+        for job in work.watch:
+            self._effect(job, self._watch(job), "watch")
+
+    def _effect(self, job: st.RunJob, coro: Any, kind: str) -> None:
+        self._busy.add(job.job_id)
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._busy.discard(job.job_id)
+            self.wake()
+
+        self.spawn(coro, name=f"{kind}-{job.job_id}").add_done_callback(done)
 
     # -- starting --------------------------------------------------------------------------
 
-    async def _start(self, job: st.RunJob) -> None:
+    async def _launch(self, job: st.RunJob) -> None:
+        # The package is fetched while the Launching record is committed: neither waits.
+        fetch = asyncio.create_task(self._package(job.spec.code_ref))
+        if job.status == "ready":
+            nonce = secrets.token_hex(16)
+            launching = st.Launching(job_id=job.job_id, attempt=job.attempt, nonce=nonce)
+            await self.emit([], internal=[launching])
         try:
-            # The package is fetched while the Launching record is committed: neither waits.
-            fetch = asyncio.create_task(self._package(job.spec.code_ref))
-            if job.status == "ready":
-                await self.emit(
-                    [],
-                    internal=[
-                        st.Launching(
-                            job_id=job.job_id, attempt=job.attempt, nonce=secrets.token_hex(16)
-                        )
-                    ],
+            handle = await self.backend.start(
+                Launch(
+                    job_id=job.job_id,
+                    attempt=job.attempt,
+                    package=await fetch,
+                    nonce=job.nonce,
+                    env=self._env(job),
+                    requirements=list(job.spec.requirements),
                 )
-            try:
-                package = await fetch
-                handle = await self.backend.start(
-                    Launch(
-                        job_id=job.job_id,
-                        attempt=job.attempt,
-                        package=package,
-                        nonce=job.nonce,
-                        env=self._env(job),
-                        requirements=list(job.spec.requirements),
-                    )
-                )
-            except Exception as exc:
-                if job.revoked:
-                    await self.backend.cleanup(job.job_id, job.attempt)
-                    return
-                log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
-                await self._end(
-                    job,
-                    ev.JobFailed(
-                        job_id=job.job_id,
-                        user=job.user,
-                        worker_id=self.worker_id,
-                        code="INTERNAL",
-                        message=f"Failed to start the job on {self.worker_id}: {exc}",
-                        trace=child_trace(job.trace),
-                    ),
-                )
-                return
+            )
+        except Exception as exc:
             if job.revoked:
                 await self.backend.cleanup(job.job_id, job.attempt)
                 return
-            await self.emit(
-                [
-                    ev.JobStarted(
-                        job_id=job.job_id,
-                        user=job.user,
-                        worker_id=self.worker_id,
-                        backend=self.backend.name,
-                        handle=handle,
-                        attempt=job.attempt,
-                        trace=child_trace(job.trace),
-                    )
-                ]
-            )
-        finally:
-            self._starting.pop(job.job_id, None)
-            self.wake()
+            log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
+            await self._end(job, handlers.start_failed(job, self.worker_id, exc))
+            return
+        if job.revoked:
+            await self.backend.cleanup(job.job_id, job.attempt)
+            return
+        await self.emit([handlers.started(job, self.worker_id, self.backend.name, handle)])
 
     async def _package(self, code_ref: str) -> bytes:
         """The code package, from a small in-memory cache (packages are content addressed)."""
@@ -209,35 +170,18 @@ class Runner(EventService):
         return data
 
     def _env(self, job: st.RunJob) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k in ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
-        }
-        env.update(job.env)
-        env.update(job.spec.env)
-        env.update(
-            {
-                "PYTHONUNBUFFERED": "1",
-                "CUMULUS_JOB_ID": job.job_id,
-                "CUMULUS_WORKER_ID": self.worker_id,
-                "CUMULUS_REQUIREMENTS": msgspec.json.encode(job.spec.requirements).decode(),
-                "CUMULUS_MAX_UNPACKED": str(self.config.limits.max_unpacked_bytes),
-            }
+        wheelhouse = self.config.container.wheelhouse if self.backend.name == "process" else ""
+        return handlers.job_env(
+            job,
+            self.worker_id,
+            os.environ,
+            self.config.limits.max_unpacked_bytes,
+            wheelhouse or "",
         )
-        if self.config.container.wheelhouse and self.backend.name == "process":
-            env["CUMULUS_WHEELHOUSE"] = self.config.container.wheelhouse
-        return env
 
     # -- watching --------------------------------------------------------------------------
 
     async def _watch(self, job: st.RunJob) -> None:
-        try:
-            await self._watch_until_end(job)
-        finally:
-            self._watchers.pop(job.job_id, None)
-
-    async def _watch_until_end(self, job: st.RunJob) -> None:
         out = self.backend.output(job.job_id, job.attempt, job.handle, job.nonce, dict(job.offsets))
         try:
             await self._follow(job, out)
@@ -245,153 +189,84 @@ class Runner(EventService):
             out.close()
 
     async def _follow(self, job: st.RunJob, out: Output) -> None:
-        deadline = job.started_at + job.spec.duration_s
-        result: dict[str, Any] | None = None
-        exit_: Exit | None = None
-        ending: ev.Terminal | None = None
+        """Deliver the job's output until it is over, then report how it ended."""
+        frames = handlers.Frames(job.nonce)
+        end: Exit | ev.Terminal | None = None
         held: list[ev.LogLine] = []
         """Lines after the result frame: logged with the outcome, so a restart re-reads the
         frame rather than resuming past it."""
-        end_line = end_marker(job.nonce) if job.nonce else "\x00"
         idle = 0
         while True:
             if job.revoked:
                 await self.backend.kill(job.job_id, job.attempt, job.handle)
                 await self.backend.cleanup(job.job_id, job.attempt)
                 return
-            if exit_ is None and ending is None:
-                exit_ = await self.backend.exited(job.job_id, job.attempt, job.handle)
-                if exit_ is None and out.complete:
-                    # The in-job runner wrote its result and closed both streams.
-                    exit_ = Exit(0, "the job finished")
-                elif exit_ is None and job.cancel:
-                    await self.backend.kill(job.job_id, job.attempt, job.handle)
-                    ending = ev.JobCancelled(
-                        job_id=job.job_id,
-                        user=job.user,
-                        worker_id=self.worker_id,
-                        message=job.cancel_reason or "cancelled by user",
-                        trace=child_trace(job.trace),
-                    )
-                elif exit_ is None and time.time() >= deadline:
-                    await self.backend.kill(job.job_id, job.attempt, job.handle)
-                    ending = ev.JobTimedOut(
-                        job_id=job.job_id,
-                        user=job.user,
-                        worker_id=self.worker_id,
-                        message=deadline_exceeded(job.spec.duration_s).message,
-                        trace=child_trace(job.trace),
-                    )
-            final = exit_ is not None or ending is not None
-            got = await out.read(final)
-            lines = held
-            for name, text in got:
-                if end_line in text:
-                    text = text[: text.index(end_line)]
-                    if not text:
-                        continue
-                if name == "stdout" and job.nonce and result is None:
-                    framed = parse_frame(text, job.nonce)
-                    if framed is not None:
-                        before, result = framed
-                        if before:
-                            lines.append(ev.LogLine(name, before))
-                        continue
-                lines.append(ev.LogLine(name, text))
-            if final and out.done:
-                records = self._log_events(job, lines, out.cursor())
-                if ending is None:
-                    assert exit_ is not None
-                    ending = await self._outcome(job, result, exit_.code, exit_.reason)
-                await self._end(job, ending, records)
+            if end is None:
+                end = await self._end_of(job, out)
+            got = await out.read(end is not None)
+            lines = held + frames.lines(got)
+            if end is not None and out.done:
+                await self._finish(job, end, frames.result, lines, out.cursor())
                 return
-            if result is not None:
-                held = lines
-                continue_now = bool(got)
-            else:
-                held = []
-                records = self._log_events(job, lines, out.cursor())
-                if records:
-                    await self.emit(records[0], internal=records[1])
-                continue_now = bool(got)
-            if continue_now:
+            held = lines if frames.result is not None else []
+            if frames.result is None:
+                await self._emit_logs(job, lines, out.cursor())
+            if got:
                 idle = 0
                 await asyncio.sleep(0)
                 continue
             idle += 1
             await out.wait(POLL_FAST_S if idle < 5 else POLL_SLOW_S)
 
+    async def _end_of(self, job: st.RunJob, out: Output) -> Exit | ev.Terminal | None:
+        """How the job ended (its exit), or the ending we gave it (killed), or None."""
+        exit_ = await self.backend.exited(job.job_id, job.attempt, job.handle)
+        if exit_ is not None:
+            return exit_
+        if out.complete:
+            # The in-job runner wrote its result and closed both streams.
+            return Exit(0, "the job finished")
+        why = handlers.stop(job, time.time())
+        if why is None or why is handlers.Stop.REVOKED:
+            return None  # a revocation is handled before the next read
+        await self.backend.kill(job.job_id, job.attempt, job.handle)
+        return handlers.ending(job, self.worker_id, why)
+
+    async def _emit_logs(self, job: st.RunJob, lines: list[ev.LogLine], cursor: Any) -> None:
+        records = self._log_events(job, lines, cursor)
+        if records:
+            await self.emit(records[0], internal=records[1])
+
     def _log_events(
         self, job: st.RunJob, lines: list[ev.LogLine], offsets: dict[str, int]
-    ) -> tuple[list[ev.Event], list[Any]] | None:
-        """JobLog events for `lines` (batched, capped at max_log_bytes) and the new cursor."""
-        if not lines and offsets == job.offsets:
-            return None
-        limit = self.config.worker.max_log_bytes
-        out: list[ev.Event] = []
-        batch: list[ev.LogLine] = []
-        size = 0
-        seq, sent, truncated = job.seq, job.sent_bytes, job.truncated
-
-        def flush() -> None:
-            nonlocal batch, size, seq
-            if batch:
-                out.append(
-                    ev.JobLog(
-                        job_id=job.job_id,
-                        user=job.user,
-                        worker_id=self.worker_id,
-                        seq=seq,
-                        lines=batch,
-                        trace=job.trace,
-                    )
-                )
-                seq += len(batch)
-                batch, size = [], 0
-
-        for line in lines:
-            if truncated:
-                break
-            cost = len(line.text) + 8
-            if sent + cost > limit:
-                truncated = True
-                line = ev.LogLine("stderr", f"[cumulus] output truncated after {sent} bytes")
-            batch.append(line)
-            size += cost
-            sent += cost
-            if len(batch) >= MAX_LINES_PER_EVENT or size >= MAX_BYTES_PER_EVENT:
-                flush()
-        flush()
-        cursor = st.LogCursor(
-            job_id=job.job_id, seq=seq, offsets=offsets, sent_bytes=sent, truncated=truncated
+    ) -> handlers.LogRecords | None:
+        return handlers.log_events(
+            job, self.worker_id, lines, offsets, self.config.worker.max_log_bytes
         )
-        return out, [cursor]
+
+    async def _finish(
+        self,
+        job: st.RunJob,
+        end: Exit | ev.Terminal,
+        result: dict[str, Any] | None,
+        lines: list[ev.LogLine],
+        cursor: dict[str, int],
+    ) -> None:
+        records = self._log_events(job, lines, cursor)
+        if isinstance(end, Exit):
+            end = await self._outcome(job, result, end)
+        await self._end(job, end, records)
 
     async def _outcome(
-        self, job: st.RunJob, result: dict[str, Any] | None, code: int | None, reason: str
+        self, job: st.RunJob, result: dict[str, Any] | None, exit_: Exit
     ) -> ev.Terminal:
-        common: dict[str, Any] = {
-            "job_id": job.job_id,
-            "user": job.user,
-            "worker_id": self.worker_id,
-            "trace": child_trace(job.trace),
-        }
-        runtime = max(0.0, time.time() - job.started_at)
+        stored = None
         if result is not None and result.get("ok"):
             encoded = msgspec.json.encode(result)
             if len(encoded) > MAX_INLINE_RESULT:
-                encoded = await self._store_result(job, encoded)
-            return ev.JobCompleted(result=msgspec.Raw(encoded), runtime_s=runtime, **common)
-        if result is not None:
-            return ev.JobFailed(
-                code="INTERNAL",
-                message=f"{result.get('type')}: {result.get('message')}",
-                traceback=str(result.get("traceback", "")),
-                **common,
-            )
-        return ev.JobFailed(
-            code="INTERNAL", message=f"Job ended without a result: {reason}", **common
-        )
+                stored = await self._store_result(job, encoded)
+        runtime = max(0.0, time.time() - job.started_at)
+        return handlers.outcome(job, self.worker_id, result, exit_.reason, runtime, stored)
 
     async def _store_result(self, job: st.RunJob, encoded: bytes) -> bytes:
         """Put a result too large for an event in the object store; return its reference."""
@@ -407,7 +282,7 @@ class Runner(EventService):
         self,
         job: st.RunJob,
         ending: ev.Terminal,
-        records: tuple[list[ev.Event], list[Any]] | None = None,
+        records: handlers.LogRecords | None = None,
     ) -> None:
         logs, internal = records or ([], [])
         if job.revoked:  # given up while it ended: no outcome for this attempt

@@ -7,8 +7,8 @@ a cursor recorded in the runner's log, so a restarted runner neither repeats nor
 The last line without a newline is delivered once the output is complete.
 
 Output comes from files (the process backend: `FileOutput` over two `FileTail`s) or from a log
-stream (Docker and Swarm: `LogStream` in `services/runner/containers.py`). Both keep the result
-frame whole, however long it is.
+stream (Docker and Swarm: `LogStream` in `services/runner/logstream.py`); both cut lines with
+`lines.LineSplitter` and keep the result frame whole, however long it is.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Protocol
 
 from job_image.runner import END as END_TEXT
 from job_image.runner import FRAME as FRAME_TEXT
+from services.runner.lines import MAX_LINE, LineSplitter, text
 
-MAX_LINE = 64 * 1024
-"""A longer line is cut into pieces of this size, so one line cannot exceed a message."""
+__all__ = ["MAX_LINE", "Backend", "Exit", "FileOutput", "FileTail", "Launch", "Output"]
+
 MAX_FRAME = 256 * 1024 * 1024
 """Largest result frame read whole."""
 FRAME = FRAME_TEXT.encode()
@@ -199,16 +200,11 @@ class FileTail:
         return self._take(data[: end + 1], through=end + 1)
 
     def _take(self, chunk: bytes, through: int) -> list[str]:
+        """Every line of `chunk` (the last one whether or not a newline ends it)."""
         self.offset += through
-        lines: list[str] = []
-        for raw in chunk.split(b"\n"):
-            while len(raw) > MAX_LINE:
-                lines.append(raw[:MAX_LINE].decode(errors="replace"))
-                raw = raw[MAX_LINE:]
-            lines.append(raw.decode(errors="replace"))
-        if chunk.endswith(b"\n"):
-            lines.pop()  # the empty string after the last newline
-        return [line.removesuffix("\r") for line in lines]
+        split = LineSplitter()
+        split.feed(chunk)
+        return [text(raw) for raw, _ in split.lines(final=True)]
 
     def _frame(self, final: bool) -> list[str]:
         data = self._read(MAX_FRAME)

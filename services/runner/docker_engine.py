@@ -19,7 +19,10 @@ import docker.errors
 from docker.types import DeviceRequest
 
 from services.runner import containers as ct
+from services.runner import labels as lb
+from services.runner import spec as sp
 from services.runner.backend import Exit, Launch, Output
+from services.runner.logstream import LogStream
 from shared.config import Config
 
 
@@ -29,7 +32,7 @@ class DockerBackend:
     def __init__(self, config: Config, root: Path, worker_id: str) -> None:
         self.config = config
         self.worker_id = worker_id
-        self.client = ct.engine()
+        self.client = sp.engine()
         self.jobs = ct.Jobs(config, root, worker_id)
         self._exits: dict[str, Exit] = {}
         self._waiters: dict[str, threading.Thread] = {}
@@ -39,14 +42,14 @@ class DockerBackend:
         return await asyncio.to_thread(self._start, launch)
 
     def _start(self, launch: Launch) -> str:
-        name = ct.container_name(launch.job_id, launch.attempt)
+        name = lb.container_name(launch.job_id, launch.attempt)
         with contextlib.suppress(docker.errors.NotFound):
             found = self.client.containers.get(name)
             if found.status == "created":
                 found.start()
             return str(found.id)
         prepared = self.jobs.prepare(self.client, launch)
-        devices = ct.nvidia_devices(launch.env)
+        devices = sp.nvidia_devices(launch.env)
         requests = (
             [DeviceRequest(driver="nvidia", device_ids=devices, capabilities=[["gpu"]])]
             if devices
@@ -58,13 +61,13 @@ class DockerBackend:
                 ["--job-dir", "/job"],
                 name=name,
                 detach=True,
-                environment=ct.job_env(launch),
-                labels=ct.labels(self.worker_id, launch.job_id, launch.attempt),
+                environment=sp.job_env(launch),
+                labels=lb.labels(self.worker_id, launch.job_id, launch.attempt),
                 mounts=prepared.mounts,
                 working_dir="/job",
-                network_mode="bridge" if ct.wants_network(launch) else "none",
+                network_mode="bridge" if sp.wants_network(launch) else "none",
                 device_requests=requests,
-                **ct.hardening(self.config),
+                **sp.hardening(self.config),
             )
         except docker.errors.APIError as exc:
             if exc.status_code != 409:  # 409: a concurrent start made it; adopt that one
@@ -75,7 +78,7 @@ class DockerBackend:
     def output(
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
-        return ct.LogStream(self.client, f"/containers/{handle}/logs", nonce, cursor)
+        return LogStream(self.client, f"/containers/{handle}/logs", nonce, cursor)
 
     async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
         if handle not in self._waiters:
@@ -113,20 +116,16 @@ class DockerBackend:
             self._remove(str(container.id))
             self._exits.pop(str(container.id), None)
             self._waiters.pop(str(container.id), None)
-        self.jobs.remove_dir(job_id, attempt)
+        self.jobs.dirs.remove(job_id, attempt)
 
     def _containers(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
-        wanted = [f"{ct.LABEL_WORKER}={self.worker_id}"]
-        if job_id is not None:
-            wanted.append(f"{ct.LABEL_JOB}={job_id}")
-        if attempt is not None:
-            wanted.append(f"{ct.LABEL_ATTEMPT}={attempt}")
-        return list(self.client.containers.list(all=True, filters={"label": wanted}))
+        wanted = lb.label_filter(self.worker_id, job_id, attempt)
+        return list(self.client.containers.list(all=True, filters=wanted))
 
     async def held(self) -> list[tuple[str, int]]:
         def find() -> list[tuple[str, int]]:
-            found = {ct.parse_labels(c.labels) for c in self._containers()}
-            return sorted({f for f in found if f is not None} | set(self.jobs.dirs()))
+            found = {lb.parse_labels(c.labels) for c in self._containers()}
+            return sorted({f for f in found if f is not None} | set(self.jobs.dirs.scan()))
 
         return await asyncio.to_thread(find)
 

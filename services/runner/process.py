@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from services.runner.backend import Exit, FileOutput, Launch, Output
+from services.runner.jobdirs import JobDirs, requirements_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class ProcessBackend:
 
     def __init__(self, root: Path, ledger: Path | None = None, zygote: bool = True) -> None:
         self.root = root
+        self.dirs = JobDirs(root)
         self.ledger = ledger
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._use_zygote = zygote
@@ -49,14 +50,16 @@ class ProcessBackend:
         self._notify_path: str | None = None
 
     def job_dir(self, job_id: str, attempt: int) -> Path:
-        return self.root / f"{job_id}.{attempt}"
+        return self.dirs.path(job_id, attempt)
 
     async def start(self, launch: Launch) -> str:
         """Start the job, or return the handle of the one a crashed runner already started."""
         env = dict(launch.env)
         if launch.requirements:
             # The environment cache: jobs with the same requirements share one install.
-            env["CUMULUS_DEPS_DIR"] = str(self.root.parent / "envs" / requirements_key(launch))
+            env["CUMULUS_DEPS_DIR"] = str(
+                self.root.parent / "envs" / requirements_key(launch.requirements)
+            )
         notify = await self._listen()
         return await asyncio.to_thread(
             self._start, launch.job_id, launch.attempt, launch.package, launch.nonce, env, notify
@@ -78,9 +81,7 @@ class ProcessBackend:
         if (job_dir / LAUNCHED).exists():
             # A crashed runner's launcher won the job and is about to record its pid.
             return self._launcher_pid(job_dir)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "package.zip").write_bytes(package)
-        (job_dir / ".nonce").write_text(nonce)
+        self.dirs.write(job_id, attempt, package, nonce)
         launch = {
             "job_id": job_id,
             "env": env,
@@ -238,25 +239,14 @@ class ProcessBackend:
             if child is not None:
                 await asyncio.to_thread(child.wait, 5)
         self._ended.pop(str(self.job_dir(job_id, attempt)), None)
-        shutil.rmtree(self.job_dir(job_id, attempt), ignore_errors=True)
+        self.dirs.remove(job_id, attempt)
 
     async def held(self) -> list[tuple[str, int]]:
         return self.handles()
 
     def handles(self) -> list[tuple[str, int]]:
         """(job id, attempt) of every job directory present, for reconciling after a crash."""
-        out = []
-        for path in self.root.glob("*.*"):
-            job_id, _, attempt = path.name.rpartition(".")
-            if attempt.isdigit():
-                out.append((job_id, int(attempt)))
-        return out
-
-
-def requirements_key(launch: Launch) -> str:
-    """The environment cache key: a hash of the requirements, order and case insensitive."""
-    text = "\n".join(sorted(r.strip().lower() for r in launch.requirements))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self.dirs.scan()
 
 
 def _alive(pid: int) -> bool:

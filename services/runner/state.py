@@ -33,14 +33,8 @@ class LogCursor(
 
 
 Record = ev.AnyEvent | Launching | LogCursor
-_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(Record)
-
-
-def decode(data: bytes) -> Any:
-    try:
-        return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ev.MalformedEvent(f"malformed event: {exc}") from None
+decode = ev.decoder(Record)
+"""Decode one event or internal record of the runner's log (MalformedEvent otherwise)."""
 
 
 class RunJob(msgspec.Struct, kw_only=True):
@@ -68,6 +62,8 @@ class RunJob(msgspec.Struct, kw_only=True):
 
 
 class RunnerState:
+    """The jobs of one worker by id; `apply` changes it by one event or record."""
+
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         self.jobs: dict[str, RunJob] = {}

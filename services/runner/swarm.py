@@ -34,9 +34,13 @@ from docker.types import (
 )
 
 from services.runner import containers as ct
+from services.runner import labels as lb
+from services.runner import spec as sp
 from services.runner.backend import Exit, Launch, Output
 from services.runner.docker_engine import describe
+from services.runner.logstream import LogStream
 from shared.config import Config
+from shared.sizes import parse_size
 
 POLL_S = 0.05
 ENDED = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
@@ -48,7 +52,7 @@ class SwarmBackend:
     def __init__(self, config: Config, root: Path, worker_id: str) -> None:
         self.config = config
         self.worker_id = worker_id
-        self.client = ct.engine()
+        self.client = sp.engine()
         self.jobs = ct.Jobs(config, root, worker_id)
         self.node = config.container.swarm_node or str(self.client.info()["Swarm"]["NodeID"])
         if not self.node:
@@ -61,42 +65,42 @@ class SwarmBackend:
         return await asyncio.to_thread(self._start, launch)
 
     def _start(self, launch: Launch) -> str:
-        name = ct.container_name(launch.job_id, launch.attempt)
+        name = lb.container_name(launch.job_id, launch.attempt)
         existing = self._service(name)
         if existing is not None:
             return existing
         prepared = self.jobs.prepare(self.client, launch)
-        limit = ct.memory_bytes(self.config.container.memory)
+        limit = parse_size(self.config.container.memory)
         resources = Resources(mem_limit=limit)
         resources["Limits"]["Pids"] = self.config.container.pids_limit
         tmp = Mount(
-            "/tmp", None, type="tmpfs", tmpfs_size=ct.memory_bytes(self.config.container.tmp_size)
+            "/tmp", None, type="tmpfs", tmpfs_size=parse_size(self.config.container.tmp_size)
         )
         spec = ContainerSpec(
             self.jobs.image_id(self.client),
             args=["--job-dir", "/job"],
-            env=ct.job_env(launch),
+            env=sp.job_env(launch),
             workdir="/job",
-            user=ct.JOB_USER,
-            labels=ct.labels(self.worker_id, launch.job_id, launch.attempt),
+            user=sp.JOB_USER,
+            labels=lb.labels(self.worker_id, launch.job_id, launch.attempt),
             mounts=[*prepared.mounts, tmp],
             read_only=True,
             cap_drop=["ALL"],
         )
-        networks = None if ct.wants_network(launch) else [self._isolated_network()]
+        networks = None if sp.wants_network(launch) else [self._isolated_network()]
         template = TaskTemplate(
             spec,
             resources=resources,
             restart_policy=RestartPolicy(condition="none"),
             placement=Placement(constraints=[f"node.id=={self.node}"]),
-            log_driver=DriverConfig("json-file", ct.log_options(self.config)),
+            log_driver=DriverConfig("json-file", sp.log_options(self.config)),
             networks=networks,
         )
         try:
             created = self.client.api.create_service(
                 template,
                 name=name,
-                labels=ct.labels(self.worker_id, launch.job_id, launch.attempt),
+                labels=lb.labels(self.worker_id, launch.job_id, launch.attempt),
             )
         except docker.errors.APIError as exc:
             found = self._service(name) if exc.status_code == 409 else None
@@ -129,7 +133,7 @@ class SwarmBackend:
     def output(
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
-        return ct.LogStream(self.client, f"/services/{handle}/logs", nonce, cursor)
+        return LogStream(self.client, f"/services/{handle}/logs", nonce, cursor)
 
     async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
         if handle not in self._pollers:
@@ -184,12 +188,8 @@ class SwarmBackend:
                 self.client.api.remove_service(handle)
         # Swarm removes the task's container 1-2.5 s after the service; on our own node we
         # don't wait for it.
-        wanted = [
-            f"{ct.LABEL_WORKER}={self.worker_id}",
-            f"{ct.LABEL_JOB}={job_id}",
-            f"{ct.LABEL_ATTEMPT}={attempt}",
-        ]
-        for container in self.client.api.containers(all=True, filters={"label": wanted}):
+        wanted = lb.label_filter(self.worker_id, job_id, attempt)
+        for container in self.client.api.containers(all=True, filters=wanted):
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 self.client.api.remove_container(container["Id"], force=True)
 
@@ -203,23 +203,20 @@ class SwarmBackend:
             self._exits.pop(handle, None)
             self._remove(job_id, attempt, handle)
         self._remove(job_id, attempt, None)
-        self.jobs.remove_dir(job_id, attempt)
+        self.jobs.dirs.remove(job_id, attempt)
 
     def _services(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
-        wanted = [f"{ct.LABEL_WORKER}={self.worker_id}"]
-        if job_id is not None:
-            wanted.append(f"{ct.LABEL_JOB}={job_id}")
-        if attempt is not None:
-            wanted.append(f"{ct.LABEL_ATTEMPT}={attempt}")
-        return list(self.client.api.services(filters={"label": wanted}))
+        return list(
+            self.client.api.services(filters=lb.label_filter(self.worker_id, job_id, attempt))
+        )
 
     async def held(self) -> list[tuple[str, int]]:
         def find() -> list[tuple[str, int]]:
-            found = {ct.parse_labels(s["Spec"].get("Labels")) for s in self._services()}
+            found = {lb.parse_labels(s["Spec"].get("Labels")) for s in self._services()}
             containers = self.client.api.containers(
-                all=True, filters={"label": [f"{ct.LABEL_WORKER}={self.worker_id}"]}
+                all=True, filters=lb.label_filter(self.worker_id)
             )
-            found |= {ct.parse_labels(c.get("Labels")) for c in containers}
-            return sorted({f for f in found if f is not None} | set(self.jobs.dirs()))
+            found |= {lb.parse_labels(c.get("Labels")) for c in containers}
+            return sorted({f for f in found if f is not None} | set(self.jobs.dirs.scan()))
 
         return await asyncio.to_thread(find)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdk import AsyncCumulusClient
+from cumulus import AsyncClient
 from services.stack import Stack
 from shared import events as ev
 from shared.errors import ssh_failed
@@ -59,7 +59,7 @@ async def test_sshd_stopped_mid_run_fails_over_to_the_local_worker(
     )
     try:
         await stack.start(timeout=60)
-        async with AsyncCumulusClient(stack.url) as client:
+        async with AsyncClient(stack.url) as client:
             # Two whole GPUs fit only on ssh-1: created and released over SSH.
             job = await client.submit(two_plus_two, gpu=2, duration=600)
             assert await job.result(timeout=60) == 4
@@ -71,7 +71,7 @@ async def test_sshd_stopped_mid_run_fails_over_to_the_local_worker(
             # Hold local-1's only device for a moment, so the next job goes to ssh-1 first.
             blocker = await client.submit(pause, 1.0, gpu=1, duration=600)
             await _started(blocker)
-            assert (await blocker.status())["worker_id"] == "local-1"
+            assert (await blocker.status()).worker_id == "local-1"
 
             sshd.stop()  # the listener and the connection the partitioner holds
             job = await client.submit(two_plus_two, gpu=0.5, duration=600)
@@ -108,7 +108,7 @@ async def _started(job: object) -> None:
     raise AssertionError("the job ended without starting")
 
 
-async def _released(client: AsyncCumulusClient, job_id: str, timeout: float = 30) -> None:
+async def _released(client: AsyncClient, job_id: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     js = client.nc.jetstream()
     while time.monotonic() < deadline:

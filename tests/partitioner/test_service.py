@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client
 
 from services.partitioner.app import Partitioner
+from services.partitioner.types import Partition, as_partition, as_partitions
 from shared import bus as bus_mod
 from shared import events as ev
 from shared.errors import ssh_failed
@@ -115,7 +116,7 @@ async def test_sshd_down_retries_then_fails_unavailable_with_the_seeds_message(
     )
     await seen.wait(ev.WorkerRegistered, worker_id="ssh-c")
     sshd.stop()
-    caplog.set_level(logging.WARNING, logger="services.partitioner.app")
+    caplog.set_level(logging.WARNING, logger="services.partitioner.effects")
     started = time.monotonic()
     await bus_mod.publish(nc.jetstream(), selected("ssh-job-c", "ssh-c"))
     failed = await seen.wait(ev.PartitionFailed, job_id="ssh-job-c")
@@ -148,6 +149,10 @@ async def test_an_unreachable_worker_sends_no_heartbeats_until_it_is_back(
     assert time.monotonic() - time_down < 15
 
 
+async def live(chronos: Any) -> list[Partition]:
+    return as_partitions(await chronos.partitions())
+
+
 async def _settle(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
@@ -161,7 +166,7 @@ async def test_a_revoked_placement_is_released_and_reported_once(
     await bus_mod.publish(js, selected("rev-job", "rev-1"))
     ready = await seen.wait(ev.PartitionReady, job_id="rev-job")
     chronos = service.agents["rev-1"].chronos
-    assert [p["label"] for p in await chronos.partitions()] == ["rev-job.1"]
+    assert [p.label for p in await live(chronos)] == ["rev-job.1"]
     # A revocation of some other attempt is stale: nothing happens.
     await bus_mod.publish(
         js, ev.PlacementRevoked(job_id="rev-job", worker_id="rev-1", attempt=7, reason="old")
@@ -202,12 +207,12 @@ async def test_an_expired_partition_is_held_by_nobody_and_gone_once_reaped(
 ) -> None:
     service = await start_partitioner(CUMULUS_WORKER_ID="reap-0")  # periodic reaper off
     agent = service.agents["reap-0"]
-    short = await agent.chronos.create(0, 5, 1, "short-job.1")
+    short = as_partition(await agent.chronos.create(0, 5, 1, "short-job.1"))
     await _settle(1.2)
     assert await agent.chronos.partitions() == []  # expired: never reported as held
     unreaped = (await agent.chronos._call("list", "--all"))["partitions"]
-    assert [p["partition_id"] for p in unreaped] == [short["partition_id"]]
-    assert await service.reap(agent) == [short["partition_id"]]
+    assert [p["partition_id"] for p in unreaped] == [short.partition_id]
+    assert await service.reaper.reap(agent) == [short.partition_id]
     assert (await agent.chronos._call("list", "--all"))["partitions"] == []
 
 
@@ -224,14 +229,14 @@ async def test_the_reaper_ends_expired_and_orphaned_partitions_and_never_double_
     await bus_mod.publish(js, selected("reap-job", "reap-1"))
     ready = await seen.wait(ev.PartitionReady, job_id="reap-job")
     # Partitions no placement holds: a job this worker never had, and one that expires.
-    ghost = await chronos.create(1, 3, 3600, "ghost-job.1")
-    short = await chronos.create(1, 2, 1, "short-job.1")
+    ghost = as_partition(await chronos.create(1, 3, 3600, "ghost-job.1"))
+    short = as_partition(await chronos.create(1, 2, 1, "short-job.1"))
     await _settle(2.0)  # past `short`'s expiry, and several reaper passes
-    assert {p["partition_id"] for p in await chronos.partitions()} == set(ready.partition_ids)
+    assert {p.partition_id for p in await live(chronos)} == set(ready.partition_ids)
     left = {p["partition_id"] for p in (await chronos._call("list", "--all"))["partitions"]}
     assert left == set(ready.partition_ids)
-    assert ghost["partition_id"] not in left
-    assert short["partition_id"] not in left
+    assert ghost.partition_id not in left
+    assert short.partition_id not in left
     # The running job's partition stays; its release comes once, on its terminal event.
     await bus_mod.publish(
         js, ev.JobCompleted(job_id="reap-job", worker_id="reap-1", result=b'{"ok":true}')
@@ -257,8 +262,8 @@ async def test_a_release_that_could_not_reach_chronos_is_finished_by_the_reaper(
     await seen.wait(ev.PartitionReleased, job_id="late-job")
     # As after a release that gave up (chronos_cli unreachable for RELEASE_PATIENCE_S): the
     # placement is reported released while a partition of it is still in the table.
-    leftover = await agent.chronos.create(1, 5, 3600, "late-job.1")
-    assert await service.reap(agent) == [leftover["partition_id"]]
+    leftover = as_partition(await agent.chronos.create(1, 5, 3600, "late-job.1"))
+    assert await service.reaper.reap(agent) == [leftover.partition_id]
     assert await agent.chronos.partitions() == []
-    assert await service.reap(agent) == []
+    assert await service.reaper.reap(agent) == []
     assert len(seen.of(ev.PartitionReleased, job_id="late-job")) == 1

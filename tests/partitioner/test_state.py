@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from services.partitioner.handlers import orphans
 from services.partitioner.ssh import SshTarget, parse_address, parse_workers
-from services.partitioner.state import PartitionerState, orphans, parse_label
+from services.partitioner.state import PartitionerState, parse_label
+from services.partitioner.types import Partition
 from services.partitioner.workers import ssh_addresses_from_nodes
 from shared import config
 from shared import events as ev
@@ -75,8 +77,16 @@ def test_labels_name_the_job_and_attempt() -> None:
         assert parse_label(other) is None
 
 
-def partition(pid: str, label: str | None) -> dict[str, object]:
-    return {"partition_id": pid, "device": 0, "label": label}
+def partition(pid: str, label: str | None) -> Partition:
+    return Partition(
+        partition_id=pid,
+        device=0,
+        tenths=5,
+        memory_bytes=8 << 30,
+        created_at=0.0,
+        expires_at=3600.0,
+        label=label,
+    )
 
 
 def test_orphans_are_partitions_no_placement_holds() -> None:
@@ -106,7 +116,7 @@ def test_orphans_are_partitions_no_placement_holds() -> None:
         partition("p10", "someone else's"),
         partition("p11", "busy.1"),
     ]
-    found = [p["partition_id"] for p in orphans(state, live, busy={"busy"})]
+    found = [p.partition_id for p in orphans(state, live, busy={"busy"})]
     assert found == ["p4", "p5", "p6", "p8"]
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from services.runner import containers as ct
+from services.runner import spec
+from services.runner.labels import label_filter
 
 IMAGE = "cumulus-job:latest"
 
@@ -22,9 +23,9 @@ def _problem(kind: str) -> str | None:
     """Why `kind` cannot run here, or None."""
     if kind == "process":
         return None
-    if not ct.reachable():
+    if not spec.reachable():
         return "no Docker engine reachable (sudo infra/ci/setup-docker.sh)"
-    client = ct.engine(timeout=10)
+    client = spec.engine(timeout=10)
     try:
         try:
             client.images.get(IMAGE)
@@ -49,7 +50,7 @@ def need(kind: str) -> None:
 @pytest.fixture(scope="session")
 def engine() -> Iterator[docker.DockerClient]:
     need("docker")
-    client = ct.engine()
+    client = spec.engine()
     yield client
     client.close()
 
@@ -57,7 +58,7 @@ def engine() -> Iterator[docker.DockerClient]:
 def leftovers(client: docker.DockerClient, job_id: str) -> list[str]:
     """Services, containers and volumes of `job_id` still on the engine."""
     # The low-level calls list without inspecting each item, which races with removal.
-    wanted = {"label": [f"{ct.LABEL_JOB}={job_id}"]}
+    wanted = label_filter(job_id=job_id)
     api = client.api
     found = [f"container {c['Names']}" for c in api.containers(all=True, filters=wanted)]
     if client.info()["Swarm"]["LocalNodeState"] == "active":

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from cumulus import package_function
 from job_image.runner import end_marker, parse_frame
-from sdk import package_function
 from services.runner.backend import Backend, Exit, Launch
 from services.runner.config import make_backend
 from shared.config import load
@@ -219,9 +219,9 @@ async def test_kill_then_cleanup_leaves_nothing(backend: Backend) -> None:
     assert time.monotonic() - started < 2.0
     assert (run.job_id, 1) not in await backend.held()
     if backend.name != "process":
-        from services.runner import containers as ct
+        from services.runner.spec import engine
 
-        client = ct.engine()
+        client = engine()
         try:
             assert leftovers(client, run.job_id) == []
         finally:

@@ -12,7 +12,7 @@ from typing import Any
 import docker
 import pytest
 
-from sdk import AsyncCumulusClient, CumulusError
+from cumulus import AsyncClient, CumulusError
 from services.stack import Stack
 from shared import bus
 from shared import events as ev
@@ -49,17 +49,17 @@ async def stack(
 
 
 @pytest.fixture
-async def client(stack: Stack) -> AsyncIterator[AsyncCumulusClient]:
-    async with AsyncCumulusClient(stack.url) as c:
+async def client(stack: Stack) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(stack.url) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def engine_() -> docker.DockerClient:
     need("docker")
-    from services.runner import containers as ct
+    from services.runner.spec import engine
 
-    return ct.engine()
+    return engine()
 
 
 async def nothing_left(engine: docker.DockerClient, job_id: str, within: float = 5.0) -> None:
@@ -145,15 +145,15 @@ def uses_probe_package() -> tuple[int, str, float]:
     return cumulus_probe.VALUE, cumulus_probe.__file__, os.stat(ready).st_mtime
 
 
-async def test_two_plus_two(client: AsyncCumulusClient, engine_: docker.DockerClient) -> None:
+async def test_two_plus_two(client: AsyncClient, engine_: docker.DockerClient) -> None:
     job = await client.submit(add, 2, 2, gpu=0.5, duration=600)
     assert await job.result(timeout=60) == 4
     status = await job.status()
-    assert status["status"] == "COMPLETED"
+    assert status.status == "COMPLETED"
     await nothing_left(engine_, job.job_id)
 
 
-async def test_ten_thousand_lines_arrive_in_order(client: AsyncCumulusClient) -> None:
+async def test_ten_thousand_lines_arrive_in_order(client: AsyncClient) -> None:
     job = await client.submit(many_lines, 10_000, gpu=0.1, duration=600)
     lines = [line.text async for line in job.logs(follow=True)]
     assert lines == [f"line {i}" for i in range(10_000)]
@@ -161,7 +161,7 @@ async def test_ten_thousand_lines_arrive_in_order(client: AsyncCumulusClient) ->
 
 
 async def test_timeout_is_deadline_exceeded(
-    client: AsyncCumulusClient, engine_: docker.DockerClient
+    client: AsyncClient, engine_: docker.DockerClient
 ) -> None:
     job = await client.submit(sleeper, 60, gpu=0.1, duration=2)
     with pytest.raises(CumulusError) as info:
@@ -172,7 +172,7 @@ async def test_timeout_is_deadline_exceeded(
 
 
 async def test_cancel_removes_the_container_within_2_s(
-    client: AsyncCumulusClient, engine_: docker.DockerClient
+    client: AsyncClient, engine_: docker.DockerClient
 ) -> None:
     job = await client.submit(sleeper, 60, gpu=0.1, duration=600)
     await started(job)
@@ -189,7 +189,7 @@ async def test_cancel_removes_the_container_within_2_s(
 
 
 async def test_a_container_killed_from_outside_fails_clearly(
-    client: AsyncCumulusClient, engine_: docker.DockerClient
+    client: AsyncClient, engine_: docker.DockerClient
 ) -> None:
     job = await client.submit(sleeper, 60, gpu=0.1, duration=600)
     await started(job)
@@ -203,7 +203,7 @@ async def test_a_container_killed_from_outside_fails_clearly(
 
 
 async def test_a_crashing_job_fails_and_leaves_nothing(
-    client: AsyncCumulusClient, engine_: docker.DockerClient
+    client: AsyncClient, engine_: docker.DockerClient
 ) -> None:
     job = await client.submit(crash, gpu=0.1, duration=600)
     with pytest.raises(CumulusError) as info:
@@ -213,7 +213,7 @@ async def test_a_crashing_job_fails_and_leaves_nothing(
     await nothing_left(engine_, job.job_id)
 
 
-async def test_isolated_by_default(client: AsyncCumulusClient) -> None:
+async def test_isolated_by_default(client: AsyncClient) -> None:
     seen = await client.run(probe, gpu=0.1, duration=600, logs=None, timeout=60)
     assert seen["uid"] != 0
     assert seen["172.17.0.1"] != "reached"
@@ -225,12 +225,12 @@ async def test_isolated_by_default(client: AsyncCumulusClient) -> None:
 
 
 def _drop_env_volume(engine: docker.DockerClient, requirements: list[str]) -> None:
-    from services.runner.backend import Launch
-    from services.runner.process import requirements_key
+    from services.runner.jobdirs import requirements_key
+    from services.runner.labels import LABEL_ENV
 
-    key = requirements_key(Launch("", 1, b"", "", {}, requirements=requirements))
+    key = requirements_key(requirements)
     deadline = time.monotonic() + 10  # the last job's container may still be going
-    for volume in engine.volumes.list(filters={"label": [f"cumulus.env={key}"]}):
+    for volume in engine.volumes.list(filters={"label": [f"{LABEL_ENV}={key}"]}):
         while True:
             try:
                 volume.remove(force=True)
@@ -242,7 +242,7 @@ def _drop_env_volume(engine: docker.DockerClient, requirements: list[str]) -> No
 
 
 async def test_requirements_install_once_then_come_from_the_cache(
-    client: AsyncCumulusClient, stack: Stack, engine_: docker.DockerClient
+    client: AsyncClient, stack: Stack, engine_: docker.DockerClient
 ) -> None:
     _drop_env_volume(engine_, ["cumulus_probe==1.0"])
     began = time.time()
@@ -270,14 +270,14 @@ async def test_requirements_install_once_then_come_from_the_cache(
 
 
 async def test_a_revoked_placement_is_killed_without_an_outcome(
-    client: AsyncCumulusClient, stack: Stack, engine_: docker.DockerClient
+    client: AsyncClient, stack: Stack, engine_: docker.DockerClient
 ) -> None:
     job = await client.submit(sleeper, 60, gpu=0.1, duration=600)
     await started(job)
     status = await job.status()
     revoked = ev.PlacementRevoked(
         job_id=job.job_id,
-        user=status.get("user", "default"),
+        user=status.user,
         worker_id=stack.workers[0],
         attempt=1,
         reason="test: worker lost",
@@ -289,7 +289,7 @@ async def test_a_revoked_placement_is_killed_without_an_outcome(
 
 
 async def test_runner_crash_mid_job_then_exactly_one_result_and_nothing_left(
-    client: AsyncCumulusClient, stack: Stack, engine_: docker.DockerClient
+    client: AsyncClient, stack: Stack, engine_: docker.DockerClient
 ) -> None:
     job = await client.submit(sleeper, 2, gpu=0.1, duration=600)
     await started(job)

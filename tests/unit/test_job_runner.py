@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from cumulus._packaging import package_function, package_script
 from job_image.runner import FRAME, frame, parse_frame
-from sdk.packaging import package_function, package_script
 from services.runner.backend import FileTail
 
 

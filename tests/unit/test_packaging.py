@@ -16,8 +16,8 @@ from typing import Any
 import cloudpickle
 import pytest
 
+from cumulus._packaging import PackagingError, code_ref, package_function, package_script
 from job_image.package import MANIFEST, check
-from sdk.packaging import PackagingError, code_ref, package_function, package_script
 
 SCALE = 3
 

@@ -1,0 +1,253 @@
+"""The runner's decisions: pure functions of a job's state and what its backend reports.
+
+No I/O here: `app.py` starts, watches and ends jobs through the backend and emits what these
+functions return, so which jobs to start or watch, when a job is over and why, how its output
+becomes JobLog events (batched, capped) and which terminal event reports it are unit-tested
+without NATS, Docker or a process.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from job_image.runner import end_marker, parse_frame
+from services.runner import state as st
+from shared import events as ev
+from shared.errors import deadline_exceeded
+from shared.telemetry import child_trace
+
+MAX_LINES_PER_EVENT = 1000
+MAX_BYTES_PER_EVENT = 256 * 1024
+HOST_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH")
+"""The runner's own variables a job inherits; everything else comes from the partition and
+the job's spec."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """What reconciling starts: jobs cancelled before they started, starts and watchers."""
+
+    cancel: list[st.RunJob] = field(default_factory=list)
+    start: list[st.RunJob] = field(default_factory=list)
+    watch: list[st.RunJob] = field(default_factory=list)
+
+
+def work(state: st.RunnerState, busy: Iterable[str]) -> Work:
+    """Jobs that need an effect; jobs in `busy` have one under way."""
+    out = Work()
+    taken = set(busy)
+    for job in state.active():
+        if job.job_id in taken:
+            continue
+        if job.status == "ready" and job.cancel:
+            out.cancel.append(job)
+        elif job.status in ("ready", "launching"):
+            out.start.append(job)
+        elif job.status == "running":
+            out.watch.append(job)
+    return out
+
+
+def leftovers(state: st.RunnerState, held: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """What a backend holds that no running attempt owns: a crash left it behind."""
+    out = []
+    for job_id, attempt in held:
+        job = state.jobs.get(job_id)
+        if job is None or job.status == "done" or job.attempt != attempt:
+            out.append((job_id, attempt))
+    return out
+
+
+def job_env(
+    job: st.RunJob,
+    worker_id: str,
+    host: Mapping[str, str],
+    max_unpacked: int,
+    wheelhouse: str = "",
+) -> dict[str, str]:
+    """The job's environment: a few host variables, the partition's, the job's own, ours."""
+    env = {k: v for k, v in host.items() if k in HOST_ENV}
+    env.update(job.env)
+    env.update(job.spec.env)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "CUMULUS_JOB_ID": job.job_id,
+            "CUMULUS_WORKER_ID": worker_id,
+            "CUMULUS_REQUIREMENTS": msgspec.json.encode(job.spec.requirements).decode(),
+            "CUMULUS_MAX_UNPACKED": str(max_unpacked),
+        }
+    )
+    if wheelhouse:
+        env["CUMULUS_WHEELHOUSE"] = wheelhouse
+    return env
+
+
+def _common(job: st.RunJob, worker_id: str) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "user": job.user,
+        "worker_id": worker_id,
+        "trace": child_trace(job.trace),
+    }
+
+
+def started(job: st.RunJob, worker_id: str, backend: str, handle: str) -> ev.JobStarted:
+    return ev.JobStarted(
+        backend=backend, handle=handle, attempt=job.attempt, **_common(job, worker_id)
+    )
+
+
+def start_failed(job: st.RunJob, worker_id: str, exc: BaseException) -> ev.JobFailed:
+    return ev.JobFailed(
+        code="INTERNAL",
+        message=f"Failed to start the job on {worker_id}: {exc}",
+        **_common(job, worker_id),
+    )
+
+
+def cancelled(job: st.RunJob, worker_id: str) -> ev.JobCancelled:
+    return ev.JobCancelled(
+        message=job.cancel_reason or "cancelled by user", **_common(job, worker_id)
+    )
+
+
+def timed_out(job: st.RunJob, worker_id: str) -> ev.JobTimedOut:
+    return ev.JobTimedOut(
+        message=deadline_exceeded(job.spec.duration_s).message, **_common(job, worker_id)
+    )
+
+
+class Stop(enum.Enum):
+    """Why watching a job stops reading output as it comes and starts finishing."""
+
+    REVOKED = "revoked"
+    """The placement was given up: kill, clean up, report nothing."""
+    CANCEL = "cancel"
+    TIMEOUT = "timeout"
+
+
+def stop(job: st.RunJob, now: float) -> Stop | None:
+    """What must end a job still running, checked before every read of its output."""
+    if job.revoked:
+        return Stop.REVOKED
+    if job.cancel:
+        return Stop.CANCEL
+    if now >= job.started_at + job.spec.duration_s:
+        return Stop.TIMEOUT
+    return None
+
+
+def ending(job: st.RunJob, worker_id: str, why: Stop) -> ev.Terminal:
+    return cancelled(job, worker_id) if why is Stop.CANCEL else timed_out(job, worker_id)
+
+
+@dataclass
+class Frames:
+    """Output lines as log lines, with the in-job runner's result frame taken out."""
+
+    nonce: str
+    result: dict[str, Any] | None = None
+
+    def lines(self, got: Iterable[tuple[str, str]]) -> list[ev.LogLine]:
+        end_line = end_marker(self.nonce) if self.nonce else "\x00"
+        lines: list[ev.LogLine] = []
+        for name, text in got:
+            if end_line in text:
+                text = text[: text.index(end_line)]
+                if not text:
+                    continue
+            if name == "stdout" and self.nonce and self.result is None:
+                framed = parse_frame(text, self.nonce)
+                if framed is not None:
+                    before, self.result = framed
+                    if before:
+                        lines.append(ev.LogLine(name, before))
+                    continue
+            lines.append(ev.LogLine(name, text))
+        return lines
+
+
+LogRecords = tuple[list[ev.Event], list[Any]]
+"""JobLog events to publish and the internal LogCursor record that goes with them."""
+
+
+def log_events(
+    job: st.RunJob,
+    worker_id: str,
+    lines: list[ev.LogLine],
+    offsets: dict[str, int],
+    limit: int,
+) -> LogRecords | None:
+    """JobLog events for `lines` (batched, capped at `limit` bytes) and the new cursor."""
+    if not lines and offsets == job.offsets:
+        return None
+    out: list[ev.Event] = []
+    batch: list[ev.LogLine] = []
+    size = 0
+    seq, sent, truncated = job.seq, job.sent_bytes, job.truncated
+
+    def flush() -> None:
+        nonlocal batch, size, seq
+        if batch:
+            out.append(
+                ev.JobLog(
+                    job_id=job.job_id,
+                    user=job.user,
+                    worker_id=worker_id,
+                    seq=seq,
+                    lines=batch,
+                    trace=job.trace,
+                )
+            )
+            seq += len(batch)
+            batch, size = [], 0
+
+    for line in lines:
+        if truncated:
+            break
+        cost = len(line.text) + 8
+        if sent + cost > limit:
+            truncated = True
+            line = ev.LogLine("stderr", f"[cumulus] output truncated after {sent} bytes")
+        batch.append(line)
+        size += cost
+        sent += cost
+        if len(batch) >= MAX_LINES_PER_EVENT or size >= MAX_BYTES_PER_EVENT:
+            flush()
+    flush()
+    cursor = st.LogCursor(
+        job_id=job.job_id, seq=seq, offsets=offsets, sent_bytes=sent, truncated=truncated
+    )
+    return out, [cursor]
+
+
+def outcome(
+    job: st.RunJob,
+    worker_id: str,
+    result: dict[str, Any] | None,
+    reason: str,
+    runtime_s: float,
+    stored: bytes | None = None,
+) -> ev.Terminal:
+    """The terminal event for a job that exited: its result, its error, or why it has none.
+
+    `stored` replaces a result too large for an event (a reference into the object store).
+    """
+    common = _common(job, worker_id)
+    if result is not None and result.get("ok"):
+        encoded = stored if stored is not None else msgspec.json.encode(result)
+        return ev.JobCompleted(result=msgspec.Raw(encoded), runtime_s=runtime_s, **common)
+    if result is not None:
+        return ev.JobFailed(
+            code="INTERNAL",
+            message=f"{result.get('type')}: {result.get('message')}",
+            traceback=str(result.get("traceback", "")),
+            **common,
+        )
+    return ev.JobFailed(code="INTERNAL", message=f"Job ended without a result: {reason}", **common)
