@@ -1,9 +1,7 @@
 .PHONY: check test demo bench
 
-check:  ## lint, format check and strict types
-	.venv/bin/ruff check .
-	.venv/bin/ruff format --check .
-	.venv/bin/mypy shared sdk services cumulus_core job_image
+check:  ## lint (with a complexity ceiling), format check and strict types
+	bash scripts/check.sh
 
 test:
 	bash scripts/test.sh

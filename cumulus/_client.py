@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
@@ -39,6 +38,7 @@ from cumulus._packaging import (
 )
 from cumulus._retry import RetryPolicy
 from shared import api, subjects
+from shared import events as ev
 from shared.errors import CumulusError, InvalidArgument
 from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
 
@@ -233,7 +233,7 @@ class AsyncClient:
                 gpu=opts.gpu,
                 duration=opts.duration,
                 user=self.user,
-                job_id=job_id or new_job_id(),
+                job_id=job_id or ev.new_job_id(),
                 entrypoint=entrypoint,
                 requirements=list(opts.requirements),
                 priority=opts.priority,
@@ -421,10 +421,6 @@ def _note(text: str) -> Callable[[], Coroutine[Any, Any, None]]:
         log.info(text)
 
     return note
-
-
-def new_job_id() -> str:
-    return "j" + uuid.uuid4().hex[:20]
 
 
 class Client:

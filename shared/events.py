@@ -23,6 +23,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def new_job_id() -> str:
+    """A job id: unique, short, and a valid subject token (the client or the gateway picks it)."""
+    return "j" + uuid.uuid4().hex[:20]
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     """Common envelope of every event."""
 

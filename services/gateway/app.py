@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -102,7 +101,7 @@ class Gateway(EventService[JobTable]):
         req = api.decode_request(data, api.SubmitRequest)
         if not subjects.valid_token(req.user):
             raise InvalidArgument(f"Invalid user {req.user!r}: use letters, digits, '-' and '_'")
-        job_id = req.job_id or "j" + uuid.uuid4().hex[:20]
+        job_id = req.job_id or ev.new_job_id()
         if not subjects.valid_token(job_id):
             raise InvalidArgument(f"Invalid job id {job_id!r}: use letters, digits, '-' and '_'")
         gpu = GpuRequest.parse(req.gpu)

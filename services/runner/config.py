@@ -18,11 +18,11 @@ BACKENDS: tuple[BackendKind, ...] = typing.get_args(BackendKind)
 
 def detect(config: Config) -> str:
     """`docker` when an engine answers and holds the job image, else `process`."""
-    from services.runner import containers
+    from services.runner.spec import engine, reachable
 
-    if not containers.reachable():
+    if not reachable():
         return "process"
-    client = containers.engine(timeout=5)
+    client = engine(timeout=5)
     try:
         client.images.get(config.container.image)
     except Exception:

@@ -25,12 +25,8 @@ from docker.types import Mount
 from services.runner.backend import Launch
 from services.runner.jobdirs import JobDirs, requirements_key
 from services.runner.labels import LABEL_ENV, LABEL_WORKER
-from services.runner.spec import engine, hardening, reachable
+from services.runner.spec import hardening
 from shared.config import Config
-
-__all__ = ["Jobs", "Prepared", "engine", "reachable"]
-# `engine` and `reachable` live in spec.py; re-exported while services/runner/config.py
-# imports them from here.
 
 log = logging.getLogger(__name__)
 

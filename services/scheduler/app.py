@@ -1,10 +1,11 @@
 """The scheduler: worker inventory, fractional placement, the queue, retries, freeing capacity.
 
 One active scheduler. It consumes job events that change capacity and the WORKERS stream,
-decides placements (services/scheduler/handlers.py, pure), and answers three requests on the
+decides placements (services/scheduler/handlers.py, pure), and answers four requests on the
 `cumulus-scheduler` micro service: `cumulus.scheduler.admit` (can this ever fit?),
-`cumulus.scheduler.workers` (devices with allocated and free share) and
-`cumulus.scheduler.state` (the allocation state and the log position it was read at).
+`cumulus.scheduler.workers` (devices with allocated and free share),
+`cumulus.scheduler.state` (the allocation state and the log position it was read at) and
+`cumulus.scheduler.queue` (a waiting job's live position and reason).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from shared import api, subjects
 from shared import events as ev
 from shared.errors import NotFound
 from shared.service import ConsumerSpec, EventService
+from shared.swarm_nodes import list_nodes
 from shared.telemetry import (
     ACTIVE_WORKERS,
     ASSIGNMENT_DURATION,
@@ -178,7 +180,7 @@ class Scheduler(EventService[SchedulerState]):
     async def _swarm(self) -> None:
         """Follow the Swarm nodes' state, availability and labels (events on change)."""
         while True:
-            observed = swarm.observations(await swarm.list_nodes(), self.state)
+            observed = swarm.observations(await list_nodes(), self.state)
             if observed:
                 await self.emit(observed)
             await asyncio.sleep(self.config.scheduler.swarm_poll_s)

@@ -8,7 +8,6 @@ matched to a worker by its label `cumulus.worker`, else by host name.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -49,23 +48,3 @@ def observations(
         ):
             out.append(seen)
     return out
-
-
-async def list_nodes() -> list[dict[str, Any]]:
-    """The Swarm's nodes through the local engine (a manager); [] when there is none."""
-
-    def read() -> list[dict[str, Any]]:
-        import docker
-        import docker.errors
-
-        try:
-            client = docker.from_env(timeout=5)
-            try:
-                return [n.attrs for n in client.nodes.list()]
-            finally:
-                client.close()
-        except (docker.errors.DockerException, OSError) as exc:
-            log.warning("cannot read Swarm nodes", extra={"fields": {"error": repr(exc)}})
-            return []
-
-    return await asyncio.to_thread(read)
