@@ -67,9 +67,17 @@ def job_error(event: ev.Terminal) -> CumulusError:
         message = event.message
         if event.traceback:
             message = f"{event.message}\n\nRemote traceback:\n{event.traceback}"
-        details = {"job_id": event.job_id, "remote_traceback": event.traceback}
+        details = {
+            "job_id": event.job_id,
+            "remote_traceback": event.traceback,
+            "worker_id": event.worker_id,  # kept by the errors that declare it (Unavailable)
+        }
         return CumulusError.from_code(event.code, message, details)
-    if isinstance(event, ev.JobTimedOut | ev.JobCancelled):
+    if isinstance(event, ev.JobTimedOut):
+        return CumulusError.from_code(
+            event.code, event.message, {"job_id": event.job_id, "duration_s": event.duration_s}
+        )
+    if isinstance(event, ev.JobCancelled):
         return CumulusError.from_code(event.code, event.message, {"job_id": event.job_id})
     return CumulusError.from_code("INTERNAL", f"job {event.job_id} ended as {event.status}")
 

@@ -178,6 +178,8 @@ class JobTimedOut(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.timed
     status = "TIMED_OUT"
     code: str = "DEADLINE_EXCEEDED"
     message: str
+    duration_s: int = 0
+    """The duration the job had (0 in events written before this field existed)."""
 
 
 class JobCancelled(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.cancelled"):

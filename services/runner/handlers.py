@@ -119,7 +119,9 @@ def cancelled(job: st.RunJob, worker_id: str) -> ev.JobCancelled:
 
 def timed_out(job: st.RunJob, worker_id: str) -> ev.JobTimedOut:
     return ev.JobTimedOut(
-        message=deadline_exceeded(job.spec.duration_s).message, **_common(job, worker_id)
+        message=deadline_exceeded(job.spec.duration_s).message,
+        duration_s=job.spec.duration_s,
+        **_common(job, worker_id),
     )
 
 

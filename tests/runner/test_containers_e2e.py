@@ -12,7 +12,7 @@ from typing import Any
 import docker
 import pytest
 
-from cumulus import AsyncClient, CumulusError
+from cumulus import AsyncClient, CumulusError, DeadlineExceeded
 from services.stack import Stack
 from shared import bus
 from shared import events as ev
@@ -168,6 +168,8 @@ async def test_timeout_is_deadline_exceeded(
         await job.result(timeout=60)
     assert info.value.code == "DEADLINE_EXCEEDED"
     assert "Job exceeded allocated duration of 2 seconds" in info.value.message
+    assert isinstance(info.value, DeadlineExceeded)
+    assert (info.value.duration_s, info.value.job_id) == (2, job.job_id)
     await nothing_left(engine_, job.job_id)
 
 

@@ -62,6 +62,7 @@ def test_a_job_stops_for_revocation_then_cancel_then_its_deadline() -> None:
     timed_out = handlers.ending(running(), "w1", handlers.Stop.TIMEOUT)
     assert isinstance(timed_out, ev.JobTimedOut)
     assert timed_out.message == "Job exceeded allocated duration of 60 seconds"
+    assert timed_out.duration_s == 60
     cancelled = handlers.ending(running(cancel=True), "w1", handlers.Stop.CANCEL)
     assert isinstance(cancelled, ev.JobCancelled)
     assert cancelled.message == "cancelled by user"

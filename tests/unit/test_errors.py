@@ -170,3 +170,30 @@ def test_cumulus_core_errors_carry_their_attributes(
     wire = json.loads(json.dumps(err.to_dict()))
     assert wire == {"code": code, "message": str(err), "details": details}
     assert CumulusError.from_dict(wire).code == code
+
+
+def test_a_job_end_becomes_the_typed_error_with_its_data() -> None:
+    """What the SDK raises from `job.result()`: the worker a lost job ran on, the duration a
+    timed-out job had, the job id; what a class does not declare is dropped."""
+    from cumulus._jobs import job_error
+    from shared import events as ev
+
+    lost = job_error(
+        ev.JobFailed(
+            job_id="j1", user="u", worker_id="w7", code="UNAVAILABLE", message="worker w7 lost"
+        )
+    )
+    assert isinstance(lost, Unavailable)
+    assert (lost.worker_id, lost.job_id) == ("w7", "j1")
+
+    failed = job_error(
+        ev.JobFailed(job_id="j2", user="u", worker_id="w7", code="INTERNAL", message="boom")
+    )
+    assert type(failed) is Internal
+    assert not hasattr(failed, "worker_id")
+
+    late = job_error(
+        ev.JobTimedOut(job_id="j3", user="u", worker_id="w7", message="late", duration_s=90)
+    )
+    assert isinstance(late, DeadlineExceeded)
+    assert (late.duration_s, late.job_id) == (90, "j3")
