@@ -65,7 +65,7 @@ async def through(chronos: Chronos, n: int) -> list[float]:
         t0 = time.perf_counter()
         partition = await chronos.create(0, 5, 600, f"bench.{i}")
         out.append(time.perf_counter() - t0)
-        await chronos.release(partition["partition_id"])
+        await chronos.release(partition.partition_id)
     return out
 
 

@@ -181,11 +181,6 @@ class Stack:
             self.data_dir / "logs" / f"{name}.log",
         )
 
-    @property
-    def metrics_ports(self) -> dict[str, int]:
-        """Process name -> its Prometheus port, when `metrics_port` is configured."""
-        return dict(self._metrics_ports)
-
     async def start(self, timeout: float = 30.0) -> None:
         """Start nats-server, the services and the workers, and wait until all are ready; a
         bad configuration raises ConfigError before any process starts."""

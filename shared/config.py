@@ -198,8 +198,7 @@ def keys(section: str = "") -> tuple[str, ...]:
 
 def all_keys() -> tuple[str, ...]:
     """Every setting as written in docs/config.md: `data_dir`, ..., `logging.format`."""
-    top = tuple(k for k in keys() if k not in _SECTIONS)
-    return top + tuple(f"{s}.{k}" for s in _SECTIONS for k in keys(s))
+    return _TOP_LEVEL + tuple(f"{s}.{k}" for s in _SECTIONS for k in keys(s))
 
 
 def allowed(key: str) -> tuple[str, ...]:
@@ -348,7 +347,7 @@ def _explain(
         known = keys(section) if not parts or section in _SECTIONS else ()
         where = f"the {section} section" if parts else "the top level"
         hint = f"; {where} has {', '.join(known)}" if known else ""
-        origin = f" (from {names[key]})" if key in names else (f" (in {path})" if path else "")
+        origin = _origin(key, names, path)
         return ConfigError(f"Unknown config key {key}{origin}{hint}", key=key, allowed=known)
     key = ".".join(parts[:2])
     value: Any = data

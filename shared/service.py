@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -99,9 +99,8 @@ class EventService(Generic[S]):
     # -- what a service defines ----------------------------------------------------------
 
     def new_state(self) -> S:
-        """The empty state that replay starts from."""
-        # Until every service defines it, a service may still set `self.state` itself.
-        return cast(S, None)
+        """The empty state that replay starts from; every service defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define new_state()")
 
     def consumers(self) -> list[ConsumerSpec]:
         return []
@@ -258,9 +257,7 @@ class EventService(Generic[S]):
         the bus and the log close, which gives the writer lock back.
         """
         self._stopping.set()
-        for puller in self._pullers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(puller.stop(), STOP_STEP_S)
+        await self._stop_pullers()
         await self._end_loops()
         await _cancel(self._spawned)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -269,6 +266,12 @@ class EventService(Generic[S]):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._relay.drained(), DRAIN_S)
         await self._release()
+
+    async def _stop_pullers(self) -> None:
+        for puller in self._pullers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(puller.stop(), STOP_STEP_S)
+        self._pullers.clear()
 
     async def _end_loops(self) -> None:
         # Under the write lock no batch is between its apply and its commit.
@@ -284,10 +287,7 @@ class EventService(Generic[S]):
 
     async def _release(self) -> None:
         """Close everything `start` opened, in any state it got to."""
-        for puller in self._pullers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(puller.stop(), STOP_STEP_S)
-        self._pullers.clear()
+        await self._stop_pullers()
         await _cancel(self._loops)
         self._loops.clear()
         await _cancel(self._spawned)

@@ -36,6 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cumulus_core.amounts import format_amount
+from services.partitioner.types import (
+    DeviceStats,
+    Partition,
+    as_devices,
+    as_partition,
+    as_partitions,
+)
 from shared.errors import (
     CumulusError,
     Internal,
@@ -142,11 +149,11 @@ class Chronos:
             exc.worker_id = self.worker_id
         return exc
 
-    async def stats(self) -> list[dict[str, Any]]:
-        return list((await self._call("stats"))["devices"])
+    async def stats(self) -> list[DeviceStats]:
+        return as_devices((await self._call("stats"))["devices"])
 
-    async def create(self, device: int, tenths: int, duration_s: int, label: str) -> dict[str, Any]:
-        return dict(
+    async def create(self, device: int, tenths: int, duration_s: int, label: str) -> Partition:
+        return as_partition(
             await self._call(
                 "create", str(device), format_amount(tenths), str(duration_s), "--label", label
             )
@@ -170,13 +177,11 @@ class Chronos:
                 raise NotFound(exc.message, resource_id=partition_id) from None
             raise
 
-    async def partitions(self) -> list[dict[str, Any]]:
-        partitions: list[dict[str, Any]] = (await self._call("list"))["partitions"]
-        return partitions
+    async def partitions(self) -> list[Partition]:
+        return as_partitions((await self._call("list"))["partitions"])
 
-    async def reap(self) -> list[dict[str, Any]]:
-        reaped: list[dict[str, Any]] = (await self._call("reap"))["reaped"]
-        return reaped
+    async def reap(self) -> list[Partition]:
+        return as_partitions((await self._call("reap"))["reaped"])
 
 
 def _json_error(out: str) -> Mapping[str, Any] | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from services.partitioner import handlers
 from services.partitioner.state import PartitionJob
-from services.partitioner.types import Partition, as_partition, as_partitions
+from services.partitioner.types import Partition
 from services.partitioner.workers import WorkerAgent
 from shared import events as ev
 from shared.config import WorkerConfig
@@ -36,7 +36,7 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 async def labelled(agent: WorkerAgent, job: PartitionJob) -> list[Partition]:
     """The live partitions carrying this placement's label (made by us, maybe pre-crash)."""
-    live = as_partitions(await agent.chronos.partitions())
+    live = await agent.chronos.partitions()
     return list(handlers.adoptable(job, live).values())
 
 
@@ -165,7 +165,7 @@ class Effects:
                 created = await agent.chronos.create(
                     device, job.tenths, handlers.partition_duration(job), job.label
                 )
-                made.append(as_partition(created))
+                made.append(created)
         except CumulusError:
             # All or nothing: a whole-GPU job must not keep half its devices.
             for partition in made:

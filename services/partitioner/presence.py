@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 
 from services.partitioner import handlers
 from services.partitioner.ssh import SshPool
-from services.partitioner.types import as_devices
 from services.partitioner.workers import WorkerAgent
 from shared import events as ev
 from shared.errors import CumulusError
@@ -53,7 +52,7 @@ class Presence:
         delay = 1.0
         while not agent.registered:
             try:
-                devices = as_devices(await agent.chronos.stats())
+                devices = await agent.chronos.stats()
             except CumulusError as exc:
                 log.warning(
                     "cannot register worker; retrying",

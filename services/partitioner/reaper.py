@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from services.partitioner import handlers
 from services.partitioner.chronos import ChronosUnreachable
-from services.partitioner.types import Partition, as_partitions
+from services.partitioner.types import Partition
 from services.partitioner.workers import WorkerAgent
 from shared.errors import CumulusError, NotFound
 
@@ -44,7 +44,7 @@ class Reaper:
     async def reap(self, agent: WorkerAgent) -> list[str]:
         """One reaper pass: drop expired partitions, release orphans; the ids released."""
         gone: list[str] = []
-        for partition in as_partitions(await agent.chronos.reap()):
+        for partition in await agent.chronos.reap():
             gone.append(partition.partition_id)
             running = handlers.still_running(agent.state, partition)
             (log.warning if running else log.info)(
@@ -58,7 +58,7 @@ class Reaper:
                     }
                 },
             )
-        live = as_partitions(await agent.chronos.partitions())
+        live = await agent.chronos.partitions()
         found = handlers.orphans(agent.state, live, agent.inflight)
         jobs = handlers.jobs_of(found)
         agent.inflight |= jobs  # no create or release of these jobs meanwhile

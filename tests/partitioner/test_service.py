@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client
 
 from services.partitioner.app import Partitioner
-from services.partitioner.types import Partition, as_partition, as_partitions
+from services.partitioner.types import Partition
 from shared import bus as bus_mod
 from shared import events as ev
 from shared.errors import ssh_failed
@@ -150,7 +150,7 @@ async def test_an_unreachable_worker_sends_no_heartbeats_until_it_is_back(
 
 
 async def live(chronos: Any) -> list[Partition]:
-    return as_partitions(await chronos.partitions())
+    return await chronos.partitions()
 
 
 async def _settle(seconds: float) -> None:
@@ -207,7 +207,7 @@ async def test_an_expired_partition_is_held_by_nobody_and_gone_once_reaped(
 ) -> None:
     service = await start_partitioner(CUMULUS_WORKER_ID="reap-0")  # periodic reaper off
     agent = service.agents["reap-0"]
-    short = as_partition(await agent.chronos.create(0, 5, 1, "short-job.1"))
+    short = await agent.chronos.create(0, 5, 1, "short-job.1")
     await _settle(1.2)
     assert await agent.chronos.partitions() == []  # expired: never reported as held
     unreaped = (await agent.chronos._call("list", "--all"))["partitions"]
@@ -229,8 +229,8 @@ async def test_the_reaper_ends_expired_and_orphaned_partitions_and_never_double_
     await bus_mod.publish(js, selected("reap-job", "reap-1"))
     ready = await seen.wait(ev.PartitionReady, job_id="reap-job")
     # Partitions no placement holds: a job this worker never had, and one that expires.
-    ghost = as_partition(await chronos.create(1, 3, 3600, "ghost-job.1"))
-    short = as_partition(await chronos.create(1, 2, 1, "short-job.1"))
+    ghost = await chronos.create(1, 3, 3600, "ghost-job.1")
+    short = await chronos.create(1, 2, 1, "short-job.1")
     await _settle(2.0)  # past `short`'s expiry, and several reaper passes
     assert {p.partition_id for p in await live(chronos)} == set(ready.partition_ids)
     left = {p["partition_id"] for p in (await chronos._call("list", "--all"))["partitions"]}
@@ -262,7 +262,7 @@ async def test_a_release_that_could_not_reach_chronos_is_finished_by_the_reaper(
     await seen.wait(ev.PartitionReleased, job_id="late-job")
     # As after a release that gave up (chronos_cli unreachable for RELEASE_PATIENCE_S): the
     # placement is reported released while a partition of it is still in the table.
-    leftover = as_partition(await agent.chronos.create(1, 5, 3600, "late-job.1"))
+    leftover = await agent.chronos.create(1, 5, 3600, "late-job.1")
     assert await service.reaper.reap(agent) == [leftover.partition_id]
     assert await agent.chronos.partitions() == []
     assert await service.reaper.reap(agent) == []

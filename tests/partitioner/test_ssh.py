@@ -55,17 +55,17 @@ async def test_create_and_release_over_ssh_on_one_reused_connection(
     chronos = remote(pool, sshd, tmp_path)
     try:
         devices = await chronos.stats()
-        assert [d["kind"] for d in devices] == ["virtual", "virtual"]
+        assert [d.kind for d in devices] == ["virtual", "virtual"]
         made = await chronos.create(1, 5, 600, "job-a.1")
-        assert made["device"] == 1
-        assert made["label"] == "job-a.1"
-        assert made["env"]["CUDA_VISIBLE_DEVICES"] == "1"
+        assert made.device == 1
+        assert made.label == "job-a.1"
+        assert made.env["CUDA_VISIBLE_DEVICES"] == "1"
         # The partition is in the worker's own table, as its chronos_cli reports it.
         assert [p["partition_id"] for p in local_list(tmp_path / "chronos-w1")] == [
-            made["partition_id"]
+            made.partition_id
         ]
-        assert [p["partition_id"] for p in await chronos.partitions()] == [made["partition_id"]]
-        await chronos.release(made["partition_id"])
+        assert [p.partition_id for p in await chronos.partitions()] == [made.partition_id]
+        await chronos.release(made.partition_id)
         assert await chronos.partitions() == []
         assert local_list(tmp_path / "chronos-w1") == []
         assert pool.connects == 1
@@ -147,7 +147,7 @@ async def test_concurrent_commands_share_the_connection(sshd: Sshd, tmp_path: Pa
     chronos = remote(pool, sshd, tmp_path)
     try:
         made = await asyncio.gather(*(chronos.create(0, 1, 600, f"j{i}.1") for i in range(10)))
-        assert len({p["partition_id"] for p in made}) == 10
+        assert len({p.partition_id for p in made}) == 10
         assert pool.connects == 1
         with pytest.raises(ResourceExhausted) as full:
             await chronos.create(0, 1, 600, "j10.1")  # the device is full: never over-committed

@@ -144,9 +144,9 @@ async def test_an_older_cli_is_typed_by_exit_code(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as gone:
         await old.release("partition_0042")
     assert gone.value.resource_id == "partition_0042"
-    await old.release(made["partition_id"])
+    await old.release(made.partition_id)
     with pytest.raises(NotFound):
-        await old.release(made["partition_id"])
+        await old.release(made.partition_id)
 
 
 async def test_a_failed_release_of_a_held_partition_stays_internal(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ async def test_a_failed_release_of_a_held_partition_stays_internal(tmp_path: Pat
     chronos = subprocess_cli(state)
     chronos.run = refuses_release
     with pytest.raises(Internal) as info:
-        await chronos.release(made["partition_id"])
+        await chronos.release(made.partition_id)
     assert not isinstance(info.value, NotFound)
     assert info.value.message == "disk on fire"
 
