@@ -18,11 +18,13 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
 from job_image import package
+from job_image.requirements import canonical_list
 
 FRAME = "\x1eCUMULUS-RESULT"
 END = "\x1eCUMULUS-END"
@@ -110,9 +112,15 @@ def _value_envelope(value: Any) -> dict[str, Any]:
 
 
 def install_requirements(requirements: list[str], target: Path) -> None:
-    """pip install into `target`; offline from $CUMULUS_WHEELHOUSE when it is set."""
+    """pip install into `target`; offline from $CUMULUS_WHEELHOUSE when it is set.
+
+    The requirements are checked again here (the gateway did first): pip gets only PEP 508
+    specifiers in canonical form, after `--` so none can be read as an option, from an empty
+    working directory so no name can be taken for a local file.
+    """
     if not requirements:
         return
+    specs = canonical_list(requirements)
     argv = [
         sys.executable,
         "-m",
@@ -122,21 +130,25 @@ def install_requirements(requirements: list[str], target: Path) -> None:
         "--disable-pip-version-check",
         "--no-input",
         "--target",
-        str(target),
+        os.path.abspath(target),
     ]
     wheelhouse = os.environ.get("CUMULUS_WHEELHOUSE")
     if wheelhouse:
-        argv += ["--no-index", "--find-links", wheelhouse]
-    print(
-        f"[cumulus] installing requirements: {' '.join(requirements)}", file=sys.stderr, flush=True
-    )
-    done = subprocess.run(
-        [*argv, *requirements], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        argv += ["--no-index", "--find-links", os.path.abspath(wheelhouse)]
+    print(f"[cumulus] installing requirements: {' '.join(specs)}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="cumulus-pip-") as empty:
+        done = subprocess.run(
+            [*argv, "--", *specs],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=empty,
+        )
     if done.returncode != 0:
         tail = done.stdout.strip().splitlines()[-5:]
         raise RuntimeError(
-            f"could not install {' '.join(requirements)}: " + " / ".join(tail or ["pip failed"])
+            f"could not install {' '.join(specs)}: " + " / ".join(tail or ["pip failed"])
         )
 
 
@@ -207,6 +219,20 @@ def run(job_dir: Path) -> int:
     return 0
 
 
+def wait_for_job(fd: int) -> dict[str, str] | None:
+    """A warm start (the process backend's spare sandboxes): the imports a job needs are done
+    while no job is there; its environment arrives on `fd` once its files are in place.
+    None: the spare was let go without a job."""
+    import cloudpickle  # noqa: F401  (function jobs unpickle with it)
+
+    with open(fd, "rb") as f:
+        line = f.readline()
+    if not line.strip():
+        return None
+    env: dict[str, str] = json.loads(line)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--job-dir", default=os.environ.get("CUMULUS_JOB_DIR", "/job"))
@@ -215,7 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DEPS_DIR",
         help="only install $CUMULUS_REQUIREMENTS (JSON list) into DEPS_DIR, then exit",
     )
+    parser.add_argument(
+        "--wait-fd",
+        type=int,
+        metavar="FD",
+        help="start warm: wait for the job's environment (one JSON line) on FD, then run",
+    )
     args = parser.parse_args(argv)
+    if args.wait_fd is not None:
+        env = wait_for_job(args.wait_fd)
+        if env is None:
+            return 0
+        os.environ.clear()
+        os.environ.update(env)
     if args.prepare:
         no_new_privileges()
         try:

@@ -22,6 +22,7 @@ import msgspec
 import yaml
 
 from shared.errors import ConfigError
+from shared.policy import check_policy
 
 PlacementPolicy = Literal["best", "first", "worst"]
 """How shares are placed on devices (services/scheduler/placement.py)."""
@@ -33,6 +34,8 @@ DeviceSource = Literal["auto", "nvidia", "opencl", "virtual"]
 """Which devices chronos_cli discovers (cumulus_core/devices.py)."""
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "text"]
+SandboxKind = Literal["bwrap", "none"]
+"""How the process backend confines a job (services/runner/sandbox.py)."""
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -51,6 +54,9 @@ class NatsConfig(_Section):
     """Where the bus is; a comma-separated list for a cluster."""
     connect_timeout: Seconds = 5.0
     """Seconds to wait for the first connection to the bus."""
+    credentials: str = ""
+    """This process's credentials file (written by `cumulus up` / `cumulus users add`): its
+    identity's nkey seed, inbox prefix and TLS files. Empty: connect without an identity."""
 
 
 class LimitsConfig(_Section):
@@ -105,6 +111,9 @@ class WorkerConfig(_Section):
     reap_interval_s: SecondsOrOff = 30.0
     """How often the partitioner runs `chronos_cli reap` and releases partitions whose job is
     gone; 0 turns the reaper off."""
+    sandbox: SandboxKind = "bwrap"
+    """How the process backend confines a job: bwrap (bubblewrap: own user, namespaces, no
+    network) or none (the operator's explicit opt-in to unsandboxed jobs)."""
 
 
 class SshConfig(_Section):
@@ -147,6 +156,23 @@ class ContainerConfig(_Section):
     """Internal overlay network for Swarm jobs without network (Swarm has no `none`)."""
 
 
+class PolicyConfig(_Section):
+    """Per-user limits the operator sets (docs/security.md); `users` overrides them by user."""
+
+    network: bool = False
+    """Jobs may ask for network access."""
+    max_priority: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 100
+    """Highest priority a job may ask for (and lowest: minus this)."""
+    max_share: Annotated[float, msgspec.Meta(ge=0, le=100_000)] = 0.0
+    """GPUs one user's running jobs may hold at once; 0: no limit."""
+    max_queued: Positive = 1000
+    """Jobs one user may have waiting (submitted or queued)."""
+    stored_bytes: str = "1GiB"
+    """Code one user may keep in the code store (a size: 512MiB, 2GiB)."""
+    users: dict[str, dict[str, Any]] = {}
+    """Per-user overrides of the keys above: `{alice: {network: true, max_share: 4}}`."""
+
+
 class LoggingConfig(_Section):
     level: LogLevel = "info"
     """Written in any case (`INFO` is `info`)."""
@@ -165,6 +191,7 @@ class Config(_Section):
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     ssh: SshConfig = msgspec.field(default_factory=SshConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
 
     @property
@@ -312,6 +339,8 @@ def _check(config: Config, names: Mapping[str, str], path: str | Path | None) ->
             f"above limits.max_job_duration ({limits.max_job_duration})",
             key=key,
         )
+    # Sizes, steps of 0.1 GPU and each user's overrides (shared/policy.py).
+    check_policy(config.policy, lambda key: _origin(key, names, path))
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)

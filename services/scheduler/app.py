@@ -24,6 +24,7 @@ from services.scheduler.state import SchedulerState
 from shared import api, subjects
 from shared import events as ev
 from shared.errors import NotFound
+from shared.policy import share_limits
 from shared.service import ConsumerSpec, EventService
 from shared.swarm_nodes import list_nodes
 from shared.telemetry import (
@@ -56,12 +57,15 @@ class Scheduler(EventService[SchedulerState]):
         self.startup_position = 0
         self._micro: Any = None
         sched = self.config.scheduler
+        max_share, user_max_share = share_limits(self.config)
         self.policy = Policy(
             max_attempts=sched.max_attempts,
             queue_limit=sched.queue_limit,
             placement=sched.placement,
             backfill=sched.backfill,
             reserve_after_s=sched.reserve_after_s,
+            max_share=max_share,
+            user_max_share=user_max_share,
         )
 
     def new_state(self) -> SchedulerState:
@@ -203,7 +207,7 @@ class Scheduler(EventService[SchedulerState]):
             "status": job.status,
             "position": position,
             "queued": len(self.state.queue),
-            "reason": waiting_reason(self.state, job) if position else "",
+            "reason": waiting_reason(self.state, job, self.policy) if position else "",
         }
 
     async def workers(self, data: bytes) -> Any:

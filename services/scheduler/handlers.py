@@ -8,14 +8,21 @@ past a head that does not fit; once the head has waited `reserve_after_s`, it ge
 (placement.reservation) and only jobs that fit elsewhere are backfilled, so a large job is
 overtaken for a bounded time at most, never forever. Time is the triggering event's timestamp,
 so decisions stay pure functions of (state, event).
+
+A user's share limit (config policy.max_share) is a fence, not a priority: a job whose user's
+placed jobs would then hold more than the limit is passed over (it keeps its place, with a
+reason naming the limit) and placed once the user's other jobs end; it never holds the queue's
+head or a reservation meanwhile, so other users' jobs are not held up by it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import singledispatch
 from typing import Any
 
+from cumulus_core.amounts import format_amount
 from services.scheduler import placement
 from services.scheduler.state import JobState, SchedulerState
 from shared import events as ev
@@ -44,9 +51,47 @@ class Policy:
     """reserve: backfill, around the head's reservation once it has waited reserve_after_s;
     none: strict FIFO; greedy: anything that fits (a large head can starve)."""
     reserve_after_s: float = 10.0
+    max_share: int = 0
+    """Tenths of GPUs one user's placed jobs may hold at once (policy.max_share); 0: no limit."""
+    user_max_share: Mapping[str, int] = field(default_factory=dict)
+    """Users whose own limit differs (policy.users.<user>.max_share)."""
+
+    def share_limit(self, user: str) -> int:
+        """`user`'s max_share in tenths; 0: no limit."""
+        return self.user_max_share.get(user, self.max_share)
 
 
 DEFAULT = Policy()
+
+
+def over_share(state: SchedulerState, job: JobState, policy: Policy) -> bool:
+    """Placing `job` now would take its user past its share limit."""
+    limit = policy.share_limit(job.user)
+    return bool(limit) and state.held_by(job.user) + job.spec.gpu_tenths > limit
+
+
+def share_reason(state: SchedulerState, job: JobState, policy: Policy) -> str:
+    limit = policy.share_limit(job.user)
+    return (
+        f"waiting for {job.user}'s other jobs to end: they hold "
+        f"{format_amount(state.held_by(job.user))} of the {format_amount(limit)} GPU "
+        f"policy.max_share allows {job.user}, and this job needs "
+        f"{format_amount(job.spec.gpu_tenths)}"
+    )
+
+
+def share_error(job: JobState, policy: Policy) -> ResourceExhausted | None:
+    """A job larger than its user's share limit can never be placed (the gateway refuses it
+    too; this is for events from elsewhere)."""
+    limit = policy.share_limit(job.user)
+    if not limit or job.spec.gpu_tenths <= limit:
+        return None
+    asked = format_amount(job.spec.gpu_tenths)
+    return ResourceExhausted(
+        f"Job asks for {asked} GPU but user {job.user}'s running jobs may hold at most "
+        f"{format_amount(limit)} GPU (policy.max_share); ask for at most that",
+        requested=asked,
+    )
 
 
 def queue_full(limit: int) -> ResourceExhausted:
@@ -74,7 +119,7 @@ def _(event: ev.JobSubmitted, state: SchedulerState, policy: Policy = DEFAULT) -
     job = state.jobs.get(event.job_id)
     if job is None or job.status != "pending" or job.attempt:
         return []
-    error = admission_error(state, job.spec.gpu_tenths, policy)
+    error = admission_error(state, job.spec.gpu_tenths, policy) or share_error(job, policy)
     if error is not None:
         return [ev.failure_of(error, event)]  # type: ignore[arg-type]
     return _place_or_queue(state, job, policy, event.ts)
@@ -212,12 +257,25 @@ def _reservation(
     return placement.NO_RESERVATION
 
 
+def _eligible(state: SchedulerState, policy: Policy) -> list[JobState]:
+    """The queue's candidates, best first, less those their user's share limit holds back."""
+    jobs = (state.jobs[job_id] for job_id in state.queue.candidates())
+    return [job for job in jobs if not over_share(state, job, policy)]
+
+
+def _head(state: SchedulerState, policy: Policy) -> JobState | None:
+    """The queue's head: its first job that its user's share limit lets be placed."""
+    if not policy.max_share and not policy.user_max_share:
+        head_id = state.queue.head()
+        return state.jobs[head_id] if head_id is not None else None
+    return next(iter(_eligible(state, policy)), None)
+
+
 def schedule(state: SchedulerState, policy: Policy = DEFAULT, now: float = 0.0) -> list[ev.Event]:
     """One placement from the queue, if any fits (the runtime asks again after it)."""
-    head_id = state.queue.head()
-    if head_id is None:
+    head = _head(state, policy)
+    if head is None:
         return []
-    head = state.jobs[head_id]
     spot = _place(state, head, policy)
     if spot is not None:
         return [_selected(head, spot)]
@@ -225,9 +283,9 @@ def schedule(state: SchedulerState, policy: Policy = DEFAULT, now: float = 0.0) 
         return []
     reserved = _reservation(state, head, policy, now)
     for job_id in state.queue.candidates():
-        if job_id == head_id:
-            continue
         job = state.jobs[job_id]
+        if job is head or over_share(state, job, policy):
+            continue
         spot = _place(state, job, policy, reserved)
         if spot is not None:
             return [_selected(job, spot)]
@@ -252,8 +310,9 @@ def _place(
 def _place_or_queue(
     state: SchedulerState, job: JobState, policy: Policy, now: float, reason: str = ""
 ) -> list[ev.Event]:
-    head_id = state.queue.head()
-    head = state.jobs[head_id] if head_id is not None else None
+    if over_share(state, job, policy):
+        return [_queued(state, job, now, reason, policy)]
+    head = _head(state, policy)
     first = head is None or (-job.spec.priority, job.order) < (-head.spec.priority, head.order)
     spot = None
     if first:
@@ -264,7 +323,7 @@ def _place_or_queue(
         spot = _place(state, job, policy, reserved)
     if spot is not None:
         return [_selected(job, spot)]
-    return [_queued(state, job, now, reason)]
+    return [_queued(state, job, now, reason, policy)]
 
 
 def _cancelled(job: JobState) -> ev.JobCancelled:
@@ -286,8 +345,10 @@ def _selected(job: JobState, spot: placement.Placement) -> ev.WorkerSelected:
     )
 
 
-def waiting_reason(state: SchedulerState, job: JobState) -> str:
+def waiting_reason(state: SchedulerState, job: JobState, policy: Policy = DEFAULT) -> str:
     """Why `job` waits, in words a user can act on."""
+    if over_share(state, job, policy):
+        return share_reason(state, job, policy)
     largest = placement.largest_free_now(state)
     free = str(GpuRequest(largest)) if largest else "0"
     ahead = state.queue.ahead_of(job.spec.priority, job.order)
@@ -297,8 +358,10 @@ def waiting_reason(state: SchedulerState, job: JobState) -> str:
     return text
 
 
-def _queued(state: SchedulerState, job: JobState, now: float, reason: str = "") -> ev.JobQueued:
-    why = waiting_reason(state, job)
+def _queued(
+    state: SchedulerState, job: JobState, now: float, reason: str = "", policy: Policy = DEFAULT
+) -> ev.JobQueued:
+    why = waiting_reason(state, job, policy)
     return ev.JobQueued(
         ts=now,
         job_id=job.job_id,

@@ -1,8 +1,9 @@
 """The wait queue: higher priority first, FIFO (by submission order) within a priority.
 
-Jobs are kept in one heap per (priority, amount) class, so the scheduler looks at no more than
-one candidate per class when it backfills (whether a job fits depends only on its amount),
-however long the queue is; a job put back after a failed placement keeps its original place.
+Jobs are kept in one heap per (priority, amount, user) class, so the scheduler looks at no
+more than one candidate per class when it backfills (whether a job can be placed depends only
+on its amount and on its user's share limit, policy.max_share), however long the queue is; a
+job put back after a failed placement keeps its original place. Empty classes are dropped.
 Per priority, a sorted list of submission orders answers "how many are ahead" in O(log n).
 Removal from the heaps is lazy: a removed job is skipped when it reaches the top of its class.
 """
@@ -19,7 +20,7 @@ Key = tuple[int, int]
 
 class JobQueue:
     def __init__(self) -> None:
-        self._classes: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        self._classes: dict[tuple[int, int, str], list[tuple[int, str]]] = {}
         self._keys: dict[str, Key] = {}
         self._orders: dict[int, list[int]] = {}
         """priority -> sorted submission orders of its queued jobs."""
@@ -30,11 +31,11 @@ class JobQueue:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._keys
 
-    def push(self, job_id: str, priority: int, tenths: int, order: int) -> None:
+    def push(self, job_id: str, priority: int, tenths: int, order: int, user: str = "") -> None:
         if job_id in self._keys:
             return
         self._keys[job_id] = (-priority, order)
-        heapq.heappush(self._classes.setdefault((priority, tenths), []), (order, job_id))
+        heapq.heappush(self._classes.setdefault((priority, tenths, user), []), (order, job_id))
         bisect.insort(self._orders.setdefault(priority, []), order)
 
     def remove(self, job_id: str) -> None:
@@ -51,10 +52,15 @@ class JobQueue:
     def candidates(self) -> Iterator[str]:
         """The head of every class, best first: the only jobs worth trying to place."""
         heads = []
-        for heap in self._classes.values():
+        empty = []
+        for cls, heap in self._classes.items():
             head = self._head_of(heap)
             if head is not None:
                 heads.append((self._keys[head], head))
+            else:
+                empty.append(cls)
+        for cls in empty:  # classes come and go with users: keep only those with jobs
+            del self._classes[cls]
         heads.sort()
         for _, job_id in heads:
             yield job_id

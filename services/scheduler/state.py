@@ -50,6 +50,8 @@ class SchedulerState:
         self.queue = JobQueue()
         self.capacity = Capacity()
         self.submitted = 0
+        self.placed: dict[str, dict[str, int]] = {}
+        """user -> {job id: tenths it holds}, for every placed job: the users' shares."""
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -58,6 +60,10 @@ class SchedulerState:
 
     def has_live_workers(self) -> bool:
         return bool(self.capacity.run_of)
+
+    def held_by(self, user: str) -> int:
+        """Tenths of GPUs `user`'s placed jobs hold (scheduled, partitioned or running)."""
+        return sum(self.placed.get(user, {}).values())
 
     def jobs_on(self, worker_id: str) -> list[JobState]:
         return [j for j in self.jobs.values() if j.status == "placed" and j.worker_id == worker_id]
@@ -84,6 +90,10 @@ class SchedulerState:
     # -- capacity --------------------------------------------------------------------------
 
     def _free(self, job: JobState) -> None:
+        held = self.placed.get(job.user, {})
+        held.pop(job.job_id, None)
+        if not held:
+            self.placed.pop(job.user, None)
         worker = self.workers.get(job.worker_id)
         if worker is not None:
             for device in worker.devices:
@@ -92,6 +102,7 @@ class SchedulerState:
         job.worker_id, job.devices, job.tenths = "", [], 0
 
     def _hold(self, job: JobState) -> None:
+        self.placed.setdefault(job.user, {})[job.job_id] = job.tenths * len(job.devices)
         worker = self.workers.get(job.worker_id)
         if worker is None:
             return
@@ -199,7 +210,7 @@ class SchedulerState:
             job.status = "queued"
             job.queued_reason = event.reason
             job.queued_at = event.ts
-            self.queue.push(job.job_id, job.spec.priority, job.spec.gpu_tenths, job.order)
+            self.queue.push(job.job_id, job.spec.priority, job.spec.gpu_tenths, job.order, job.user)
 
     @apply.register
     def _(self, event: ev.WorkerSelected) -> None:
