@@ -221,15 +221,21 @@ def run(job_dir: Path) -> int:
 
 def wait_for_job(fd: int) -> dict[str, str] | None:
     """A warm start (the process backend's spare sandboxes): the imports a job needs are done
-    while no job is there; its environment arrives on `fd` once its files are in place.
-    None: the spare was let go without a job."""
+    while no job is there; `ready` is written to the socket `fd`, and the job's environment
+    (one JSON line) comes back once its files are in place. None: let go without a job."""
     import cloudpickle  # noqa: F401  (function jobs unpickle with it)
 
-    with open(fd, "rb") as f:
-        line = f.readline()
-    if not line.strip():
+    _write_all(fd, b"ready\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    if not data.strip():
         return None
-    env: dict[str, str] = json.loads(line)
+    env: dict[str, str] = json.loads(data)
     return env
 
 

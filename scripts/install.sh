@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install Cumulus with its test dependencies (idempotent, quiet when done).
+# As root with apt, also Debian's bubblewrap: the process backend runs every job in it
+# (worker.sandbox: bwrap, docs/runner.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -10,4 +12,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
     touch "$stamp"
+fi
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    bash infra/ci/setup-sandbox.sh || echo "[install] could not install bubblewrap" >&2
 fi

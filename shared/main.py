@@ -34,7 +34,11 @@ def run_service(cls: type[EventService[Any]], argv: list[str] | None = None) -> 
     setup_logging(cls.name, config.logging.level, config.logging.format)
     os.environ.setdefault("OTEL_SERVICE_NAME", f"cumulus-{cls.name}")
     start_metrics(config.metrics_port)
-    service = cls(config)
+    try:
+        service = cls(config)
+    except ConfigError as exc:
+        print(f"cumulus {cls.name}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         import uvloop
     except ImportError:

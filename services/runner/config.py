@@ -56,4 +56,6 @@ def make_backend(config: Config, root: Path, ledger: Path) -> Backend:
         from services.runner.swarm import SwarmBackend
 
         return SwarmBackend(config, root, config.worker_id)
-    return ProcessBackend(root / "jobs", ledger=ledger)
+    return ProcessBackend(
+        root / "jobs", ledger=ledger, sandbox=config.worker.sandbox, data_dir=config.data_path
+    )

@@ -2,8 +2,11 @@
 
 `python -m services.runner.launcher JOB_DIR` runs in a session of its own, so the job outlives
 a crash of the runner that started it. It forks: the child points stdout and stderr at files
-the runner tails and becomes the in-job runner (no second interpreter start); the parent waits
-and writes `exit.json` atomically. The runner finds everything again in JOB_DIR after a restart.
+the runner tails and becomes the in-job runner on JOB_DIR/job, the job's own directory, either
+sandboxed (`services/runner/sandbox.py`: bwrap and a fresh interpreter, as a uid this process
+leases) or, with `worker.sandbox: none`, right here (no second interpreter start); the parent
+waits and writes `exit.json` atomically. The runner finds everything again in JOB_DIR after a
+restart; the job never sees JOB_DIR itself, only JOB_DIR/job.
 """
 
 from __future__ import annotations
@@ -15,27 +18,41 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from services.runner import sandbox
 
 
-def _child(job_dir: Path, spec: dict[str, object]) -> None:
-    """Become the job: redirect output, take the job's environment, run the in-job runner."""
+def redirect(job_dir: Path) -> None:
+    """stdin from /dev/null, stdout and stderr to the files the runner tails."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(job_dir / "stdout.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    err = os.open(job_dir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    for fd in (devnull, out, err):
+        if fd > 2:
+            os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def child(job_dir: Path, spec: dict[str, Any], lease: sandbox.Lease | None) -> None:
+    """Become the job: redirect output, then run the in-job runner in its sandbox (bwrap, a
+    fresh interpreter) or, unsandboxed, right here with the job's environment."""
     code = 1
     try:
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(job_dir / "stdout.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        err = os.open(job_dir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(devnull, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
+        redirect(job_dir)
+        if lease is not None:
+            sandbox.start(job_dir, spec, lease)
         os.environ.clear()
-        env: dict[str, str] = spec["env"]  # type: ignore[assignment]
+        env: dict[str, str] = spec["env"]
         os.environ.update(env)
         os.chdir(str(spec.get("cwd") or job_dir))
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         from job_image import runner
 
-        code = runner.main(["--job-dir", str(job_dir)])
+        code = runner.main(["--job-dir", str(job_dir / "job")])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -50,16 +67,16 @@ def _child(job_dir: Path, spec: dict[str, object]) -> None:
             os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    job_dir = Path(args[0])
-    spec = json.loads((job_dir / "launch.json").read_text())
-    # Exactly one launcher runs a job: a runner that crashed after asking for a launch and
-    # its successor may both have asked. The loser steps aside at once.
+def claim(job_dir: Path, spec: dict[str, Any]) -> bool:
+    """Win the job (its `launched` marker), record this process's pid; False if another did.
+
+    Exactly one launcher runs a job: a runner that crashed after asking for a launch and its
+    successor may both have asked. The loser steps aside at once.
+    """
     try:
         os.close(os.open(job_dir / "launched", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
-        return 0
+        return False
     tmp_pid = job_dir / "launcher.pid.tmp"
     tmp_pid.write_text(str(os.getpid()))
     os.replace(tmp_pid, job_dir / "launcher.pid")
@@ -67,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if ledger:
         with open(ledger, "a") as f:
             f.write(f"{spec['job_id']} {os.getpid()} {time.time():.6f}\n")
-    pid = os.fork()
-    if pid == 0:
-        _child(job_dir, spec)
+    return True
+
+
+def finish(job_dir: Path, spec: dict[str, Any], pid: int) -> int:
+    """Wait for the job's process, write `exit.json` atomically, wake the runner."""
     (job_dir / "child.pid").write_text(str(pid))
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
@@ -81,6 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(str(job_dir).encode(), notify)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    job_dir = Path(args[0])
+    spec = json.loads((job_dir / "launch.json").read_text())
+    if not claim(job_dir, spec):
+        return 0
+    # A sandboxed job's uid is leased here, for as long as this process lives.
+    box = spec.get("sandbox")
+    lease = sandbox.Lease.take(bool(box["own_users"]), str(job_dir)) if box else None
+    pid = os.fork()
+    if pid == 0:
+        child(job_dir, spec, lease)
+    return finish(job_dir, spec, pid)
 
 
 if __name__ == "__main__":

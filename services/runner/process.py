@@ -5,6 +5,12 @@ The embedded default on machines without Docker. A job is the in-job runner unde
 job directory (launcher.pid, stdout.log, stderr.log, exit.json) after a restart. Launchers are
 forked by a warm zygote (services/runner/zygote.py), or started as a process of their own if
 the zygote cannot be reached.
+
+Each job is sandboxed (`worker.sandbox: bwrap`, services/runner/sandbox.py): its own uid,
+namespaces and filesystem, where it sees only `job/` inside its directory (package, nonce,
+work); the launcher's files beside it (pid, exit, output) stay out of its reach. The runner
+checks the sandbox when it starts and refuses to start without it unless the operator opted
+in to unsandboxed jobs (`worker.sandbox: none`).
 """
 
 from __future__ import annotations
@@ -26,18 +32,34 @@ from pathlib import Path
 
 from services.runner.backend import Exit, FileOutput, Launch, Output
 from services.runner.jobdirs import JobDirs, requirements_key
+from services.runner.sandbox import Sandbox, warm_env
+from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LAUNCHED = "launched"
 """Created exclusively by the one launcher that runs a job (see services/runner/launcher.py)."""
+SPARES = 2
+"""Sandboxes the zygote keeps warm, each waiting for a job (services/runner/zygote.py)."""
 
 
 class ProcessBackend:
     name = "process"
 
-    def __init__(self, root: Path, ledger: Path | None = None, zygote: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ledger: Path | None = None,
+        zygote: bool = True,
+        sandbox: str = "bwrap",
+        data_dir: Path | None = None,
+    ) -> None:
+        """`sandbox` is `worker.sandbox`; `data_dir`, hidden from jobs, defaults to `root`.
+
+        Raises ConfigError when the sandbox is asked for but cannot work here.
+        """
         self.root = root
+        self.sandbox = _sandbox(sandbox, data_dir or root)
         self.dirs = JobDirs(root)
         self.ledger = ledger
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -54,42 +76,46 @@ class ProcessBackend:
 
     async def start(self, launch: Launch) -> str:
         """Start the job, or return the handle of the one a crashed runner already started."""
+        notify = await self._listen()
+        return await asyncio.to_thread(self._start, launch, notify)
+
+    def _spec(self, launch: Launch, notify: str | None) -> dict[str, object]:
+        """launch.json: what the job's launcher needs."""
         env = dict(launch.env)
+        deps = None
         if launch.requirements:
             # The environment cache: jobs with the same requirements share one install.
-            env["CUMULUS_DEPS_DIR"] = str(
-                self.root.parent / "envs" / requirements_key(launch.requirements)
-            )
-        notify = await self._listen()
-        return await asyncio.to_thread(
-            self._start, launch.job_id, launch.attempt, launch.package, launch.nonce, env, notify
-        )
+            deps = str(self.root.parent / "envs" / requirements_key(launch.requirements))
+            if self.sandbox is None:
+                env["CUMULUS_DEPS_DIR"] = deps
+        job_dir = self.job_dir(launch.job_id, launch.attempt)
+        spec: dict[str, object] = {
+            "job_id": launch.job_id,
+            "env": env,
+            "cwd": str(job_dir),
+            "ledger": str(self.ledger) if self.ledger else None,
+            "notify": notify,
+        }
+        if self.sandbox is not None:
+            # launch.network is the runner's decision (services/runner/spec.py wants_network).
+            spec["sandbox"] = self.sandbox.spec(network=launch.network, deps=deps)
+        return spec
 
-    def _start(
-        self,
-        job_id: str,
-        attempt: int,
-        package: bytes,
-        nonce: str,
-        env: dict[str, str],
-        notify: str | None = None,
-    ) -> str:
-        job_dir = self.job_dir(job_id, attempt)
+    def _start(self, launch: Launch, notify: str | None = None) -> str:
+        job_dir = self.job_dir(launch.job_id, launch.attempt)
         pid_file = job_dir / "launcher.pid"
         if pid_file.exists():
             return pid_file.read_text().strip()
         if (job_dir / LAUNCHED).exists():
             # A crashed runner's launcher won the job and is about to record its pid.
             return self._launcher_pid(job_dir)
-        self.dirs.write(job_id, attempt, package, nonce)
-        launch = {
-            "job_id": job_id,
-            "env": env,
-            "cwd": str(job_dir),
-            "ledger": str(self.ledger) if self.ledger else None,
-            "notify": notify,
-        }
-        (job_dir / "launch.json").write_text(json.dumps(launch))
+        # The launcher's files are its own (0700); the job gets `job/` alone.
+        job_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        own = job_dir / "job"
+        own.mkdir(mode=0o700, exist_ok=True)
+        (own / "package.zip").write_bytes(launch.package)
+        (own / ".nonce").write_text(launch.nonce)
+        (job_dir / "launch.json").write_text(json.dumps(self._spec(launch, notify)))
         pid = self._fork_launcher(job_dir) if self._use_zygote else None
         if pid is None:
             with open(job_dir / "launcher.log", "ab") as launcher_log:  # the child keeps a copy
@@ -138,9 +164,12 @@ class ProcessBackend:
                 self._zygote_dir = self._zygote_dir or tempfile.mkdtemp(prefix="cumulus-z-")
                 path = os.path.join(self._zygote_dir, "zygote.sock")
                 self.root.mkdir(parents=True, exist_ok=True)
+                argv = [sys.executable, "-m", "services.runner.zygote", path, str(os.getpid())]
+                if self.sandbox is not None:
+                    argv.append(self._warm_config(self._zygote_dir))
                 with open(self.root / "zygote.log", "ab") as zlog:
                     self._zygote = subprocess.Popen(
-                        [sys.executable, "-m", "services.runner.zygote", path, str(os.getpid())],
+                        argv,
                         start_new_session=True,
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
@@ -153,6 +182,20 @@ class ProcessBackend:
                     time.sleep(0.01)
             assert self._zygote_dir is not None
             return os.path.join(self._zygote_dir, "zygote.sock")
+
+    def _warm_config(self, where: str) -> str:
+        """The zygote's spare sandboxes: how to make them, and how many (a file's path)."""
+        assert self.sandbox is not None
+        config = {
+            "sandbox": self.sandbox.spec(network=False, deps=None),
+            "root": str(self.root),
+            "spares": SPARES,
+            "env": warm_env(os.environ),
+        }
+        path = os.path.join(where, "warm.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return path
 
     async def close(self) -> None:
         """Stop the zygote (jobs it started carry on)."""
@@ -249,6 +292,24 @@ class ProcessBackend:
         return self.dirs.scan()
 
 
+def _sandbox(kind: str, data_dir: Path) -> Sandbox | None:
+    if kind == "none":
+        log.warning(
+            "worker.sandbox is none: jobs run unsandboxed, as this runner's user, and can read "
+            "and signal what it can (install bubblewrap and set worker.sandbox: bwrap)"
+        )
+        return None
+    if kind != "bwrap":
+        raise ConfigError(
+            f"Invalid worker.sandbox: {kind!r}. Must be one of bwrap, none",
+            key="worker.sandbox",
+            allowed=("bwrap", "none"),
+        )
+    sandbox = Sandbox.detect(hide=[data_dir])
+    sandbox.self_test()
+    return sandbox
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -265,4 +326,9 @@ def _describe(code: int) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"the job's process was killed by {name}"
+    if 128 < code < 128 + signal.NSIG:
+        # bwrap reports a job killed by a signal as 128 + the signal, as shells do.
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(code - 128).name
+            return f"the job's process exited with code {code} (killed by {name}?)"
     return f"the job's process exited with code {code}"
