@@ -1,33 +1,35 @@
 """The Python client: run a function or a script on a share of a GPU.
 
-    client = cumulus.Client()                        # $CUMULUS_NATS_URL, else nats://127.0.0.1:4222
+    client = cumulus.Client()                        # the `default` profile `cumulus up` wrote
     client.run(train, data, gpu=0.5, duration=600)   # blocks, prints the job's logs, returns
     job = client.submit(train, data, gpu=0.5)        # a handle: status, logs, events, result
     client.map(score, [1, 2, 3], gpu=0.1)            # many jobs, results in input order
 
-The client uploads the code package to the object store (content addressed: the same code is
-uploaded once), submits through the gateway with a job id it chose (so a retried submit is
-never a second job), and follows the job's subjects from the job's first event.
+The client connects as the identity its profile holds (cumulus/_profiles.py), uploads the code
+package through the gateway (content addressed: the same code is uploaded once), submits with a
+job id it chose (so a retried submit is never a second job), and follows the job's events from
+its first, which the gateway replays into the client's private inbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from cumulus._jobs import AsyncJob, Job, Logs, Runner
+from cumulus import _profiles
+from cumulus._jobs import AsyncJob, Job, Logs, Runner, WatchReply, watch_messages
 from cumulus._options import JobOptionArgs, JobOptions, Packaging
 from cumulus._packaging import (
     choose_packaging,
@@ -37,14 +39,13 @@ from cumulus._packaging import (
     script_entry,
 )
 from cumulus._retry import RetryPolicy
-from shared import api, subjects
+from shared import api, auth, subjects
 from shared import events as ev
-from shared.errors import CumulusError, InvalidArgument
+from shared.errors import CumulusError, InvalidArgument, PermissionDenied, Unauthenticated
 from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
 
-if TYPE_CHECKING:
-    from nats.js import JetStreamContext
-
+UPLOAD_CHUNK = 256 * 1024
+"""Bytes of a package sent in one upload request (the gateway's limit)."""
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 CONNECT_TIMEOUT_S = 5.0
@@ -76,13 +77,27 @@ class AsyncClient:
         nats_url: str | None = None,
         user: str | None = None,
         *,
+        profile: str | None = None,
         retry: RetryPolicy | None = None,
         packaging: Packaging = "auto",
     ) -> None:
-        self.nats_url = nats_url or default_url()
-        self.user = user or os.environ.get("CUMULUS_USER") or "default"
+        creds, explicit = _profiles.resolve(profile)
+        self.profile = profile
+        """The profile asked for (None: $CUMULUS_PROFILE or `default`)."""
+        self.credentials = creds
+        """The identity this client connects as (None: none, on an open bus)."""
+        from_profile = creds.url if creds is not None else ""
+        self.nats_url = (
+            nats_url
+            or (explicit and from_profile)
+            or os.environ.get("CUMULUS_NATS_URL")
+            or from_profile
+            or DEFAULT_URL
+        )
+        self.user = _user(creds, user)
         self.retry = retry or RetryPolicy()
         self.packaging: Packaging = packaging
+        self._upload_retry = dataclasses.replace(self.retry, retry_on=frozenset({"UNAVAILABLE"}))
         self._nc: NatsClient | None = None
         self._worker_pythons: list[str] | None = None
 
@@ -96,12 +111,12 @@ class AsyncClient:
             raise RuntimeError("client is not connected: use `async with` or await connect()")
         return self._nc
 
-    def _jetstream(self) -> JetStreamContext:
-        return self.nc.jetstream()
-
     async def connect(self) -> AsyncClient:
         if self._nc is None:
             nc = NatsClient()
+            options = auth.connect_options(self.credentials) or {
+                "inbox_prefix": auth.inbox_prefix("user", self.user)
+            }
             try:
                 await asyncio.wait_for(
                     nc.connect(
@@ -113,10 +128,30 @@ class AsyncClient:
                         error_cb=_quiet,
                         disconnected_cb=_note("disconnected from NATS; reconnecting"),
                         reconnected_cb=_note("reconnected to NATS"),
+                        **options,
                     ),
                     CONNECT_TIMEOUT_S,
                 )
-            except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
+            except nats.errors.Error as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+                    raise Unauthenticated(
+                        f"Cumulus at {self.nats_url} refused "
+                        + (
+                            f"the credentials of {self.user!r}"
+                            if self.credentials
+                            else "a connection without credentials"
+                        )
+                        + ": use your profile (`cumulus up` writes `default`; an operator "
+                        "gives one with `cumulus users add NAME`)"
+                    ) from None
+                raise CumulusError.from_code(
+                    "UNAVAILABLE",
+                    f"cannot reach Cumulus at {self.nats_url} ({str(exc) or 'no answer'}); "
+                    "is it running (`cumulus up`), and is $CUMULUS_NATS_URL right?",
+                ) from None
+            except (OSError, TimeoutError) as exc:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 raise CumulusError.from_code(
@@ -146,13 +181,13 @@ class AsyncClient:
         reply as JSON decodes it."""
         return await self._call(op, body, dict)
 
-    async def _call(self, op: str, body: dict[str, Any], reply_type: type[T]) -> T:
-        body = {"user": self.user, **body} if op in ("status", "cancel", "submit") else body
-
+    async def _call(
+        self, op: str, body: Any, reply_type: type[T], retry: RetryPolicy | None = None
+    ) -> T:
         async def attempt() -> T:
-            return await api.request(self.nc, op, body, reply_type)
+            return await api.request(self.nc, op, body, reply_type, user=self.user)
 
-        return await self.retry.call(op, attempt)
+        return await (retry or self.retry).call(op, attempt)
 
     def get_job(self, job_id: str) -> AsyncJob:
         """A handle for a job submitted earlier (by id), e.g. from another process."""
@@ -160,7 +195,7 @@ class AsyncClient:
 
     async def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[JobInfo]:
         """This user's jobs, newest first, optionally only those in the given statuses."""
-        body = {"user": self.user, "status": [str(s) for s in status], "limit": limit}
+        body = {"status": [str(s) for s in status], "limit": limit}
         return (await self._call("jobs", body, _JobList)).jobs
 
     async def workers(self) -> list[WorkerInfo]:
@@ -179,39 +214,64 @@ class AsyncClient:
         self, subject: str = "jobs.>", *, replay: bool = False
     ) -> AsyncGenerator[tuple[str, bytes], None]:
         """(subject, data) of every message on `subject` from now on, like `nats sub`; with
-        `replay`, from the first message the job stream still holds. Decode an event with
-        `shared.events.decode`. Runs until the caller stops iterating."""
-        sub: Any
-        if replay:
-            sub = await self._jetstream().subscribe(
-                subject,
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )
-        else:
+        `replay`, of every job event from the first the job stream still holds. A user sees
+        only its own jobs (`jobs.>` means `jobs.<user>.>`); an observer every user's. Decode
+        an event with `shared.events.decode`. Runs until the caller stops iterating."""
+        role = self.credentials.role if self.credentials else "user"
+        if role == "user":
+            subject = _own_jobs(subject, self.user)
+        if not replay:
             sub = await self.nc.subscribe(subject)
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=None)
+            try:
+                while True:
+                    msg = await sub.next_msg(timeout=None)
+                    yield msg.subject, msg.data
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        op = f"{subjects.OBSERVE_PREFIX}.watch" if role in ("observer", "admin") else "watch"
+
+        async def start(deliver: str, first: int) -> WatchReply:
+            body = {"filter": subject, "deliver": deliver, "from_seq": first}
+            return await self._call(op, body, WatchReply)
+
+        async with contextlib.aclosing(watch_messages(self.nc, start, None)) as messages:
+            async for _, msg in messages:
                 yield msg.subject, msg.data
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+
+    # -- secrets -------------------------------------------------------------------------
+
+    async def set_secret(self, name: str, value: str) -> None:
+        """Store (or replace) your secret `name`, encrypted at rest by the gateway; a job that
+        names it (`secrets=[name]`) gets it as the environment variable `name`."""
+        await self._call("secret_put", {"name": name, "value": value}, dict)
+
+    async def secrets(self) -> list[str]:
+        """The names of your secrets (their values are never sent back)."""
+        return (await self._call("secret_list", {}, api.SecretNames)).names
+
+    async def delete_secret(self, name: str) -> None:
+        """Delete your secret `name` (NOT_FOUND if there is none); jobs naming it afterwards
+        are refused, and a job that has not started yet fails."""
+        await self._call("secret_delete", {"name": name}, dict)
 
     # -- submitting ----------------------------------------------------------------------
 
     async def upload(self, data: bytes) -> str:
-        """Put a code package in the object store (once per content); returns its code_ref."""
+        """Hand a code package to the gateway (once per content: a package it holds is not
+        sent again); returns its code_ref. The gateway checks it before storing it."""
         ref = code_ref(data)
-        store = await self._jetstream().object_store(subjects.CODE_BUCKET)
-        try:
-            info = await store.get_info(ref)
-            if info.size == len(data):
+        offset = 0
+        while True:
+            chunk = data[offset : offset + UPLOAD_CHUNK]
+            body = {"code_ref": ref, "size": len(data), "offset": offset, "data": chunk}
+            # a full quota is no "not now": only a gateway that is away is worth retrying
+            reply = await self._call("upload", body, _Uploaded, self._upload_retry)
+            if reply.stored:
                 return ref
-        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.NotFoundError):
-            pass
-        await store.put(ref, data)
-        return ref
+            offset = reply.received
+            if not chunk:
+                raise CumulusError.from_code("INTERNAL", f"upload of {ref} made no progress")
 
     async def submit_package(
         self,
@@ -238,6 +298,8 @@ class AsyncClient:
                 requirements=list(opts.requirements),
                 priority=opts.priority,
                 env=dict(opts.env),
+                network=opts.network,
+                secrets=list(opts.secrets),
             )
         )
         reply = await self._call("submit", request, api.SubmitReply)
@@ -248,7 +310,9 @@ class AsyncClient:
         requested = requested or self.packaging
         if requested == "auto" and self._worker_pythons is None:
             try:
-                reply = await api.request(self.nc, "workers", {}, WorkerList, timeout=2.0)
+                reply = await api.request(
+                    self.nc, "workers", {}, WorkerList, timeout=2.0, user=self.user
+                )
                 self._worker_pythons = [w.labels.get("python", "") for w in reply.workers]
             except CumulusError:
                 self._worker_pythons = []
@@ -410,6 +474,37 @@ class _JobList(msgspec.Struct):
     jobs: list[JobInfo] = []
 
 
+class _Uploaded(msgspec.Struct):
+    stored: bool
+    received: int = 0
+
+
+def _own_jobs(subject: str, user: str) -> str:
+    """`jobs.>` and `jobs.*.<rest>` from a user mean its own jobs (the only ones it may see):
+    `jobs.<user>.>` / `jobs.<user>.<rest>`; another user's name is left for the gateway to
+    refuse."""
+    if subject == "jobs.>":
+        return f"jobs.{user}.>"
+    head, _, rest = subject.partition(".")
+    token, _, tail = rest.partition(".")
+    if head == "jobs" and token == "*" and tail:
+        return f"jobs.{user}.{tail}"
+    return subject
+
+
+def _user(creds: auth.Credentials | None, user: str | None) -> str:
+    """Who the client acts as: a user identity is itself and nobody else; an operator's or
+    observer's profile, or none, acts as `user` (or $CUMULUS_USER, else `default`)."""
+    if creds is not None and creds.role == "user":
+        if user and user != creds.name:
+            raise PermissionDenied(
+                f"This profile is the identity {creds.name!r}; it cannot act as {user!r} "
+                "(use that user's profile)"
+            )
+        return creds.name
+    return user or os.environ.get("CUMULUS_USER") or "default"
+
+
 async def _quiet(exc: Exception) -> None:
     """Connection trouble is retried by nats-py and surfaces as our errors; keep it out of
     the user's terminal (nats-py prints tracebacks by default)."""
@@ -431,11 +526,12 @@ class Client:
         nats_url: str | None = None,
         user: str | None = None,
         *,
+        profile: str | None = None,
         retry: RetryPolicy | None = None,
         packaging: Packaging = "auto",
     ) -> None:
+        self.aio = AsyncClient(nats_url, user, profile=profile, retry=retry, packaging=packaging)
         self._runner = Runner()
-        self.aio = AsyncClient(nats_url, user, retry=retry, packaging=packaging)
         """The asyncio client underneath (its calls run on this client's private loop)."""
         try:
             self._runner.call(self.aio.connect())
@@ -483,6 +579,19 @@ class Client:
 
     def health(self) -> HealthInfo:
         return self._runner.call(self.aio.health())
+
+    def set_secret(self, name: str, value: str) -> None:
+        """Store (or replace) your secret `name` (see AsyncClient.set_secret)."""
+        self._runner.call(self.aio.set_secret(name, value))
+
+    def secrets(self) -> list[str]:
+        """The names of your secrets."""
+        names: list[str] = self._runner.call(self.aio.secrets())
+        return names
+
+    def delete_secret(self, name: str) -> None:
+        """Delete your secret `name`."""
+        self._runner.call(self.aio.delete_secret(name))
 
     def submit(
         self,

@@ -1,9 +1,13 @@
 """Job handles: follow a job's events and logs, wait for its value, ask its status, cancel it.
 
-A handle reads the job's history straight from JetStream (`jobs.<user>.<job>.>`), from the
-first event, with an ordered consumer. It remembers the stream sequence of the last event it
-handed out, so after a lost connection it resumes right after it: nothing is lost, nothing is
-repeated, whatever happened to the gateway or the connection meanwhile.
+A handle has the gateway replay the job's history (`jobs.<user>.<job>.>`) into the client's
+private inbox, from the first event (services/gateway/watch.py: users get no JetStream API of
+their own). It remembers the stream sequence of the last event it handed out, so after a lost
+connection, a gap or a silent consumer it starts again right after it: nothing is lost, nothing
+is repeated, whatever happened to the gateway or the connection meanwhile.
+
+A value is unpickled only from a JobCompleted of the job's current placement, published under
+the placed worker's own subject token, which NATS permissions let only that worker use.
 """
 
 from __future__ import annotations
@@ -11,27 +15,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import cloudpickle
 import msgspec
 import nats.errors
-import nats.js.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from cumulus._transport import Transport
 from shared import events as ev
 from shared import subjects
-from shared.errors import CumulusError, MalformedEvent, NotFound
+from shared.errors import CumulusError, MalformedEvent
 from shared.views import JobInfo, JobStatus
-
-if TYPE_CHECKING:
-    from nats.js import JetStreamContext
-
 
 T = TypeVar("T")
 
@@ -44,13 +45,85 @@ stream (every line there), or False/None (nowhere)."""
 
 RESUME_WINDOW_S = 300.0
 """How long a handle keeps trying to resubscribe after losing the connection."""
+SILENT_S = 7.0
+"""A replay that sends neither an event nor a heartbeat (every 2 s) this long is started again."""
+
+
+class WatchReply(msgspec.Struct, kw_only=True):
+    last_seq: int = 0
+
+
+class _Restart(Exception):
+    """The replay lost its place (a gap, or silence): start again after the last event."""
+
+
+async def watch_messages(
+    nc: NatsClient,
+    start: Callable[[str, int], Coroutine[Any, Any, WatchReply]],
+    end: int | None,
+    *,
+    follow: bool = True,
+) -> AsyncGenerator[tuple[int, Msg], None]:
+    """(stream sequence, message) of a replay the gateway pushes into a private inbox:
+    `start(inbox, first_seq)` asks for it. Without `follow`, up to the newest message when it
+    began. Resumes after a lost connection, a gap or a silent consumer for RESUME_WINDOW_S."""
+    last = 0
+    resume_by = time.monotonic() + RESUME_WINDOW_S
+    while end is None or last < end:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        try:
+            reply = await start(inbox, last + 1)
+            if not follow and end is None:
+                end = reply.last_seq
+            async for seq, msg in _pushed(sub, last, end):
+                last = seq
+                resume_by = time.monotonic() + RESUME_WINDOW_S
+                yield seq, msg
+        except nats.errors.ConnectionClosedError:
+            raise
+        except (nats.errors.Error, OSError, _Restart) as exc:
+            if time.monotonic() > resume_by:
+                raise CumulusError.from_code(
+                    "UNAVAILABLE", f"lost the event stream: {exc}"
+                ) from None
+            await asyncio.sleep(0.25)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+async def _pushed(sub: Any, last: int, end: int | None) -> AsyncGenerator[tuple[int, Msg], None]:
+    delivered = 0
+    heard = time.monotonic()
+    while end is None or last < end:
+        try:
+            msg = await sub.next_msg(timeout=1.0)
+        except nats.errors.TimeoutError:
+            if time.monotonic() - heard > SILENT_S:
+                raise _Restart("no heartbeat") from None
+            continue
+        heard = time.monotonic()
+        if not (msg.reply or "").startswith("$JS.ACK."):
+            continue  # an idle heartbeat
+        meta = msg.metadata
+        if meta.sequence.consumer != delivered + 1:
+            raise _Restart("gap")
+        delivered = meta.sequence.consumer
+        seq = meta.sequence.stream
+        if seq <= last:
+            continue
+        last = seq
+        yield seq, msg
 
 
 def decode_result(event: ev.JobCompleted | bytes) -> Any:
     """The function's return value from a JobCompleted envelope (or the envelope's bytes)."""
     envelope = msgspec.json.decode(event if isinstance(event, bytes) else event.result)
+    if "parts" in envelope:
+        raise ValueError("the result came in parts: use AsyncJob.result() or AsyncJob.value()")
     if "stored" in envelope:
-        raise ValueError("the result is in the object store: use AsyncJob.result()")
+        raise ValueError("the result was stored by an older Cumulus and cannot be read")
     if "pickle" in envelope:
         try:
             return cloudpickle.loads(base64.b64decode(envelope["pickle"]))
@@ -116,50 +189,30 @@ class AsyncJob:
                     return
 
     async def _stream(self, follow: bool) -> AsyncGenerator[tuple[int, ev.AnyJobEvent], None]:
-        """(stream sequence, event) from the first event; after a lost connection it
-        resubscribes right after the last one handed out, for up to RESUME_WINDOW_S."""
-        js = self.client._jetstream()
-        subject = subjects.job_all(self.job_id, self.client.user)
-        end = None if follow else await self._last_sequence(js, subject)
-        last = 0
-        resume_by = time.monotonic() + RESUME_WINDOW_S
-        while end is None or last < end:
-            try:
-                sub = await js.subscribe(
-                    subject, ordered_consumer=True, config=_from_sequence(last + 1)
-                )
-            except nats.errors.ConnectionClosedError:
-                raise
-            except (nats.errors.Error, OSError) as exc:
-                if time.monotonic() > resume_by:
-                    raise CumulusError.from_code(
-                        "UNAVAILABLE", f"lost the event stream of job {self.job_id}: {exc}"
-                    ) from None
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                async with contextlib.aclosing(_read(sub, last, end)) as messages:
-                    async for seq, event in messages:
-                        last = seq
-                        resume_by = time.monotonic() + RESUME_WINDOW_S
-                        if event is not None:
-                            yield seq, event
-            except nats.errors.ConnectionClosedError:
-                raise
-            except (nats.errors.Error, OSError):
-                if time.monotonic() > resume_by:
-                    raise
-                await asyncio.sleep(0.5)  # resubscribe right after the last event handed out
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        """(stream sequence, event) from the first; see `watch_messages`. An event whose
+        fields disagree with its subject is skipped, and so is an end (completed, failed, …)
+        from a worker other than the job's placement."""
 
-    async def _last_sequence(self, js: JetStreamContext, subject: str) -> int:
-        """The stream sequence of the job's newest event (NOT_FOUND: the job has none)."""
-        try:
-            return (await js.get_last_msg(subjects.JOBS_STREAM, subject)).seq or 0
-        except nats.js.errors.NotFoundError:
-            raise NotFound(f"Job {self.job_id} not found") from None
+        async def start(deliver: str, first: int) -> WatchReply:
+            body = {"job_id": self.job_id, "deliver": deliver, "from_seq": first}
+            return await self.client._call("watch", body, WatchReply)
+
+        nc = self.client.nc
+        placed = ""
+        replay = watch_messages(nc, start, None, follow=follow)
+        async with contextlib.aclosing(replay) as messages:
+            async for seq, msg in messages:
+                try:
+                    event = ev.decode(msg.data)
+                except MalformedEvent:
+                    continue
+                if not isinstance(event, ev.JobEvent) or not _agrees(msg.subject, event):
+                    continue
+                if isinstance(event, ev.WorkerSelected):
+                    placed = event.worker_id
+                elif isinstance(event, ev.Terminal) and event.worker_id not in ("", placed):
+                    continue  # an end not from the job's placement is not believed
+                yield seq, event
 
     async def logs(self, follow: bool = False) -> AsyncGenerator[LogLine, None]:
         """The job's output lines from the first. With `follow`, live until the job ends;
@@ -175,12 +228,20 @@ class AsyncJob:
         it comes if `logs` says where. `timeout` bounds the wait (TimeoutError), not the job."""
 
         async def follow() -> Any:
+            placed: str | None = None
+            parts: dict[int, bytes] = {}
             async with contextlib.aclosing(self.events()) as events:
                 async for event in events:
-                    if isinstance(event, ev.JobLog):
+                    if isinstance(event, ev.WorkerSelected):
+                        placed, parts = event.worker_id, {}
+                    elif isinstance(event, ev.JobLog):
                         print_lines(event, logs)
+                    elif isinstance(event, ev.JobResultPart) and event.worker_id == placed:
+                        parts[event.index] = event.data
                     elif isinstance(event, ev.JobCompleted):
-                        return await self.value(event)
+                        if placed is None or placed != event.worker_id:
+                            continue  # not from the job's placement: never unpickled
+                        return _value(self.job_id, event, parts)
                     elif isinstance(event, ev.Terminal):
                         raise job_error(event)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
@@ -197,24 +258,33 @@ class AsyncJob:
         """Until the job ends; its final status (COMPLETED, FAILED, TIMED_OUT, CANCELLED)."""
 
         async def follow() -> JobStatus:
+            placed = ""
             async with contextlib.aclosing(self.events()) as events:
                 async for event in events:
-                    if isinstance(event, ev.Terminal):
+                    if isinstance(event, ev.WorkerSelected):
+                        placed = event.worker_id
+                    elif isinstance(event, ev.Terminal) and event.worker_id in ("", placed):
                         return JobStatus(event.status)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
 
         return await asyncio.wait_for(follow(), timeout)
 
     async def value(self, completed: ev.JobCompleted) -> Any:
-        """The value a JobCompleted event of this job carries (fetched from the object store
-        when it was too large to travel in the event). For code that follows `events()`."""
-        envelope = msgspec.json.decode(completed.result)
-        if "stored" not in envelope:
-            return decode_result(completed)
-        bucket, _, name = envelope["stored"].partition("/")
-        store = await self.client._jetstream().object_store(bucket)
-        stored = await store.get(name)
-        return decode_result(bytes(stored.data or b""))
+        """The value a JobCompleted event of this job carries (gathered from the job's result
+        parts when it was too large to travel in the event). For code that follows
+        `events()`."""
+        parts: dict[int, bytes] = {}
+        if "parts" in msgspec.json.decode(completed.result):
+            async with contextlib.aclosing(self.events(follow=False)) as events:
+                async for event in events:
+                    if isinstance(event, ev.WorkerSelected):
+                        parts = {}
+                    elif (
+                        isinstance(event, ev.JobResultPart)
+                        and event.worker_id == completed.worker_id
+                    ):
+                        parts[event.index] = event.data
+        return _value(self.job_id, completed, parts)
 
     async def status(self) -> JobInfo:
         """The gateway's view of the job: status, gpu, worker, devices, queue position and
@@ -226,33 +296,31 @@ class AsyncJob:
         return await self.client._call("cancel", {"job_id": self.job_id}, JobInfo)
 
 
-def _from_sequence(first: int) -> ConsumerConfig:
-    """Deliver from stream sequence `first` (1: from the beginning)."""
-    if first <= 1:
-        return ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
+def _value(job_id: str, completed: ev.JobCompleted, parts: dict[int, bytes]) -> Any:
+    """The value of a JobCompleted; a large one is joined from its parts (published by the
+    same worker under its own subject) and checked against the digest the event carries."""
+    envelope = msgspec.json.decode(completed.result)
+    if "parts" not in envelope:
+        return decode_result(completed)
+    data = b"".join(parts.get(i, b"") for i in range(int(envelope["parts"])))
+    if len(data) != envelope.get("size") or hashlib.sha256(data).hexdigest() != envelope.get(
+        "sha256"
+    ):
+        raise CumulusError.from_code(
+            "INTERNAL",
+            f"the result of job {job_id} does not match the digest its worker reported; "
+            "it was not decoded",
+        )
+    return decode_result(data)
 
 
-async def _read(
-    sub: Any, last: int, end: int | None
-) -> AsyncGenerator[tuple[int, ev.AnyJobEvent | None], None]:
-    """(sequence, event) after `last` until `end` (forever if None); a message that is not
-    an event comes as (sequence, None), so the caller still moves past it."""
-    while end is None or last < end:
-        try:
-            msg = await sub.next_msg(timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
-        seq = msg.metadata.sequence.stream
-        if seq <= last:
-            continue  # a redelivery after a consumer reset: already handed out
-        last = seq
-        try:
-            event = ev.decode(msg.data)
-        except MalformedEvent:
-            yield seq, None
-            continue
-        yield seq, event  # type: ignore[misc]
+def _agrees(subject: str, event: ev.JobEvent) -> bool:
+    """The event says of itself what its subject says (user, job, worker)."""
+    try:
+        user, job_id, worker_id, _ = subjects.parse_job_subject(subject)
+    except ValueError:
+        return False
+    return (user, job_id, worker_id) == (event.user, event.job_id, event.worker_id)
 
 
 class Runner:

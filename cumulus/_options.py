@@ -35,6 +35,8 @@ class JobOptionArgs(TypedDict, total=False):
     priority: int
     env: Mapping[str, str] | None
     packaging: Packaging | None
+    network: bool | None
+    secrets: Sequence[str] | None
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,21 @@ class JobOptions:
     """Extra environment variables for the job."""
     packaging: Packaging | None = None
     """How a function travels ("auto", "pickle", "source"); None: the client's choice."""
+    network: bool = False
+    """The job gets network access; the operator's policy must allow it for the user
+    (`policy.network`), else the submit is PERMISSION_DENIED."""
+    secrets: Sequence[str] = ()
+    """Names of your secrets (`Client.set_secret`) the job gets as environment variables of
+    the same names; their values never appear in its events, logs or status."""
 
     def __post_init__(self) -> None:
         if isinstance(self.requirements, str):  # one string is not a list of requirements
             raise InvalidArgument("requirements must be a list of strings", field="requirements")
         object.__setattr__(self, "requirements", tuple(self.requirements))
         object.__setattr__(self, "env", dict(self.env or {}))
+        if isinstance(self.secrets, str):  # one string is one name, not its letters
+            object.__setattr__(self, "secrets", (self.secrets,))
+        object.__setattr__(self, "secrets", tuple(self.secrets))
         self.validate()
 
     def validate(self) -> None:
@@ -72,6 +83,10 @@ class JobOptions:
             raise InvalidArgument("requirements must be a list of strings", field="requirements")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise InvalidArgument("env must map names to string values", field="env")
+        if not all(isinstance(name, str) and name for name in self.secrets):
+            raise InvalidArgument("secrets must be a list of secret names", field="secrets")
+        if not isinstance(self.network, bool):
+            raise InvalidArgument("network must be True or False", field="network")
         if self.packaging not in (None, "auto", "pickle", "source"):
             raise InvalidArgument(
                 f"packaging must be 'auto', 'pickle' or 'source', not {self.packaging!r}",

@@ -39,11 +39,15 @@ _default_lock = threading.Lock()
 
 
 def connect(
-    nats_url: str | None = None, user: str | None = None, *, retry: RetryPolicy | None = None
+    nats_url: str | None = None,
+    user: str | None = None,
+    *,
+    profile: str | None = None,
+    retry: RetryPolicy | None = None,
 ) -> Client:
     """Connect the default client that `@remote` functions use (closing any previous one)."""
     global _default
-    client = Client(nats_url, user, retry=retry)
+    client = Client(nats_url, user, profile=profile, retry=retry)
     with _default_lock:
         previous, _default = _default, client
     if previous is not None:
@@ -52,7 +56,8 @@ def connect(
 
 
 def default_client() -> Client:
-    """The default client, connected from $CUMULUS_NATS_URL on first use."""
+    """The default client, connected on first use with the default profile (or
+    $CUMULUS_PROFILE, $CUMULUS_NATS_URL)."""
     global _default
     with _default_lock:
         if _default is None:
@@ -155,8 +160,10 @@ class RemoteFunction(Generic[P, R]):
 
     async def remote_async(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """`.remote()` for asyncio code, over a connection of its own to the default URL."""
-        url = self._client.nats_url if self._client is not None else None
-        async with AsyncClient(url) as client:
+        known = self._client.aio if self._client is not None else None
+        url = known.nats_url if known is not None else None
+        profile = known.profile if known is not None else None
+        async with AsyncClient(url, profile=profile) as client:
             value: R = await client.run_call(
                 self.func,
                 args,

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NatsClient
 
 T = TypeVar("T")
 
 
 class Transport(Protocol):
-    """The client as a job handle sees it: the user, the bus, and one API call."""
+    """The client as a job handle sees it: the user, the connection, and one API call."""
 
     user: str
 
-    def _jetstream(self) -> JetStreamContext: ...
+    @property
+    def nc(self) -> NatsClient: ...
 
-    async def _call(self, op: str, body: dict[str, Any], reply_type: type[T]) -> T: ...
+    async def _call(self, op: str, body: Any, reply_type: type[T]) -> T: ...

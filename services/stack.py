@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client as NatsClient
 
-from shared import api
+from shared import api, auth, certs
 from shared import config as config_mod
 from shared.config import Config
 
@@ -124,14 +125,150 @@ class Stack:
     """Workers (of `workers`) that one SSH-mode `partitioner-ssh` serves: id -> address."""
     proc_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """Extra environment for one process, by its name (e.g. `partitioner-ssh`)."""
+    secure: bool = True
+    """Every process authenticates with its own nkey identity and is held to its role's
+    permissions (shared/auth.py); False: an open bus, for comparison and old set-ups."""
+    users: list[str] = field(default_factory=lambda: ["default"])
+    """User identities made at start; `add_user` makes more while the stack runs."""
+    tls: bool = False
+    """nats-server requires TLS and a client certificate from every client (mTLS), all from
+    the stack's CA (`ca_dir`, made if missing); every credentials file names its TLS files."""
+    listen: str = "127.0.0.1"
+    """Address nats-server listens on; beyond loopback only with `secure` and `tls`
+    (`cumulus up` refuses otherwise)."""
+    ca_dir: Path | None = None
+    """The CA (`ca.crt`, `ca.key`; `cumulus certs init`) with TLS on; None: `<data_dir>/auth/tls`,
+    made at the first start."""
+    tls_hosts: list[str] = field(default_factory=list)
+    """More names or addresses the server certificate is valid for (those remote clients use);
+    loopback, this host's name and `listen` are always in it."""
     config: Config | None = field(default=None, init=False)
     """The configuration a worker of this stack runs with; set by `start`."""
     _settings: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _metrics_ports: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     @property
+    def host(self) -> str:
+        """Where this machine reaches the server: `listen`, or loopback for a wildcard."""
+        return "127.0.0.1" if self.listen in ("", "0.0.0.0", "::") else self.listen
+
+    @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nats://{host}:{self.port}"
+
+    @property
+    def auth_dir(self) -> auth.AuthDir:
+        if not self.tls:
+            return auth.AuthDir(self.data_dir / "auth", url=self.url)
+        ca_dir = self._ensure_ca()
+        return auth.AuthDir(
+            self.data_dir / "auth",
+            url=self.url,
+            tls=auth.TlsFiles(ca=str(ca_dir / "ca.crt")),
+            ca_dir=ca_dir,
+        )
+
+    @property
+    def tls_dir(self) -> Path:
+        """The stack's server and client certificates (and its CA, unless `ca_dir`)."""
+        return self.data_dir / "auth" / "tls"
+
+    def _ensure_ca(self) -> Path:
+        """The CA directory, with a CA made there if it has none yet."""
+        ca_dir = self.ca_dir or self.tls_dir
+        if not (ca_dir / "ca.crt").exists():
+            certs.make_ca(ca_dir)
+        return ca_dir
+
+    def _server_tls(self) -> dict[str, object]:
+        """nats-server's certificate (made once, for loopback, this host and `tls_hosts`)."""
+        ca_dir = self._ensure_ca()
+        cert, key = self.tls_dir / "server.crt", self.tls_dir / "server.key"
+        if not (cert.exists() and key.exists()):
+            hosts = ["127.0.0.1", "::1", "localhost", socket.gethostname(), socket.getfqdn()]
+            hosts += [self.host, *self.tls_hosts]
+            certs.issue(ca_dir, "server", server=True, hosts=dict.fromkeys(hosts), out=self.tls_dir)
+        return auth.server_tls(cert, key, ca_dir / "ca.crt")
+
+    def credentials(self, role: auth.Role, name: str, workers: tuple[str, ...] = ()) -> str:
+        """The credentials file of one identity of this stack (made if missing; a new one
+        takes effect at the next `start` or `reload`)."""
+        if not self.secure:
+            path = self.data_dir / "auth" / "open" / f"{role}-{name}.json"
+            creds = auth.Credentials(name=name, role=role, url=self.url)
+            if self.tls:
+                creds.tls = self.auth_dir._tls_for(role, name)
+            auth.write_credentials(path, creds)
+            return str(path)
+        return str(self.auth_dir.ensure(role, name, workers))
+
+    def profile(self, user: str = "default") -> str:
+        """A user's credentials file (what `Client(profile=...)` and `cumulus --profile`
+        take); a user the stack does not know yet is added, and the bus reloaded."""
+        if (
+            self.secure
+            and not (self.data_dir / "auth").joinpath("creds", f"user-{user}.json").exists()
+        ):
+            self.add_user(user)
+        return self.credentials("user", user)
+
+    def add_user(self, user: str) -> str:
+        """Make a user identity and have the running nats-server accept it."""
+        path = self.credentials("user", user)
+        if user not in self.users:
+            self.users.append(user)
+        if self.secure and "nats" in self.procs and self.procs["nats"].alive():
+            self.reload()
+        return path
+
+    def reload(self) -> None:
+        """Rewrite nats-server's config (the identities) and have it reload (SIGHUP)."""
+        self._write_nats_config()
+        proc = self.procs["nats"]
+        assert proc.popen is not None
+        proc.popen.send_signal(signal.SIGHUP)
+        time.sleep(0.2)  # the server applies a reload in well under this
+
+    async def connect(self, role: auth.Role = "admin", name: str = "admin") -> NatsClient:
+        """A connection to this stack's bus as one of its identities (the operator's by
+        default); the caller closes it."""
+        creds = auth.load_credentials(self.credentials(role, name))
+        return await nats.connect(self.url, **auth.connect_options(creds))
+
+    def _identities(self) -> dict[str, str]:
+        """Make every identity the stack's processes use; process name -> credentials."""
+        made = {
+            "scheduler": self.credentials("scheduler", "scheduler"),
+            "gateway": self.credentials("gateway", "gateway"),
+        }
+        self.credentials("admin", "admin")
+        self.credentials("observer", "observer")
+        for user in self.users:
+            self.credentials("user", user)
+        if self.ssh_workers:
+            made["partitioner-ssh"] = self.credentials(
+                "worker", "partitioner-ssh", tuple(self.ssh_workers)
+            )
+        for worker in self.workers:
+            path = self.credentials("worker", worker, (worker,))
+            made[f"partitioner-{worker}"] = made[f"runner-{worker}"] = path
+        return made
+
+    def _write_nats_config(self) -> Path:
+        path = self.data_dir / "nats.conf"
+        authorization = self.auth_dir.authorization() if self.secure else None
+        path.write_text(
+            auth.server_config(
+                host=self.listen,
+                port=self.port,
+                store_dir=self.data_dir / "nats",
+                authorization=authorization,
+                tls=self._server_tls() if self.tls else None,
+            )
+        )
+        os.chmod(path, 0o600)
+        return path
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -188,6 +325,9 @@ class Stack:
         self.port = self.port or free_port()
         self._resolve()
         self._metrics_ports = {}
+        creds = self._identities()
+        for name, path in creds.items():
+            self.proc_env.setdefault(name, {})["CUMULUS_NATS_CREDENTIALS"] = path
         services = {"scheduler": self._service("scheduler", "scheduler")}
         services["gateway"] = self._service("gateway", "gateway")
         if self.ssh_workers:
@@ -205,16 +345,7 @@ class Stack:
             )
         nats_proc = Proc(
             "nats",
-            [
-                nats_server_binary(),
-                "-js",
-                "-sd",
-                str(self.data_dir / "nats"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-            ],
+            [nats_server_binary(), "-c", str(self._write_nats_config())],
             dict(os.environ),
             self.data_dir / "logs" / "nats.log",
         )
@@ -232,7 +363,7 @@ class Stack:
             if not self.procs["nats"].alive():
                 raise RuntimeError(f"nats-server exited; see {self.procs['nats'].log_path}")
             with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                _, writer = await asyncio.open_connection(self.host, self.port)
                 writer.close()
                 await writer.wait_closed()
                 return
@@ -242,7 +373,7 @@ class Stack:
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the gateway answers and the scheduler sees every worker."""
         deadline = time.monotonic() + timeout
-        nc = await nats.connect(self.url)
+        nc = await self.connect()
         try:
             while True:
                 self._check_alive()

@@ -37,13 +37,19 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
     """0.1-0.9 or a whole number 1-8, as a number or a string."""
     duration: Any = 3600
     """Seconds, 60-86400."""
-    user: str = "default"
+    user: str = ""
+    """Deprecated: the user is the caller's identity (the request's subject); a request
+    naming another user is PERMISSION_DENIED."""
     job_id: str = ""
     """Optional, chosen by the client so a retried submit is not a second job."""
     entrypoint: str = "function"
     requirements: list[str] = []
     priority: int = 0
     env: dict[str, str] = {}
+    network: bool = False
+    """The job asks for network access; the user's policy must allow it (policy.network)."""
+    secrets: list[str] = []
+    """Names of the caller's secrets (`secret_put`) the job gets as environment variables."""
 
 
 class SubmitReply(msgspec.Struct, kw_only=True):
@@ -62,6 +68,35 @@ class ListJobsRequest(msgspec.Struct, kw_only=True):
     limit: int = 100
 
 
+class SecretPut(msgspec.Struct, kw_only=True):
+    """`secret_put`: store (or replace) one of the caller's secrets."""
+
+    name: str
+    value: str
+
+
+class SecretRef(msgspec.Struct, kw_only=True):
+    """`secret_delete`: one of the caller's secrets, by name."""
+
+    name: str
+
+
+class SecretNames(msgspec.Struct, kw_only=True):
+    """`secret_list`'s reply: the caller's secrets' names (never their values)."""
+
+    names: list[str] = []
+
+
+class SecretsRequest(msgspec.Struct, kw_only=True):
+    """A worker's `cumulus.secrets.<worker>.get`: the secrets of a job placed on it."""
+
+    job_id: str
+
+
+class SecretsReply(msgspec.Struct, kw_only=True):
+    secrets: dict[str, str] = {}
+
+
 class SchedulerQuery(msgspec.Struct, kw_only=True):
     """Admission check the gateway asks the scheduler before accepting a job."""
 
@@ -73,9 +108,17 @@ T = TypeVar("T")
 _json = msgspec.json.Encoder()
 
 
-async def request(nc: Client, op: str, body: Any, reply_type: type[T], timeout: float = 5.0) -> T:
-    """Call one API operation; a micro error header becomes the matching CumulusError."""
-    subject = op if "." in op else subjects.api(op)
+async def request(
+    nc: Client,
+    op: str,
+    body: Any,
+    reply_type: type[T],
+    timeout: float = 5.0,
+    user: str = "default",
+) -> T:
+    """Call one API operation as `user` (`cumulus.api.<user>.<op>`; an `op` with a dot is a
+    whole subject); a micro error header becomes the matching CumulusError."""
+    subject = op if "." in op else subjects.api(op, user)
     try:
         msg = await nc.request(subject, _json.encode(body), timeout=timeout)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
@@ -127,6 +170,29 @@ MAX_CONCURRENT_REQUESTS = 256
 
 
 def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
+    """Wrap an operation that takes the request body (see `_dispatcher`)."""
+    return _dispatcher(lambda req: handler(req.data))
+
+
+def user_endpoint(
+    handler: Callable[[str, bytes], Awaitable[Any]],
+) -> Callable[[Request], Awaitable[None]]:
+    """Wrap an operation of `cumulus.api.<user>.<op>`: it gets the user the subject names
+    (which NATS permissions tie to the caller's identity) and the body."""
+    return _dispatcher(lambda req: handler(subjects.api_user(req.subject), req.data))
+
+
+def worker_endpoint(
+    handler: Callable[[str, bytes], Awaitable[Any]],
+) -> Callable[[Request], Awaitable[None]]:
+    """Wrap an operation of `cumulus.<secrets|consumers>.<worker>.<op>`: it gets the worker
+    the subject names (NATS permissions let a worker publish only its own) and the body."""
+    return _dispatcher(lambda req: handler(req.subject.split(".")[2], req.data))
+
+
+def _dispatcher(
+    handler: Callable[[Request], Awaitable[Any]],
+) -> Callable[[Request], Awaitable[None]]:
     """Wrap an operation: JSON reply on success, the seed's code and message on error.
 
     NATS hands a subscription's messages to its callback one at a time; each request is
@@ -148,7 +214,7 @@ def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], 
 
     async def serve(req: Request) -> None:
         try:
-            reply = await handler(req.data)
+            reply = await handler(req)
         except CumulusError as exc:
             await req.respond_error(exc.code, exc.message, _json.encode({"error": exc.to_dict()}))
             return

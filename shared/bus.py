@@ -13,7 +13,9 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
+import msgspec
 import nats
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -30,13 +32,13 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from shared import events, subjects
+from shared import auth, events, subjects
 from shared.events import Event, JobEvent, WorkerEvent
 
 log = logging.getLogger(__name__)
 
-RESULT_TTL_S = 7 * 24 * 3600.0
-"""Large results are kept this long in the object store."""
+CODE_TTL_DAYS = 30
+"""Code packages are kept this long after their upload (each user's quota frees itself)."""
 
 DUPLICATE_WINDOW_S = 15 * 60.0
 """Long enough to cover a crashed service's restart and its outbox re-publish."""
@@ -71,8 +73,11 @@ STREAMS = (
 )
 
 
-async def connect(url: str, name: str, timeout: float = 5.0) -> Client:
-    """Connect with reconnects forever: a bus restart must not kill a service."""
+async def connect(url: str, name: str, timeout: float = 5.0, credentials: str = "") -> Client:
+    """Connect with reconnects forever: a bus restart must not kill a service. With
+    `credentials` (a file shared/auth.py wrote), as that identity, over TLS where it says.
+    A permission the server refuses is logged (nats-py does not raise it)."""
+    creds = auth.load_credentials(credentials) if credentials else None
     return await nats.connect(
         servers=url.split(","),
         name=name,
@@ -80,7 +85,31 @@ async def connect(url: str, name: str, timeout: float = 5.0) -> Client:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
         allow_reconnect=True,
+        error_cb=_log_error,
+        **auth.connect_options(creds),
     )
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("bus error: %s", exc)
+
+
+async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
+    """Until the streams and buckets exist (a worker may not create them: the control plane
+    does, shared/auth.py)."""
+    names = [c.name for c in STREAMS if c.name] + [
+        f"OBJ_{subjects.CODE_BUCKET}",
+    ]
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            try:
+                await js.stream_info(name)
+                break
+            except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
@@ -90,8 +119,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
         except nats.js.errors.BadRequestError:
             await js.update_stream(config)
     for bucket, description, ttl in (
-        (subjects.CODE_BUCKET, "Code packages, named by their sha256", None),
-        (subjects.RESULTS_BUCKET, "Results too large for an event, named by job id", RESULT_TTL_S),
+        (subjects.CODE_BUCKET, "Code packages, named <user>.<sha256>", CODE_TTL_DAYS * 86400.0),
     ):
         try:
             await js.object_store(bucket)
@@ -127,6 +155,55 @@ async def durable(
         filter_subject=filters[0] if len(filters) == 1 else None,
     )
     await js.add_consumer(stream, config=config)
+
+
+class ConsumerRequest(msgspec.Struct, kw_only=True):
+    """A worker's request to the control plane to (re)create one of its durable consumers."""
+
+    stream: str
+    durable: str
+    filters: list[str]
+    after: int = 0
+
+
+def consumer_refusal(worker_id: str, req: ConsumerRequest) -> str:
+    """Why a worker may not have this consumer ("" if it may): only its own durables
+    (`partitioner-<W>`, `runner-<W>`) on the job stream, filtered to events under its own
+    worker token, so a worker reads no other worker's or user's traffic."""
+    if req.stream != subjects.JOBS_STREAM:
+        return f"stream {req.stream!r}: a worker consumes only {subjects.JOBS_STREAM}"
+    if req.durable not in (f"partitioner-{worker_id}", f"runner-{worker_id}"):
+        return f"consumer {req.durable!r} is not one of worker {worker_id}'s"
+    if not req.filters:
+        return "a worker's consumer needs filters"
+    for subject in req.filters:
+        tokens = subject.split(".")
+        if len(tokens) != 5 or tokens[:3] != ["jobs", "*", "*"] or tokens[3] != worker_id:
+            return f"filter {subject!r} is not under jobs.*.*.{worker_id}.<event>"
+        if tokens[4] in ("*", ">") or not subjects.valid_token(tokens[4]):
+            return f"filter {subject!r} must name one event"
+    return ""
+
+
+async def request_durable(
+    nc: Client, worker_id: str, req: ConsumerRequest, timeout: float = 60.0
+) -> None:
+    """Have the control plane (the scheduler) create a worker's durable consumer: a worker's
+    identity may not create consumers itself, since a consumer create chooses its filter."""
+    deadline = time.monotonic() + timeout
+    subject = subjects.consumer_request(worker_id)
+    while True:
+        try:
+            msg = await nc.request(subject, msgspec.json.encode(req), timeout=5.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+            continue
+        error = (msg.headers or {}).get("Nats-Service-Error")
+        if error:
+            raise RuntimeError(f"consumer {req.durable} refused: {error}")
+        return
 
 
 class Puller:

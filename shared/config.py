@@ -261,7 +261,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
         for section in _SECTIONS:
             if rest.startswith(section + "_"):
                 key = rest[len(section) + 1 :]
-                out.setdefault(section, {})[key] = value
+                out.setdefault(section, {})[key] = _mapping_or_text(value)
                 names[f"{section}.{key}"] = var
                 break
         else:
@@ -269,6 +269,18 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
                 out[rest] = value
                 names[rest] = var
     return out, names
+
+
+def _mapping_or_text(value: str) -> Any:
+    """A variable holding a mapping (`CUMULUS_POLICY_USERS='{alice: {network: true}}'`, YAML
+    or JSON) is that mapping; any other value stays text for validation to read."""
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        loaded = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return loaded if isinstance(loaded, dict) else value
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

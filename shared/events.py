@@ -57,6 +57,11 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: int = 3600
     priority: int = 0
     env: dict[str, str] = {}
+    network: bool = False
+    """The job gets network access (the gateway allowed it by the user's policy)."""
+    secrets: list[str] = []
+    """Names of the user's secrets the job gets in its environment; their values never
+    travel in events (the runner asks the gateway for them: `cumulus.secrets.<worker>.get`)."""
 
 
 class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.submitted"):
@@ -151,6 +156,18 @@ class JobLog(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.log"):
     lines: list[LogLine]
 
 
+class JobResultPart(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.result"):
+    """One piece of a result too large for its JobCompleted, published by the job's worker
+    just before it, under the worker's own subject (which only that worker may use): the
+    completed event then carries `{"ok": true, "parts": count, "size", "sha256"}`."""
+
+    name = "result"
+    attempt: int
+    index: int
+    count: int
+    data: bytes
+
+
 class Terminal(JobEvent, frozen=True, kw_only=True):
     """Marker base for the events that end a job."""
 
@@ -161,7 +178,8 @@ class JobCompleted(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.comp
     name = "completed"
     status = "COMPLETED"
     result: msgspec.Raw
-    """The result envelope, `{"encoding": "json"|"pickle", "data": ...}`."""
+    """The result envelope, `{"encoding": "json"|"pickle", "data": ...}`, or for a large one
+    `{"ok": true, "parts": n, "size": bytes, "sha256": hex}` (its JobResultPart events)."""
     runtime_s: float = 0.0
 
 
@@ -234,6 +252,7 @@ AnyJobEvent = (
     | PlacementRevoked
     | JobStarted
     | JobLog
+    | JobResultPart
     | JobCompleted
     | JobFailed
     | JobTimedOut

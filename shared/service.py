@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shared import bus, events, subjects
+from shared import bus, events, subjects, trust
 from shared.config import Config
 from shared.errors import EventLogError, MalformedEvent
 from shared.eventlog import Batch, EventLog, OutboxRow
@@ -72,6 +72,9 @@ class EventService(Generic[S]):
     """
 
     name: ClassVar[str]
+    creates_streams: ClassVar[bool] = True
+    """The control plane (gateway, scheduler) creates the streams; a worker's services may
+    not (shared/auth.py) and wait for them instead."""
     state: S
 
     def __init__(self, config: Config) -> None:
@@ -224,18 +227,33 @@ class EventService(Generic[S]):
         await self.before_replay()
         await self._replay()
         self.nc = nc or await bus.connect(
-            self.config.nats.url, f"cumulus-{self.name}", timeout=self.config.nats.connect_timeout
+            self.config.nats.url,
+            f"cumulus-{self.name}",
+            timeout=self.config.nats.connect_timeout,
+            credentials=self.config.nats.credentials,
         )
         self.js = self.nc.jetstream()
-        await bus.ensure_streams(self.js)
+        if self.creates_streams:
+            await bus.ensure_streams(self.js)
+        else:
+            await bus.wait_streams(self.js)
         self._relay = OutboxRelay(self.js, self.eventlog, self.name)
         self._relay.put(await self.eventlog.pending_outbox())
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-publish")
         await self.on_start()
         for spec in self.consumers():
-            await bus.durable(
-                self.js, spec.stream, spec.durable, spec.filters, self._tracked.get(spec.durable, 0)
-            )
+            after = self._tracked.get(spec.durable, 0)
+            if self.creates_streams:
+                await bus.durable(self.js, spec.stream, spec.durable, spec.filters, after)
+            else:  # a worker's: the control plane makes it, within the worker's own subjects
+                request = bus.ConsumerRequest(
+                    stream=spec.stream,
+                    durable=spec.durable,
+                    filters=list(spec.filters),
+                    after=after,
+                )
+                worker_id = spec.durable.split("-", 1)[1]
+                await bus.request_durable(self.nc, worker_id, request)
             puller = bus.Puller(self.nc, spec.stream, spec.durable)
             await puller.start()
             self._pullers.append(puller)
@@ -385,6 +403,9 @@ class EventService(Generic[S]):
         except MalformedEvent as exc:
             self._set_aside(batch, consumer, seq, msg, str(exc))
             return
+        if reason := trust.disagreement(msg.subject, event):
+            self._set_aside(batch, consumer, seq, msg, f"not believed: {reason}")
+            return
         if not self.volatile(event):
             batch.log.append(msg.data)
         with span(
@@ -399,7 +420,7 @@ class EventService(Generic[S]):
 
     def _set_aside(self, batch: Batch, consumer: str, seq: int, msg: Msg, error: str) -> None:
         log.warning(
-            "malformed message set aside",
+            "message set aside",
             extra={
                 "fields": {"service": self.name, "subject": msg.subject, "seq": seq, "error": error}
             },

@@ -2,7 +2,10 @@
 
 Job history    jobs.<user>.<job_id>.<worker_id|_>.<event>   stream JOBS
 Worker facts   workers.<worker_id>.<event>                  stream WORKERS (latest per subject)
-Request/reply  cumulus.api.<operation>                      NATS micro service "cumulus-gateway"
+Request/reply  cumulus.api.<user>.<operation>               NATS micro service "cumulus-gateway"
+Observers      cumulus.observe.<operation>                  the same service, every user's jobs
+Secrets        cumulus.secrets.<worker_id>.get              a worker asks for its job's secrets
+Consumers      cumulus.consumers.<worker_id>.create         a worker asks for its durable consumers
 Dead letters   cumulus.dead.<service>                       stream DEAD
 
 The user is the second token so that a NATS permission on `jobs.<user>.>` lets a user read
@@ -21,7 +24,6 @@ JOBS_STREAM = "JOBS"
 WORKERS_STREAM = "WORKERS"
 DEAD_STREAM = "DEAD"
 CODE_BUCKET = "cumulus-code"
-RESULTS_BUCKET = "cumulus-results"
 
 NO_WORKER = "_"
 API_PREFIX = "cumulus.api"
@@ -56,8 +58,32 @@ def worker(worker_id: str, event: str) -> str:
     return f"workers.{worker_id}.{event}"
 
 
-def api(operation: str) -> str:
-    return f"{API_PREFIX}.{operation}"
+def api(operation: str, user: str = "default") -> str:
+    """The subject of one API operation for one user: NATS permissions let a user publish
+    only its own (`cumulus.api.<user>.>`), so the gateway knows who asks from the subject."""
+    return f"{API_PREFIX}.{user}.{operation}"
+
+
+def api_user(subject: str) -> str:
+    """The user a request on `cumulus.api.<user>.<op>` came from."""
+    return subject.split(".")[2]
+
+
+OBSERVE_PREFIX = "cumulus.observe"
+
+
+def secrets_request(worker_id: str) -> str:
+    return f"cumulus.secrets.{worker_id}.get"
+
+
+def consumer_request(worker_id: str) -> str:
+    """Where a worker asks the scheduler for one of its durable consumers."""
+    return f"cumulus.consumers.{worker_id}.create"
+
+
+def code_object(user: str, code_ref: str) -> str:
+    """A code package's object name in the code bucket: each user's packages are its own."""
+    return f"{user}.{code_ref}"
 
 
 def dead(service: str) -> str:

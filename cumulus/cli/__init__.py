@@ -8,11 +8,17 @@
     cumulus status JOB | logs JOB [-f] | cancel JOB
     cumulus jobs | workers | health                              tables (--json for scripts)
     cumulus events [SUBJECT]                                     live tail, like `nats sub 'jobs.>'`
+    cumulus users add NAME | users list                          identities (operator)
+    cumulus certs init DIR | certs issue DIR NAME [--server --host H]   CA and certificates
+    cumulus secrets set NAME | secrets list | secrets rm NAME    your secrets (`run --secret`)
+
+Every command takes `--profile NAME|PATH` (default `$CUMULUS_PROFILE`, else `default`, which
+`cumulus up` writes): who you are and where Cumulus is.
 
 A client of the public `cumulus` SDK, split by concern: `parser`, `run` (run, submit, follow,
 Ctrl-C), `views` (status, logs, jobs, workers, health, cancel), `events` (the tail), `render`
-(tables and event lines), `up` (the embedded stack). The service commands are thin delegates
-that import the services only when asked for.
+(tables and event lines), `up` (the embedded stack), `access` (users, certs, secrets). The
+service commands are thin delegates that import the services only when asked for.
 
 Options of `run` and `submit` come before the target; everything after it goes to the target.
 Exit codes (docs/cli.md): 0 done; 1 the job failed; 2 bad usage or INVALID_ARGUMENT; 3 NOT_FOUND;
@@ -62,6 +68,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cumulus.cli.run import run, target_of
 
         return asyncio.run(run(args, target_of(args)))
+    if args.command in ("users", "certs"):
+        from cumulus.cli import access
+
+        return access.users(args) if args.command == "users" else access.certs(args)
+    if args.command == "secrets":
+        from cumulus.cli.access import secrets
+
+        return asyncio.run(secrets(args))
     if args.command == "events":
         from cumulus.cli.events import tail
 

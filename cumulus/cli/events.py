@@ -36,7 +36,7 @@ async def tail(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with AsyncClient(args.url, args.user) as client:
+    async with AsyncClient(args.url, args.user, profile=args.profile) as client:
         showing = asyncio.ensure_future(_show_all(client, args))
         stopping = asyncio.ensure_future(stop.wait())
         try:

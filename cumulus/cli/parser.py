@@ -8,10 +8,6 @@ import os
 SERVICES = ("gateway", "scheduler", "partitioner", "runner")
 
 
-def _default_url() -> str:
-    return os.environ.get("CUMULUS_NATS_URL", "nats://127.0.0.1:4222")
-
-
 def _stack_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name in ("up", "demo"):
         p = sub.add_parser(
@@ -31,6 +27,35 @@ def _stack_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         )
         p.add_argument("--workers", type=int, default=1)
         p.add_argument("--port", type=int, default=0 if name == "demo" else 4222)
+        p.add_argument(
+            "--listen",
+            default="127.0.0.1",
+            metavar="HOST",
+            help="address nats-server listens on (default 127.0.0.1); beyond loopback only "
+            "with --tls (and never --insecure)",
+        )
+        p.add_argument(
+            "--tls",
+            action="store_true",
+            help="TLS with a client certificate from every client (mTLS), from the CA in --ca",
+        )
+        p.add_argument(
+            "--ca",
+            metavar="DIR",
+            help="CA for --tls (`cumulus certs init DIR`; default: <data-dir>/auth/tls, made)",
+        )
+        p.add_argument(
+            "--tls-host",
+            action="append",
+            default=[],
+            metavar="HOST",
+            help="a name or address clients use for this host (in the server certificate)",
+        )
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="an open bus: no identities, no permissions (loopback only; for experiments)",
+        )
 
 
 def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +79,18 @@ def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         p.add_argument("--pip", action="append", metavar="SPEC", help="one more requirement")
         p.add_argument("--env", action="append", metavar="NAME=VALUE", help="job environment")
         p.add_argument("--priority", type=int, default=0)
+        p.add_argument(
+            "--secret",
+            action="append",
+            metavar="NAME",
+            help="a secret of yours (`cumulus secrets set`) in the job's environment as NAME "
+            "(repeatable)",
+        )
+        p.add_argument(
+            "--network",
+            action="store_true",
+            help="give the job network access (the operator's policy must allow it)",
+        )
         p.add_argument("--working-dir", help="directory shipped with a script (default: its own)")
         p.add_argument(
             "--packaging",
@@ -93,6 +130,42 @@ def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--json", action="store_true", help="one JSON object per event")
 
 
+def access_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`cumulus users`, `cumulus certs`, `cumulus secrets` (docs/cli.md, docs/security.md)."""
+    users = sub.add_parser("users", help="identities of the running stack (operator)")
+    verbs = users.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("add", help="make a user's identity and have the bus accept it")
+    p.add_argument("name")
+    p.add_argument("--role", choices=("user", "observer"), default="user")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="also write the credentials here (0600), TLS files beside it: a bundle to hand over",
+    )
+    p = verbs.add_parser("list", help="the identities and their credentials files")
+    p.add_argument("--json", action="store_true")
+    certs = sub.add_parser("certs", help="a CA and certificates for TLS (operator)")
+    verbs = certs.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("init", help="make a CA in DIR (ca.crt, ca.key 0600)")
+    p.add_argument("dir")
+    p = verbs.add_parser("issue", help="a server or client certificate signed by DIR's CA")
+    p.add_argument("dir")
+    p.add_argument("name")
+    p.add_argument("--server", action="store_true", help="a server certificate (needs --host)")
+    p.add_argument(
+        "--host", action="append", default=[], help="a DNS name or IP of the server (repeatable)"
+    )
+    p.add_argument("--out", metavar="DIR", help="where NAME.crt and NAME.key go (default DIR)")
+    secrets = sub.add_parser("secrets", help="your secrets (stored encrypted; `run --secret`)")
+    verbs = secrets.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = verbs.add_parser("set", help="store a secret: its value from --from-file or stdin")
+    p.add_argument("name")
+    p.add_argument("--from-file", metavar="FILE")
+    verbs.add_parser("list", help="the names of your secrets (never their values)")
+    p = verbs.add_parser("rm", help="delete a secret")
+    p.add_argument("name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cumulus",
@@ -102,7 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
         "7 PERMISSION_DENIED; 130 interrupted. See docs/cli.md.",
     )
     parser.add_argument(
-        "--url", default=_default_url(), help="NATS URL (default $CUMULUS_NATS_URL)"
+        "--profile",
+        default=os.environ.get("CUMULUS_PROFILE"),
+        metavar="NAME|PATH",
+        help="who you are and where Cumulus is: a profile name ($CUMULUS_HOME/profiles/NAME"
+        ".json) or a credentials file (default $CUMULUS_PROFILE, else `default`, which "
+        "`cumulus up` writes)",
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="NATS URL (default: the profile's, else $CUMULUS_NATS_URL, else "
+        "nats://127.0.0.1:4222)",
     )
     parser.add_argument(
         "--user", default=os.environ.get("CUMULUS_USER"), help="user (default $CUMULUS_USER)"
@@ -111,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stack_commands(sub)
     _job_commands(sub)
     _view_commands(sub)
+    access_commands(sub)
     for name in SERVICES:
         p = sub.add_parser(name, help=f"run the {name} service")
         p.add_argument("--config")

@@ -142,6 +142,8 @@ async def _submit(client: AsyncClient, args: argparse.Namespace, target: Target)
         priority=args.priority,
         env=_env(args.env),
         requirements=target.requirements,
+        network=args.network,
+        secrets=tuple(args.secret or ()),
     )
     if target.func is not None:
         return await client.submit_call(target.func, target.args, target.kwargs, options)
@@ -295,7 +297,9 @@ async def report(
 async def run(args: argparse.Namespace, target: Target) -> int:
     """`cumulus run` and `cumulus submit` (`args.detach`)."""
     is_function = target.func is not None
-    async with AsyncClient(args.url, args.user, packaging=args.packaging) as client:
+    async with AsyncClient(
+        args.url, args.user, profile=args.profile, packaging=args.packaging
+    ) as client:
         job = await _submit(client, args, target)
         if args.detach:
             print(json.dumps({"job_id": job.job_id}) if args.json else job.job_id, flush=True)

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cumulus import AsyncClient
+from cumulus import AsyncClient, _profiles
+from cumulus.cli.access import StackRecord, remove_record, write_record
+from cumulus.cli.exits import UsageError
+from shared import auth
+
+if TYPE_CHECKING:
+    from services.stack import Stack
 
 _EXAMPLE = """
 def example(x):
@@ -51,14 +59,65 @@ def _banner(url: str, workers: int, devices: object, data_dir: Path) -> None:
         f"virtual devices {devices}; logs in {data_dir / 'logs'}",
         flush=True,
     )
-    print(f"  export CUMULUS_NATS_URL={url}", flush=True)
     print("  cumulus run examples/train.py      # or, from Python:", flush=True)
-    call = f"cumulus.Client('{url}').run(lambda: 2 + 2, gpu=0.5)"
+    call = "cumulus.Client().run(lambda: 2 + 2, gpu=0.5)"
     print(f'  python -c "import cumulus; print({call})"', flush=True)
 
 
-async def _demo(url: str) -> None:
-    async with AsyncClient(url) as client:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(args: argparse.Namespace) -> None:
+    """Beyond loopback only with identities and TLS: a UsageError (exit 2) otherwise."""
+    if is_loopback(args.listen):
+        return
+    if args.insecure:
+        raise UsageError(
+            f"refusing to listen on {args.listen} with --insecure: an open bus is for loopback "
+            "only (drop --insecure, add --tls)"
+        )
+    if not args.tls:
+        raise UsageError(
+            f"refusing to listen on {args.listen} without TLS: beyond loopback, Cumulus needs "
+            "identities and TLS; add --tls (and --tls-host NAME for the name clients use), "
+            "or listen on 127.0.0.1"
+        )
+
+
+def write_profiles(stack: Stack) -> list[Path]:
+    """`default` (the user `default`) and `admin` (the operator) under $CUMULUS_HOME, 0600,
+    and the record `cumulus users` finds the stack by."""
+    identities: tuple[tuple[auth.Role, str], ...] = (("user", "default"), ("admin", "admin"))
+    made = [
+        _profiles.save(name, auth.load_credentials(stack.credentials(role, name)))
+        for role, name in identities
+    ]
+    nats_proc = stack.procs["nats"]
+    write_record(
+        StackRecord(
+            data_dir=str(stack.data_dir.absolute()),
+            nats_pid=nats_proc.pid,
+            nats_config=str((stack.data_dir / "nats.conf").absolute()),
+            url=stack.url,
+            tls=stack.tls,
+            ca_dir=str(stack.ca_dir.absolute()) if stack.ca_dir else "",
+        )
+    )
+    return made
+
+
+def _ca_dir(args: argparse.Namespace) -> Path | None:
+    return Path(args.ca).absolute() if args.ca else None
+
+
+async def _demo(profile: str) -> None:
+    async with AsyncClient(profile=profile) as client:
         print("running an example function on 0.5 GPU …", flush=True)
         value = await client.run(_example(), 21, gpu=0.5, duration=600, timeout=120)
         print(f"result: {json.dumps(value)}", flush=True)
@@ -75,11 +134,22 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
     )
     # Only what the user gave: the rest comes from the config (--config, CUMULUS_* variables),
     # else the embedded defaults, as docs/config.md says.
+    check_listen(args)
+    if args.insecure:
+        print(
+            "cumulus: WARNING: --insecure: an open bus, anyone on this host is anyone",
+            file=sys.stderr,
+        )
     given = {"devices": args.devices, "backend": args.backend, "config_path": args.config}
     stack = Stack(
         data_dir=data_dir,
         port=args.port,
         workers=[f"worker-{i + 1}" for i in range(args.workers)],
+        secure=not args.insecure,
+        tls=args.tls,
+        listen=args.listen,
+        ca_dir=_ca_dir(args),
+        tls_hosts=list(args.tls_host),
         **{key: value for key, value in given.items() if value is not None},
     )
     stop = asyncio.Event()
@@ -91,13 +161,17 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
         await stack.start()
         _banner(stack.url, len(stack.workers), stack.devices, data_dir)
         if demo:
-            await _demo(stack.url)
+            await _demo(stack.profile())
             return 0
+        default, admin = write_profiles(stack)
+        print(f"  profiles: {default} (you), {admin} (operator: `cumulus users add NAME`)")
         print("press Ctrl-C to stop", flush=True)
         await stop.wait()
         return 0
     finally:
         print("stopping Cumulus …", flush=True)
+        if "nats" in stack.procs and stack.procs["nats"].popen is not None:
+            remove_record(stack.procs["nats"].pid)
         stack.stop()
         if scratch:
             shutil.rmtree(data_dir, ignore_errors=True)

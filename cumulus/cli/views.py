@@ -70,6 +70,6 @@ COMMANDS: dict[str, Callable[[AsyncClient, argparse.Namespace], Awaitable[None]]
 
 async def look(args: argparse.Namespace) -> int:
     """Run one of COMMANDS; errors come back as typed CumulusErrors (main maps them)."""
-    async with AsyncClient(args.url, args.user) as client:
+    async with AsyncClient(args.url, args.user, profile=args.profile) as client:
         await COMMANDS[args.command](client, args)
     return EXIT_OK

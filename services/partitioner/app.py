@@ -47,6 +47,7 @@ States = dict[str, PartitionerState]
 
 class Partitioner(EventService[States]):
     name = "partitioner"
+    creates_streams = False
 
     def __init__(self, config: Config, *, chronos: Chronos | None = None) -> None:
         super().__init__(config)

@@ -29,9 +29,10 @@ from services.runner import handlers
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
 from services.runner.config import make_backend
+from shared import api, subjects
 from shared import events as ev
-from shared import subjects
 from shared.config import Config
+from shared.errors import ApiUnreachable
 from shared.service import ConsumerSpec, EventService
 from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS
 
@@ -44,10 +45,17 @@ MAX_INLINE_RESULT = 256 * 1024
 POLL_FAST_S = 0.005
 POLL_SLOW_S = 0.05
 """Output is read this often (and at once when a backend reports the job's exit)."""
+SECRETS_TRIES = 3
+"""Asks for a job's secrets before giving up on it (the gateway may be restarting)."""
+WITHHELD = ev.LogLine(
+    "stderr",
+    "[cumulus] the job's output is withheld: its secrets could not be fetched to mask them",
+)
 
 
 class Runner(EventService[st.RunnerState]):
     name = "runner"
+    creates_streams = False
 
     def __init__(self, config: Config, *, backend: Backend | None = None) -> None:
         self.worker_id = config.worker_id
@@ -60,6 +68,9 @@ class Runner(EventService[st.RunnerState]):
         self._store: Any = None
         self._packages: OrderedDict[str, bytes] = OrderedDict()
         self._package_bytes = 0
+        self._masks: dict[str, list[str] | None] = {}
+        """Running jobs' secret values to mask in their output (memory only, never logged
+        or stored); None: they could not be fetched, so the output is withheld."""
 
     def new_state(self) -> st.RunnerState:
         return st.RunnerState(self.worker_id)
@@ -124,36 +135,46 @@ class Runner(EventService[st.RunnerState]):
 
     async def _launch(self, job: st.RunJob) -> None:
         # The package is fetched while the Launching record is committed: neither waits.
-        fetch = asyncio.create_task(self._package(job.spec.code_ref))
+        fetch = asyncio.create_task(
+            self._package(subjects.code_object(job.user, job.spec.code_ref))
+        )
         if job.status == "ready":
             nonce = secrets.token_hex(16)
             launching = st.Launching(job_id=job.job_id, attempt=job.attempt, nonce=nonce)
             await self.emit([], internal=[launching])
         try:
+            package = await fetch
+            values = await self._secrets(job)
+            self._masks[job.job_id] = handlers.secret_masks(values.values())
             handle = await self.backend.start(
                 Launch(
                     job_id=job.job_id,
                     attempt=job.attempt,
-                    package=await fetch,
+                    package=package,
                     nonce=job.nonce,
-                    env=self._env(job),
+                    env=self._env(job, values),
                     requirements=list(job.spec.requirements),
+                    network=job.spec.network,
                 )
             )
         except Exception as exc:
             if job.revoked:
+                self._masks.pop(job.job_id, None)
                 await self.backend.cleanup(job.job_id, job.attempt)
                 return
             log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
-            await self._end(job, handlers.start_failed(job, self.worker_id, exc))
+            failed = handlers.start_failed(job, self.worker_id, exc)
+            await self._end(job, handlers.mask_ending(failed, self._masks.get(job.job_id) or []))
             return
         if job.revoked:
+            self._masks.pop(job.job_id, None)
             await self.backend.cleanup(job.job_id, job.attempt)
             return
         await self.emit([handlers.started(job, self.worker_id, self.backend.name, handle)])
 
     async def _package(self, code_ref: str) -> bytes:
-        """The code package, from a small in-memory cache (packages are content addressed)."""
+        """The code package (its object name, `<user>.<sha256>`), from a small in-memory cache
+        (packages are content addressed)."""
         assert self.js is not None
         if (cached := self._packages.get(code_ref)) is not None:
             self._packages.move_to_end(code_ref)
@@ -169,7 +190,7 @@ class Runner(EventService[st.RunnerState]):
             self._package_bytes -= len(dropped)
         return data
 
-    def _env(self, job: st.RunJob) -> dict[str, str]:
+    def _env(self, job: st.RunJob, secrets: dict[str, str] | None = None) -> dict[str, str]:
         wheelhouse = self.config.container.wheelhouse if self.backend.name == "process" else ""
         return handlers.job_env(
             job,
@@ -177,16 +198,54 @@ class Runner(EventService[st.RunnerState]):
             os.environ,
             self.config.limits.max_unpacked_bytes,
             wheelhouse or "",
+            secrets,
         )
+
+    async def _secrets(self, job: st.RunJob) -> dict[str, str]:
+        """The values of the job's secrets, from the gateway (which hands them only to the
+        worker the job is placed on). They live in memory: the job's environment and the
+        masks of its output; never in an event, a log record or this runner's SQLite."""
+        if not job.spec.secrets:
+            return {}
+        assert self.nc is not None
+        body = api.SecretsRequest(job_id=job.job_id)
+        subject = subjects.secrets_request(self.worker_id)
+        for attempt in range(SECRETS_TRIES):
+            try:
+                reply = await api.request(self.nc, subject, body, api.SecretsReply)
+                return reply.secrets
+            except ApiUnreachable:
+                if attempt + 1 == SECRETS_TRIES:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+        return {}  # not reached
+
+    async def _watch_masks(self, job: st.RunJob) -> None:
+        """A job watched again after a restart: its secrets' masks, asked for again."""
+        if job.job_id in self._masks or not job.spec.secrets:
+            return
+        try:
+            values = await self._secrets(job)
+        except Exception as exc:
+            fields = {"job_id": job.job_id, "error": str(exc)}
+            log.warning(
+                "could not fetch the job's secrets; its output is withheld",
+                extra={"fields": fields},
+            )
+            self._masks[job.job_id] = None
+            return
+        self._masks[job.job_id] = handlers.secret_masks(values.values())
 
     # -- watching --------------------------------------------------------------------------
 
     async def _watch(self, job: st.RunJob) -> None:
+        await self._watch_masks(job)
         out = self.backend.output(job.job_id, job.attempt, job.handle, job.nonce, dict(job.offsets))
         try:
             await self._follow(job, out)
         finally:
             out.close()
+            self._masks.pop(job.job_id, None)
 
     async def _follow(self, job: st.RunJob, out: Output) -> None:
         """Deliver the job's output until it is over, then report how it ended."""
@@ -240,6 +299,11 @@ class Runner(EventService[st.RunnerState]):
     def _log_events(
         self, job: st.RunJob, lines: list[ev.LogLine], offsets: dict[str, int]
     ) -> handlers.LogRecords | None:
+        masks = self._masks.get(job.job_id, [])
+        if masks is None:
+            lines = [WITHHELD] if lines and job.seq == 0 and not job.sent_bytes else []
+        else:
+            lines = handlers.mask_lines(lines, masks)
         return handlers.log_events(
             job, self.worker_id, lines, offsets, self.config.worker.max_log_bytes
         )
@@ -252,31 +316,25 @@ class Runner(EventService[st.RunnerState]):
         lines: list[ev.LogLine],
         cursor: dict[str, int],
     ) -> None:
-        records = self._log_events(job, lines, cursor)
+        logs, internal = self._log_events(job, lines, cursor) or ([], [])
         if isinstance(end, Exit):
-            end = await self._outcome(job, result, end)
-        await self._end(job, end, records)
+            parts, end = self._outcome(job, result, end)
+            logs = [*logs, *parts]
+        await self._end(job, end, (logs, internal))
 
-    async def _outcome(
+    def _outcome(
         self, job: st.RunJob, result: dict[str, Any] | None, exit_: Exit
-    ) -> ev.Terminal:
-        stored = None
+    ) -> tuple[list[ev.JobResultPart], ev.Terminal]:
+        """The job's end, and the parts of a result too large to travel in it."""
+        parts: list[ev.JobResultPart] = []
+        envelope = None
         if result is not None and result.get("ok"):
             encoded = msgspec.json.encode(result)
             if len(encoded) > MAX_INLINE_RESULT:
-                stored = await self._store_result(job, encoded)
+                parts, envelope = handlers.result_parts(job, self.worker_id, encoded)
         runtime = max(0.0, time.time() - job.started_at)
-        return handlers.outcome(job, self.worker_id, result, exit_.reason, runtime, stored)
-
-    async def _store_result(self, job: st.RunJob, encoded: bytes) -> bytes:
-        """Put a result too large for an event in the object store; return its reference."""
-        assert self.js is not None
-        store = await self.js.object_store(subjects.RESULTS_BUCKET)
-        name = f"{job.job_id}.{job.attempt}"
-        await store.put(name, encoded)
-        return msgspec.json.encode(
-            {"ok": True, "stored": f"{subjects.RESULTS_BUCKET}/{name}", "size": len(encoded)}
-        )
+        ending = handlers.outcome(job, self.worker_id, result, exit_.reason, runtime, envelope)
+        return parts, handlers.mask_ending(ending, self._masks.get(job.job_id) or [])
 
     async def _end(
         self,
@@ -285,6 +343,7 @@ class Runner(EventService[st.RunnerState]):
         records: handlers.LogRecords | None = None,
     ) -> None:
         logs, internal = records or ([], [])
+        self._masks.pop(job.job_id, None)
         if job.revoked:  # given up while it ended: no outcome for this attempt
             await self.backend.cleanup(job.job_id, job.attempt)
             return

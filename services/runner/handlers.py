@@ -9,6 +9,7 @@ without NATS, Docker or a process.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from job_image.runner import end_marker, parse_frame
 from services.runner import state as st
 from shared import events as ev
 from shared.errors import deadline_exceeded
+from shared.policy import env_refusal
 from shared.telemetry import child_trace
 
 MAX_LINES_PER_EVENT = 1000
@@ -69,11 +71,17 @@ def job_env(
     host: Mapping[str, str],
     max_unpacked: int,
     wheelhouse: str = "",
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The job's environment: a few host variables, the partition's, the job's own, ours."""
+    """The job's environment: a few host variables, the job's own, the partition's, ours.
+
+    The job's own never override the partition's or ours, and a variable Cumulus owns is
+    dropped even if a spec that the gateway did not check carries it (defence in depth).
+    `secrets` (the values of the job's secrets, from the gateway) go with the job's own."""
     env = {k: v for k, v in host.items() if k in HOST_ENV}
+    env.update({k: v for k, v in job.spec.env.items() if not env_refusal(k) and "\x00" not in v})
+    env.update({k: v for k, v in (secrets or {}).items() if not env_refusal(k) and "\x00" not in v})
     env.update(job.env)
-    env.update(job.spec.env)
     env.update(
         {
             "PYTHONUNBUFFERED": "1",
@@ -175,6 +183,46 @@ class Frames:
         return lines
 
 
+MIN_MASKED = 4
+"""A secret's value (or a line of one) at least this long is masked in the job's output;
+a shorter one would mask ordinary text and hide little."""
+MASK = "***"
+
+
+def secret_masks(values: Iterable[str]) -> list[str]:
+    """What to mask in a job's output: each secret's value and each line of a multi-line
+    one (output is cut into lines), longest first."""
+    pieces: set[str] = set()
+    for value in values:
+        for piece in (value, *value.splitlines()):
+            if len(piece) >= MIN_MASKED:
+                pieces.add(piece)
+    return sorted(pieces, key=len, reverse=True)
+
+
+def mask(text: str, masks: Iterable[str]) -> str:
+    """`text` with every occurrence of a mask replaced by `***`."""
+    for piece in masks:
+        if piece in text:
+            text = text.replace(piece, MASK)
+    return text
+
+
+def mask_lines(lines: list[ev.LogLine], masks: list[str]) -> list[ev.LogLine]:
+    if not masks:
+        return lines
+    return [ev.LogLine(line.stream, mask(line.text, masks)) for line in lines]
+
+
+def mask_ending(ending: ev.Terminal, masks: list[str]) -> ev.Terminal:
+    """A JobFailed's message and traceback (the job's exception) with its secrets masked."""
+    if not masks or not isinstance(ending, ev.JobFailed):
+        return ending
+    return msgspec.structs.replace(
+        ending, message=mask(ending.message, masks), traceback=mask(ending.traceback, masks)
+    )
+
+
 LogRecords = tuple[list[ev.Event], list[Any]]
 """JobLog events to publish and the internal LogCursor record that goes with them."""
 
@@ -229,6 +277,36 @@ def log_events(
     return out, [cursor]
 
 
+RESULT_PART_BYTES = 256 * 1024
+"""Bytes of a large result in one JobResultPart (under NATS's 1 MiB payload in base64)."""
+
+
+def result_parts(
+    job: st.RunJob, worker_id: str, encoded: bytes
+) -> tuple[list[ev.JobResultPart], bytes]:
+    """A result too large for its JobCompleted: the parts that carry it, under this worker's
+    own subject, and the envelope the completed event carries instead (size and sha256)."""
+    pieces = [encoded[i : i + RESULT_PART_BYTES] for i in range(0, len(encoded), RESULT_PART_BYTES)]
+    parts = [
+        ev.JobResultPart(
+            event_id=f"result-{job.job_id}-{job.attempt}-{index}",
+            attempt=job.attempt,
+            index=index,
+            count=len(pieces),
+            data=piece,
+            **_common(job, worker_id),
+        )
+        for index, piece in enumerate(pieces)
+    ]
+    envelope = {
+        "ok": True,
+        "parts": len(pieces),
+        "size": len(encoded),
+        "sha256": hashlib.sha256(encoded).hexdigest(),
+    }
+    return parts, msgspec.json.encode(envelope)
+
+
 def outcome(
     job: st.RunJob,
     worker_id: str,
@@ -239,7 +317,7 @@ def outcome(
 ) -> ev.Terminal:
     """The terminal event for a job that exited: its result, its error, or why it has none.
 
-    `stored` replaces a result too large for an event (a reference into the object store).
+    `stored` replaces a result too large for an event (its parts' envelope: result_parts).
     """
     common = _common(job, worker_id)
     if result is not None and result.get("ok"):

@@ -18,13 +18,13 @@ from shared.sizes import parse_size
 
 JOB_USER = "65534:65534"
 """nobody:nogroup; the job's files in its bind-mounted directory belong to it."""
-NETWORK_ENV = "CUMULUS_NETWORK"
-"""A job that sets this (to 1) in its env gets the default network; others get none."""
 _HOST_ONLY = ("PATH", "LANG", "LC_ALL", "PYTHONPATH")
 
 
 def wants_network(launch: Launch) -> bool:
-    return launch.network or launch.env.get(NETWORK_ENV, "") not in ("", "0")
+    """The job gets the default network only if its spec says so (`network`, which the gateway
+    allows by the user's policy); nothing in its environment can turn it on."""
+    return launch.network
 
 
 def job_env(launch: Launch) -> dict[str, str]:

@@ -21,9 +21,9 @@ from cumulus_core.amounts import format_amount
 from services.scheduler import swarm
 from services.scheduler.handlers import Policy, admission_error, decide, waiting_reason
 from services.scheduler.state import SchedulerState
-from shared import api, subjects
+from shared import api, bus, subjects
 from shared import events as ev
-from shared.errors import NotFound
+from shared.errors import NotFound, PermissionDenied
 from shared.policy import share_limits
 from shared.service import ConsumerSpec, EventService
 from shared.swarm_nodes import list_nodes
@@ -148,6 +148,21 @@ class Scheduler(EventService[SchedulerState]):
             ("queue", self.queue_position),
         ):
             await group.add_endpoint(name=op, handler=api.endpoint(self._reading(handler)))
+        await self._micro.add_endpoint(
+            name="consumers",
+            subject=subjects.consumer_request("*"),
+            handler=api.worker_endpoint(self.worker_consumer),
+        )
+
+    async def worker_consumer(self, worker_id: str, data: bytes) -> Any:
+        """Create a worker's durable consumer for it, under its own subjects only (a worker's
+        identity may not create consumers: shared/auth.py)."""
+        assert self.js is not None
+        req = api.decode_request(data, bus.ConsumerRequest)
+        if reason := bus.consumer_refusal(worker_id, req):
+            raise PermissionDenied(f"Consumer refused: {reason}")
+        await bus.durable(self.js, req.stream, req.durable, req.filters, req.after)
+        return {"durable": req.durable}
 
     def _reading(self, handler: Handler) -> Handler:
         """`handler` run under `reading()`: every request reads state as of a commit."""

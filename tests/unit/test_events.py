@@ -39,6 +39,10 @@ SAMPLES: list[tuple[ev.Event, str]] = [
         "cumulus.job.v1.log",
     ),
     (
+        ev.JobResultPart(attempt=1, index=0, count=2, data=b"\x00\xffpart", **JOB),
+        "cumulus.job.v1.result",
+    ),
+    (
         ev.JobCompleted(result=msgspec.Raw(b'{"ok":true,"data":[1,2]}'), runtime_s=2.5, **JOB),
         "cumulus.job.v1.completed",
     ),
