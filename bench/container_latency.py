@@ -111,7 +111,7 @@ async def cumulus(kind: str, jobs: int, lines: int) -> dict[str, list[float]]:
     await stack.start()
     out: dict[str, list[float]] = {"started": [], "result": [], "log": []}
     try:
-        async with AsyncClient(stack.url) as client:
+        async with AsyncClient(profile=stack.profile()) as client:
             await client.run(trivial, gpu=0.1, duration=600, logs=None, timeout=60)  # warm-up
             for _ in range(jobs):
                 t0 = time.time()

@@ -51,7 +51,7 @@ async def main() -> None:
         )
         await stack.start()
         try:
-            async with AsyncClient(stack.url) as client:
+            async with AsyncClient(profile=stack.profile()) as client:
                 await client.run(compute, 0.0, gpu=0.1, duration=600, logs=None)  # warm up
                 t0 = time.perf_counter()
                 jobs = await asyncio.gather(

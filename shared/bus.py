@@ -33,6 +33,7 @@ from nats.js.api import (
 )
 
 from shared import auth, events, subjects
+from shared.errors import PermissionDenied
 from shared.events import Event, JobEvent, WorkerEvent
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,16 @@ def consumer_refusal(worker_id: str, req: ConsumerRequest) -> str:
         if tokens[4] in ("*", ">") or not subjects.valid_token(tokens[4]):
             return f"filter {subject!r} must name one event"
     return ""
+
+
+async def create_worker_consumer(
+    js: JetStreamContext, worker_id: str, req: ConsumerRequest
+) -> None:
+    """The control plane's side of `request_durable`: make the consumer if the worker may
+    have it (else PermissionDenied naming why)."""
+    if reason := consumer_refusal(worker_id, req):
+        raise PermissionDenied(f"Consumer refused: {reason}")
+    await durable(js, req.stream, req.durable, req.filters, req.after)
 
 
 async def request_durable(

@@ -7,11 +7,13 @@ test session (jobs are isolated by their ids); tests that kill services build th
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -21,9 +23,47 @@ from services.stack import Stack
 StackFactory = Callable[..., Awaitable[Stack]]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cumulus_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Profiles of the tests live in a directory of their own, never the user's ~/.cumulus."""
+    home = tmp_path_factory.mktemp("cumulus-home")
+    old = os.environ.get("CUMULUS_HOME")
+    os.environ["CUMULUS_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        if old is None:
+            os.environ.pop("CUMULUS_HOME", None)
+        else:
+            os.environ["CUMULUS_HOME"] = old
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    s = Stack(data_dir=tmp_path_factory.mktemp("stack"), workers=["worker-1"], devices="2x16GiB")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheelhouse the examples' requirements install from (`tinystats`), built offline."""
+    out = tmp_path_factory.mktemp("wheelhouse")
+    out.chmod(0o755)  # sandboxed jobs run as users of their own (services/runner/sandbox.py)
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples/vendor/build_wheelhouse.py"), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> AsyncIterator[Stack]:
+    # The operator's wheelhouse (`container.wheelhouse`): a job may not set CUMULUS_* itself.
+    s = Stack(
+        data_dir=tmp_path_factory.mktemp("stack"),
+        workers=["worker-1"],
+        devices="2x16GiB",
+        env={"CUMULUS_CONTAINER_WHEELHOUSE": str(wheelhouse)},
+    )
     try:
         await s.start()
         yield s
@@ -50,13 +90,13 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(stack.url) as c:
+    async with AsyncClient(profile=stack.profile()) as c:
         yield c
 
 
 @pytest.fixture
 async def nc(stack: Stack) -> AsyncIterator[Client]:
-    conn = await nats.connect(stack.url)
+    conn = await stack.connect()  # the operator's identity: every subject
     try:
         yield conn
     finally:

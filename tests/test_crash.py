@@ -134,8 +134,8 @@ async def _exactly_once(stack: Stack, nc: nats.NATS, job_ids: list[str]) -> None
 async def test_kill_9_mid_flight_every_job_completes_exactly_once(make_stack, victim: str) -> None:
     # 2 workers x 2 devices hold 20 jobs of 0.1 .. 0.3: some run, some queue.
     stack: Stack = await make_stack(workers=["worker-1", "worker-2"], devices="2x16GiB")
-    async with AsyncClient(stack.url) as client:
-        nc = client.nc
+    nc = await stack.connect()  # the operator reads the bus and the scheduler's state
+    async with AsyncClient(profile=stack.profile()) as client:
         amounts = [0.1, 0.2, 0.3, 0.4] * (JOBS // 4)
         jobs = [
             await client.submit(work, i, 1.0, gpu=amounts[i], duration=600) for i in range(JOBS)
@@ -154,12 +154,13 @@ async def test_kill_9_mid_flight_every_job_completes_exactly_once(make_stack, vi
             after = await _scheduler_state(nc)
             assert int(after["startup_position"]) >= int(before["position"])
         await _exactly_once(stack, nc, [j.job_id for j in jobs])
+    await nc.close()
 
 
 async def test_scheduler_rebuilds_the_same_allocation_after_kill_9(make_stack) -> None:
     stack: Stack = await make_stack(workers=["worker-1", "worker-2"], devices="2x16GiB")
-    async with AsyncClient(stack.url) as client:
-        nc = client.nc
+    nc = await stack.connect()  # the operator reads the bus and the scheduler's state
+    async with AsyncClient(profile=stack.profile()) as client:
         # 20 jobs x 0.2 GPU fill the pool's 4 devices exactly; while they sleep the scheduler
         # has nothing to do, so its state cannot move between the snapshot and the kill.
         jobs = [await client.submit(work, i, 4.0, gpu=0.2, duration=600) for i in range(JOBS)]
@@ -177,6 +178,7 @@ async def test_scheduler_rebuilds_the_same_allocation_after_kill_9(make_stack) -
             i * i for i in range(JOBS)
         ]
         await _exactly_once(stack, nc, [j.job_id for j in jobs])
+    await nc.close()
 
 
 async def _settled_state(nc: nats.NATS, timeout: float = 20) -> dict[str, object]:

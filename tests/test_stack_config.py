@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nats
 import pytest
 
 from services.stack import Stack
@@ -87,7 +86,7 @@ async def test_stack_honours_config_file_and_environment(
         await stack.start()
         assert stack.config is not None
         assert stack.config.worker.backend == "process"  # the embedded default
-        nc = await nats.connect(stack.url)
+        nc = await stack.connect()  # the operator
         try:
             with pytest.raises(InvalidArgument) as info:
                 await api.request(

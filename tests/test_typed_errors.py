@@ -42,7 +42,7 @@ async def code_ref(nc: Client) -> str:
     data = script_package()
     ref = hashlib.sha256(data).hexdigest()
     store = await nc.jetstream().object_store(subjects.CODE_BUCKET)
-    await store.put(ref, data)
+    await store.put(subjects.code_object("default", ref), data)  # as if `default` uploaded it
     return ref
 
 

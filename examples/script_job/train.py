@@ -1,10 +1,12 @@
 """A script job with a requirements.txt: `tinystats` is installed in the job, not here.
 
-    python examples/vendor/build_wheelhouse.py /tmp/wheelhouse   # a wheelhouse, built offline
-    cumulus run --env CUMULUS_WHEELHOUSE=/tmp/wheelhouse examples/script_job/train.py --epochs 3
+    python examples/vendor/build_wheelhouse.py /tmp/wheelhouse   # the operator, once, offline
+    CUMULUS_CONTAINER_WHEELHOUSE=/tmp/wheelhouse cumulus up &     # (or container.wheelhouse)
+    cumulus run examples/script_job/train.py --epochs 3
 
 `cumulus run` ships this directory, finds requirements.txt beside the script, and the job
-installs it (from the wheelhouse: workers need no package index) before the script starts.
+installs it (from the operator's wheelhouse: workers need no package index) before the script
+starts.
 """
 
 import argparse

@@ -23,7 +23,7 @@ from services.scheduler.handlers import Policy, admission_error, decide, waiting
 from services.scheduler.state import SchedulerState
 from shared import api, bus, subjects
 from shared import events as ev
-from shared.errors import NotFound, PermissionDenied
+from shared.errors import NotFound
 from shared.policy import share_limits
 from shared.service import ConsumerSpec, EventService
 from shared.swarm_nodes import list_nodes
@@ -159,9 +159,7 @@ class Scheduler(EventService[SchedulerState]):
         identity may not create consumers: shared/auth.py)."""
         assert self.js is not None
         req = api.decode_request(data, bus.ConsumerRequest)
-        if reason := bus.consumer_refusal(worker_id, req):
-            raise PermissionDenied(f"Consumer refused: {reason}")
-        await bus.durable(self.js, req.stream, req.durable, req.filters, req.after)
+        await bus.create_worker_consumer(self.js, worker_id, req)
         return {"durable": req.durable}
 
     def _reading(self, handler: Handler) -> Handler:

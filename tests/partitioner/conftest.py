@@ -17,13 +17,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
 
 from services.stack import Proc, free_port, nats_server_binary
+from shared import bus as bus_mod
 from shared import config as config_mod
 from shared import events as ev
+from shared import subjects
 from shared.config import Config
 from tests.partitioner.sshd import SSHD, Sshd, SshKeys, make_keys
 
@@ -112,9 +115,25 @@ async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[st
                     f"nats-server did not start; see {folder / 'nats.log'}"
                 ) from None
             await asyncio.sleep(0.05)
+    url = f"nats://127.0.0.1:{port}"
+    # The control plane (gateway, scheduler) creates the streams and a worker's durable
+    # consumers; a partitioner waits for the streams and asks for its consumers. Here this
+    # fixture plays that part, through the scheduler's own function.
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await bus_mod.ensure_streams(js)
+
+    async def make_consumer(msg: Any) -> None:
+        worker_id = msg.subject.split(".")[2]
+        request = msgspec.json.decode(msg.data, type=bus_mod.ConsumerRequest)
+        await bus_mod.create_worker_consumer(js, worker_id, request)
+        await msg.respond(b"{}")
+
+    await nc.subscribe(subjects.consumer_request("*"), cb=make_consumer)
     try:
-        yield f"nats://127.0.0.1:{port}"
+        yield url
     finally:
+        await nc.close()
         proc.stop()
 
 

@@ -59,14 +59,14 @@ async def test_sshd_stopped_mid_run_fails_over_to_the_local_worker(
     )
     try:
         await stack.start(timeout=60)
-        async with AsyncClient(stack.url) as client:
+        async with AsyncClient(profile=stack.profile()) as client:
             # Two whole GPUs fit only on ssh-1: created and released over SSH.
             job = await client.submit(two_plus_two, gpu=2, duration=600)
             assert await job.result(timeout=60) == 4
             events = await history(job)
             ready = [e for e in events if isinstance(e, ev.PartitionReady)]
             assert [(e.worker_id, e.devices) for e in ready] == [("ssh-1", [0, 1])]
-            await _released(client, job.job_id)
+            await _released(stack, job.job_id)
 
             # Hold local-1's only device for a moment, so the next job goes to ssh-1 first.
             blocker = await client.submit(pause, 1.0, gpu=1, duration=600)
@@ -108,13 +108,19 @@ async def _started(job: object) -> None:
     raise AssertionError("the job ended without starting")
 
 
-async def _released(client: AsyncClient, job_id: str, timeout: float = 30) -> None:
+async def _released(stack: Stack, job_id: str, timeout: float = 30) -> None:
+    """The job stream holds the job's partition_released (read as the operator: users have
+    no JetStream access)."""
     deadline = time.monotonic() + timeout
-    js = client.nc.jetstream()
-    while time.monotonic() < deadline:
-        try:
-            await js.get_last_msg("JOBS", f"jobs.*.{job_id}.*.partition_released")
-            return
-        except Exception:
-            await asyncio.sleep(0.2)
+    nc = await stack.connect()
+    try:
+        js = nc.jetstream()
+        while time.monotonic() < deadline:
+            try:
+                await js.get_last_msg("JOBS", f"jobs.*.{job_id}.*.partition_released")
+                return
+            except Exception:
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
     raise AssertionError(f"{job_id}: no partition_released within {timeout} s")

@@ -50,7 +50,7 @@ async def stack(
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(stack.url) as c:
+    async with AsyncClient(profile=stack.profile()) as c:
         yield c
 
 
@@ -284,7 +284,11 @@ async def test_a_revoked_placement_is_killed_without_an_outcome(
         attempt=1,
         reason="test: worker lost",
     )
-    await client.nc.jetstream().publish(bus.subject_of(revoked), ev.encode(revoked))
+    scheduler = await stack.connect("scheduler", "scheduler")  # only it revokes placements
+    try:
+        await scheduler.jetstream().publish(bus.subject_of(revoked), ev.encode(revoked))
+    finally:
+        await scheduler.close()
     await nothing_left(engine_, job.job_id)
     names = [type(e).__name__ async for e in job.events(follow=False)]
     assert not any(n in names for n in ("JobCompleted", "JobFailed", "JobCancelled"))

@@ -85,7 +85,7 @@ async def test_the_real_swarm_node_labels_and_drain_reach_the_scheduler(
             "chronos.installed": "true",
         }
         me.update({**spec, "Labels": {**(spec.get("Labels") or {}), **labels}})
-        async with AsyncClient(stack.url) as sdk:
+        async with AsyncClient(profile=stack.profile()) as sdk:
 
             async def worker() -> dict[str, Any]:
                 reply = await api.request(sdk.nc, "workers", {}, dict)

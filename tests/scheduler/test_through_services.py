@@ -1,6 +1,9 @@
 """The seed's integration scenarios through the real services (nats-server, four services).
 
 Jobs hold their GPU share until the test creates a file, so the test decides when each ends.
+A sandboxed job cannot see the test's files, so these stacks run jobs unsandboxed
+(`worker.sandbox: none`): they are about placement; tests/security and tests/runner cover the
+sandbox.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from services.stack import Stack
 from shared import api
 
 pytestmark = pytest.mark.slow
+
+UNSANDBOXED = {"CUMULUS_WORKER_SANDBOX": "none"}
 
 
 def hold(flag: str, seconds: float = 60.0) -> str:
@@ -52,8 +57,8 @@ async def workers(client: AsyncClient) -> dict[str, Any]:
 async def test_half_and_three_tenths_share_a_gpu_and_the_next_half_waits(
     make_stack: Any, tmp_path: Path
 ) -> None:
-    stack: Stack = await make_stack(devices="1x16GiB")
-    async with AsyncClient(stack.url) as client:
+    stack: Stack = await make_stack(devices="1x16GiB", env=UNSANDBOXED)
+    async with AsyncClient(profile=stack.profile()) as client:
         a = await client.submit(hold, str(tmp_path / "a"), gpu=0.5, duration=600)
         b = await client.submit(hold, str(tmp_path / "b"), gpu=0.3, duration=600)
         sa = await wait_status(a, "RUNNING")
@@ -76,8 +81,10 @@ async def test_half_and_three_tenths_share_a_gpu_and_the_next_half_waits(
 
 
 async def test_jobs_spread_over_two_workers(make_stack: Any, tmp_path: Path) -> None:
-    stack: Stack = await make_stack(workers=["worker-1", "worker-2"], devices="1x16GiB")
-    async with AsyncClient(stack.url) as client:
+    stack: Stack = await make_stack(
+        workers=["worker-1", "worker-2"], devices="1x16GiB", env=UNSANDBOXED
+    )
+    async with AsyncClient(profile=stack.profile()) as client:
         jobs = [
             await client.submit(hold, str(tmp_path / "go"), gpu=0.5, duration=600) for _ in range(4)
         ]
@@ -96,8 +103,8 @@ async def test_jobs_spread_over_two_workers(make_stack: Any, tmp_path: Path) -> 
 async def test_two_gpus_take_contiguous_free_devices_and_eight_is_refused_at_once(
     make_stack: Any, tmp_path: Path
 ) -> None:
-    stack: Stack = await make_stack(devices="4x16GiB")
-    async with AsyncClient(stack.url) as client:
+    stack: Stack = await make_stack(devices="4x16GiB", env=UNSANDBOXED)
+    async with AsyncClient(profile=stack.profile()) as client:
         one = await client.submit(hold, str(tmp_path / "go"), gpu=1, duration=600)
         await wait_status(one, "RUNNING")
         half = await client.submit(hold, str(tmp_path / "go"), gpu=0.5, duration=600)
@@ -128,9 +135,13 @@ async def test_a_lost_worker_fails_its_running_job_and_its_waiting_job_moves(
         workers=["worker-1", "worker-2"],
         devices="1x16GiB",
         # Lost after 6 silent half-seconds: quick, yet no live worker under CI load misses 6.
-        env={"CUMULUS_WORKER_HEARTBEAT_S": "0.5", "CUMULUS_SCHEDULER_HEARTBEAT_MISSES": "6"},
+        env={
+            "CUMULUS_WORKER_HEARTBEAT_S": "0.5",
+            "CUMULUS_SCHEDULER_HEARTBEAT_MISSES": "6",
+            **UNSANDBOXED,
+        },
     )
-    async with AsyncClient(stack.url) as client:
+    async with AsyncClient(profile=stack.profile()) as client:
         first = await client.submit(hold, str(tmp_path / "first"), gpu=1, duration=600)
         s1 = await wait_status(first, "RUNNING")
         second = await client.submit(hold, str(tmp_path / "second"), gpu=1, duration=600)

@@ -58,7 +58,7 @@ def fail_on(x: int, bad: int) -> int:
 
 @pytest.fixture(scope="module")
 def sync_client(stack: Stack) -> Iterator[Client]:
-    with Client(stack.url) as client:
+    with Client(profile=stack.profile()) as client:
         yield client
 
 
@@ -151,7 +151,7 @@ def test_remote_runs_here_when_called_and_there_with_remote(
     assert cube.__name__ == "cube"
     assert cube(2) == 8  # here
     here = capsys.readouterr().out
-    with Client(stack.url) as client:
+    with Client(profile=stack.profile()) as client:
         fn = cube.options(client=client)
         assert fn.remote(3) == 27
         assert "cubing 3" in capsys.readouterr().out
@@ -162,7 +162,7 @@ def test_remote_runs_here_when_called_and_there_with_remote(
 
 
 async def test_remote_from_asyncio(stack: Stack) -> None:
-    with Client(stack.url) as client:
+    with Client(profile=stack.profile()) as client:
         assert await cube.options(client=client, logs=False).remote_async(6) == 216
 
 
@@ -198,7 +198,7 @@ async def test_resource_exhausted_is_retried_with_backoff_then_raised(
 ) -> None:
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.2, multiplier=2)
     assert policy.backoffs() == [0.2, 0.4]
-    async with AsyncClient(stack.url, retry=policy) as c:
+    async with AsyncClient(profile=stack.profile(), retry=policy) as c:
         started = time.monotonic()
         with (
             caplog.at_level(logging.WARNING, logger="cumulus"),

@@ -120,7 +120,7 @@ def test_auto_chooses_cloudpickle_where_pythons_match_and_says_why() -> None:
 
 
 async def test_a_source_package_runs_on_the_cluster(user_modules: Any, stack: Any) -> None:
-    async with AsyncClient(stack.url, packaging="source") as client:
+    async with AsyncClient(profile=stack.profile(), packaging="source") as client:
         job = await client.submit(user_modules.work, 2, plus=5, gpu=0.1, duration=600)
         assert job.packaging == "source, as asked"
         assert await job.result(timeout=60) == {"value": 19}

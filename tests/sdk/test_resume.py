@@ -46,7 +46,7 @@ async def test_a_gateway_killed_and_restarted_during_run_loses_nothing(
 ) -> None:
     stack: Stack = await make_stack()
     out = io.StringIO()
-    async with AsyncClient(stack.url, retry=PATIENT) as client:
+    async with AsyncClient(profile=stack.profile(), retry=PATIENT) as client:
         run = asyncio.ensure_future(client.run(count_slowly, 12, 0.25, gpu=0.5, logs=out))
         job_id = await _until_running(client)
         stack.kill9("gateway")
@@ -62,7 +62,7 @@ async def test_a_submit_while_the_gateway_is_down_is_retried_until_it_is_back(
     make_stack: StackFactory,
 ) -> None:
     stack: Stack = await make_stack()
-    async with AsyncClient(stack.url, retry=PATIENT) as client:
+    async with AsyncClient(profile=stack.profile(), retry=PATIENT) as client:
         stack.kill9("gateway")
 
         async def bring_back() -> None:
@@ -78,7 +78,7 @@ async def test_a_submit_while_the_gateway_is_down_is_retried_until_it_is_back(
 async def test_the_event_stream_resumes_after_nats_restarts(make_stack: StackFactory) -> None:
     stack: Stack = await make_stack()
     out = io.StringIO()
-    async with AsyncClient(stack.url, retry=PATIENT) as client:
+    async with AsyncClient(profile=stack.profile(), retry=PATIENT) as client:
         run = asyncio.ensure_future(client.run(count_slowly, 16, 0.25, gpu=0.5, logs=out))
         await _until_running(client)
         stack.kill9("nats")

@@ -31,7 +31,10 @@ SAMPLES: list[CumulusError] = [
     errors.invalid_duration(59),
     errors.InvalidGpuAmount(2.3),
     NotFound("Job j1 not found", resource_id="j1"),
-    ApiUnreachable("Cumulus API cumulus.api.submit did not answer", subject="cumulus.api.submit"),
+    ApiUnreachable(
+        "Cumulus API cumulus.api.default.submit did not answer",
+        subject="cumulus.api.default.submit",
+    ),
     errors.EventLogError("cannot write /data/x.sqlite", path="/data/x.sqlite"),
     errors.ConfigError("scheduler.backfill: 'greedy!'", key="scheduler.backfill", allowed=("a",)),
     Internal("boom", job_id="j9", remote_traceback="Traceback ..."),

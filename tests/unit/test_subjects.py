@@ -54,7 +54,9 @@ def test_every_event_of_one_job() -> None:
 
 def test_other_subjects() -> None:
     assert subjects.worker("w1", "heartbeat") == "workers.w1.heartbeat"
-    assert subjects.api("submit") == "cumulus.api.submit"
+    assert subjects.api("submit", "alice") == "cumulus.api.alice.submit"
+    assert subjects.api("submit") == "cumulus.api.default.submit"
+    assert subjects.api_user("cumulus.api.alice.submit") == "alice"
     assert subjects.dead("scheduler") == "cumulus.dead.scheduler"
 
 
