@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import nats
@@ -155,6 +157,36 @@ async def test_kill_9_mid_flight_every_job_completes_exactly_once(make_stack, vi
             assert int(after["startup_position"]) >= int(before["position"])
         await _exactly_once(stack, nc, [j.job_id for j in jobs])
     await nc.close()
+    stack.stop()
+    # Nothing of the stack outlives it: a killed runner's zygote and its warm spare sandboxes
+    # (which hold files under the data dir) end too.
+    assert await _left_behind(stack.data_dir, within=20.0) == []
+
+
+def _holders(root: Path) -> list[str]:
+    """Processes with a file open under `root` (pid and command)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+            targets = [os.readlink(fd) for fd in fds]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(t.startswith(f"{root}/") for t in targets):
+            found.append(f"{proc.name} {command}")
+    return found
+
+
+async def _left_behind(root: Path, within: float) -> list[str]:
+    deadline = time.monotonic() + within
+    while True:
+        left = _holders(root)
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.5)
 
 
 async def test_scheduler_rebuilds_the_same_allocation_after_kill_9(make_stack) -> None:

@@ -210,6 +210,10 @@ def _spare(conn: socket.socket, config: dict[str, Any]) -> int:
             os.execve(box.bwrap, argv, {"PATH": os.defpath})
         finally:
             os._exit(1)
+    # Set the group from this side too: a spare let go at once must not signal a group the
+    # child has not made yet (its killpg would miss, and the sandbox would live on).
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)
     theirs.close()
     return _Spare(conn, home, pid, ours).run(lease)
 
@@ -301,6 +305,8 @@ class _Spare:
         """Kill the sandbox whole, whatever it is doing (its process group)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)  # in whatever group it is
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
         shutil.rmtree(self.home, ignore_errors=True)
