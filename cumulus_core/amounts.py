@@ -7,7 +7,7 @@ floating point never decides whether an amount is valid.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from .errors import InvalidAmount
 from .tenths import TENTHS_PER_GPU, format_amount
@@ -29,14 +29,14 @@ def parse_amount(value: str | int | float | Decimal) -> int:
             number = Decimal(repr(value))
         else:
             number = Decimal(value)
-    except InvalidOperation:
+        if not number.is_finite():
+            raise InvalidAmount(value)
+        tenths = number * TENTHS_PER_GPU
+        if tenths != tenths.to_integral_value():
+            raise InvalidAmount(value)
+        whole = int(tenths)
+    except ArithmeticError:  # InvalidOperation, Overflow ("1e999999") and the like
         raise InvalidAmount(value) from None
-    if not number.is_finite():
-        raise InvalidAmount(value)
-    tenths = number * TENTHS_PER_GPU
-    if tenths != tenths.to_integral_value():
-        raise InvalidAmount(value)
-    whole = int(tenths)
     if 1 <= whole < TENTHS_PER_GPU:
         return whole
     if whole % TENTHS_PER_GPU == 0 and 1 <= whole // TENTHS_PER_GPU <= MAX_WHOLE_GPUS:

@@ -152,12 +152,14 @@ def decode_request(data: bytes, typ: type[Any]) -> Any:
     here so that validation, not the parser, names the bad value."""
     try:
         return msgspec.json.decode(data or b"{}", type=typ)
+    except RecursionError:
+        raise InvalidArgument("Malformed request: nested too deeply") from None
     except msgspec.ValidationError as exc:
         raise InvalidArgument(f"Malformed request: {exc}") from None
     except msgspec.DecodeError as exc:
         try:
             loose = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InvalidArgument(f"Malformed request: {exc}") from None
         try:
             return msgspec.convert(loose, type=typ)

@@ -121,7 +121,7 @@ class InvalidGpuAmount(InvalidArgument):
 
     def __init__(self, requested: object, **common: str) -> None:
         super().__init__(
-            f"Invalid GPU amount: {requested}. Must be 0.1-0.9 or whole number 1-8",
+            f"Invalid GPU amount: {shown(requested)}. Must be 0.1-0.9 or whole number 1-8",
             field="gpu",
             **common,
         )
@@ -137,7 +137,7 @@ class InvalidDuration(InvalidArgument):
         self, requested: object, minimum: int = 60, maximum: int = 86400, **common: str
     ) -> None:
         super().__init__(
-            f"Invalid duration: {requested}. Must be {minimum}-{maximum} seconds",
+            f"Invalid duration: {shown(requested)}. Must be {minimum}-{maximum} seconds",
             field="duration",
             **common,
         )
@@ -307,6 +307,12 @@ def resources_exhausted(requested: str, largest_free: str) -> ResourceExhausted:
         requested=requested,
         largest_free=largest_free,
     )
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A value as an error message quotes it: whole if short, else cut with its length."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def invalid_duration(requested: object, minimum: int = 60, maximum: int = 86400) -> InvalidDuration:

@@ -303,6 +303,8 @@ def decoder(typ: Any) -> Callable[[bytes], Any]:
             return typed.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise MalformedEvent(f"malformed event: {exc}") from None
+        except RecursionError:
+            raise MalformedEvent("malformed event: nested too deeply") from None
 
     return decode
 

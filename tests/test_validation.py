@@ -12,7 +12,9 @@ from cumulus import AsyncClient, CumulusError, package_function
 from services.stack import Stack
 from shared import api, subjects
 
-BAD_AMOUNTS = [0, 2.3, 0.1482, 1.5, 9, -1, float("nan"), "abc", "NaN", True, None]
+BAD_AMOUNTS = [
+    0, 2.3, 0.1482, 1.5, 9, -1, float("nan"), "abc", "NaN", True, None, "1e999999", "1e-999999"
+]  # fmt: skip
 
 
 def one() -> int:
@@ -78,6 +80,25 @@ async def test_malformed_requests_and_unknown_code_are_invalid_argument(nc: Clie
     assert msg.headers
     assert msg.headers["Nats-Service-Error-Code"] == "INVALID_ARGUMENT"
     assert "not found in the object store" in msg.headers["Nats-Service-Error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code_ref": "x", "gpu": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"code_ref": "x", "env": ' + b'{"a": ' * 20_000 + b"1" + b"}" * 20_000 + b"}",
+        b'{"code_ref": "x", "gpu": 0.5, "duration": ' + b"9" * 5_000 + b"}",
+    ],
+    ids=["deep list", "deep object", "huge number"],
+)
+async def test_pathological_bodies_are_invalid_argument_and_the_gateway_keeps_serving(
+    nc: Client, client: AsyncClient, body: bytes
+) -> None:
+    msg = await nc.request(subjects.api("submit"), body, timeout=10)
+    assert msg.headers
+    assert msg.headers["Nats-Service-Error-Code"] == "INVALID_ARGUMENT"
+    assert len(msg.headers["Nats-Service-Error"]) < 300  # the value is quoted, not echoed
+    assert await client.run(one, gpu=0.1, duration=600, logs=None, timeout=60) == 1
 
 
 async def test_too_many_gpus_for_the_pool_is_resource_exhausted(client: AsyncClient) -> None:

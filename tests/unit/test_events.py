@@ -179,3 +179,9 @@ def test_failure_round_trips() -> None:
     job = ev.JobSubmitted(spec=SPEC, **JOB)
     failed = ev.failure_of(InvalidArgument("bad"), job)
     assert ev.decode(ev.encode(failed)) == failed
+
+
+def test_an_event_nested_too_deeply_is_malformed_not_a_crash() -> None:
+    deep = b'{"type": "cumulus.job.v1.submitted", "extra": ' + b"[" * 50_000 + b"]" * 50_000
+    with pytest.raises(ev.MalformedEvent, match="nested too deeply"):
+        ev.decode(deep + b"}")
