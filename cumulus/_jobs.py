@@ -258,12 +258,9 @@ class AsyncJob:
         """Until the job ends; its final status (COMPLETED, FAILED, TIMED_OUT, CANCELLED)."""
 
         async def follow() -> JobStatus:
-            placed = ""
             async with contextlib.aclosing(self.events()) as events:
-                async for event in events:
-                    if isinstance(event, ev.WorkerSelected):
-                        placed = event.worker_id
-                    elif isinstance(event, ev.Terminal) and event.worker_id in ("", placed):
+                async for event in events:  # ends not from the placement are not among them
+                    if isinstance(event, ev.Terminal):
                         return JobStatus(event.status)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
 

@@ -145,6 +145,7 @@ class Stack:
     config: Config | None = field(default=None, init=False)
     """The configuration a worker of this stack runs with; set by `start`."""
     _settings: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _auth: auth.AuthDir | None = field(default=None, init=False, repr=False)
     _metrics_ports: dict[str, int] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -159,15 +160,19 @@ class Stack:
 
     @property
     def auth_dir(self) -> auth.AuthDir:
-        if not self.tls:
-            return auth.AuthDir(self.data_dir / "auth", url=self.url)
-        ca_dir = self._ensure_ca()
-        return auth.AuthDir(
-            self.data_dir / "auth",
-            url=self.url,
-            tls=auth.TlsFiles(ca=str(ca_dir / "ca.crt")),
-            ca_dir=ca_dir,
-        )
+        """The stack's identities, read from disk once (again only if the URL changed)."""
+        if self._auth is None or self._auth.url != self.url:
+            if not self.tls:
+                self._auth = auth.AuthDir(self.data_dir / "auth", url=self.url)
+            else:
+                ca_dir = self._ensure_ca()
+                self._auth = auth.AuthDir(
+                    self.data_dir / "auth",
+                    url=self.url,
+                    tls=auth.TlsFiles(ca=str(ca_dir / "ca.crt")),
+                    ca_dir=ca_dir,
+                )
+        return self._auth
 
     @property
     def tls_dir(self) -> Path:
@@ -206,10 +211,7 @@ class Stack:
     def profile(self, user: str = "default") -> str:
         """A user's credentials file (what `Client(profile=...)` and `cumulus --profile`
         take); a user the stack does not know yet is added, and the bus reloaded."""
-        if (
-            self.secure
-            and not (self.data_dir / "auth").joinpath("creds", f"user-{user}.json").exists()
-        ):
+        if self.secure and not self.auth_dir.path("user", user).exists():
             self.add_user(user)
         return self.credentials("user", user)
 
@@ -257,6 +259,7 @@ class Stack:
 
     def _write_nats_config(self) -> Path:
         path = self.data_dir / "nats.conf"
+        self._auth = None  # read the identities afresh: `cumulus users add` may have made some
         authorization = self.auth_dir.authorization() if self.secure else None
         path.write_text(
             auth.server_config(

@@ -32,8 +32,8 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from shared import auth, events, subjects
-from shared.errors import PermissionDenied
+from shared import api, auth, events, subjects
+from shared.errors import ApiUnreachable, PermissionDenied
 from shared.events import Event, JobEvent, WorkerEvent
 
 log = logging.getLogger(__name__)
@@ -200,21 +200,18 @@ async def request_durable(
     nc: Client, worker_id: str, req: ConsumerRequest, timeout: float = 60.0
 ) -> None:
     """Have the control plane (the scheduler) create a worker's durable consumer: a worker's
-    identity may not create consumers itself, since a consumer create chooses its filter."""
+    identity may not create consumers itself, since a consumer create chooses its filter.
+    Waits for the scheduler while it is away; a refusal is PERMISSION_DENIED."""
     deadline = time.monotonic() + timeout
     subject = subjects.consumer_request(worker_id)
     while True:
         try:
-            msg = await nc.request(subject, msgspec.json.encode(req), timeout=5.0)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await api.request(nc, subject, req, dict, timeout=5.0)
+            return
+        except ApiUnreachable:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
-            continue
-        error = (msg.headers or {}).get("Nats-Service-Error")
-        if error:
-            raise RuntimeError(f"consumer {req.durable} refused: {error}")
-        return
 
 
 class Puller:

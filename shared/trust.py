@@ -12,20 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared import events, subjects
+from shared import auth, events, subjects
 
-WORKER_ONLY = frozenset(
-    (
-        "partition_ready",
-        "partition_failed",
-        "partition_released",
-        "started",
-        "log",
-        "result",
-        "completed",
-        "timed_out",
-    )
-)
+WORKER_ONLY = frozenset(auth.WORKER_JOB_EVENTS) - frozenset(auth.SCHEDULER_JOB_EVENTS)
 """Job events only the job's worker publishes: never without a worker token."""
 
 
