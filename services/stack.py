@@ -21,7 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +150,11 @@ class Stack:
     _settings: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _auth: auth.AuthDir | None = field(default=None, init=False, repr=False)
     _metrics_ports: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    monitor_port: int = field(default=0, init=False)
+    """nats-server's monitoring port on loopback (its `/healthz`), chosen at start."""
+    bus_restarts: int = field(default=0, init=False)
+    """Times the bus watchdog restarted nats-server after a store write error."""
+    _watchdog: BusWatchdog | None = field(default=None, init=False, repr=False)
 
     @property
     def host(self) -> str:
@@ -268,6 +276,7 @@ class Stack:
                 store_dir=self.data_dir / "nats",
                 authorization=authorization,
                 tls=self._server_tls() if self.tls else None,
+                monitor_port=self.monitor_port,
             )
         )
         os.chmod(path, 0o600)
@@ -326,6 +335,7 @@ class Stack:
         bad configuration raises ConfigError before any process starts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        self.monitor_port = self.monitor_port or free_port()
         self._resolve()
         self._metrics_ports = {}
         creds = self._identities()
@@ -358,6 +368,8 @@ class Stack:
         self.procs.update(services)
         for proc in services.values():
             proc.start()
+        self._watchdog = BusWatchdog(self)
+        self._watchdog.start()
         await self.wait_ready(timeout)
 
     async def _wait_port(self, timeout: float) -> None:
@@ -401,8 +413,13 @@ class Stack:
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.popen is not None and not proc.alive():
+                why = ""
+                if proc.popen.returncode == 2:  # refused at start: its one line says why
+                    with contextlib.suppress(OSError):
+                        lines = proc.log_path.read_text(errors="replace").strip().splitlines()
+                        why = f": {lines[-1]}" if lines else ""
                 raise RuntimeError(
-                    f"{name} exited with {proc.popen.returncode}; see {proc.log_path}"
+                    f"{name} exited with {proc.popen.returncode}{why}; see {proc.log_path}"
                 )
 
     def kill9(self, name: str) -> None:
@@ -414,8 +431,76 @@ class Stack:
         proc.start()
 
     def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         for name, proc in reversed(list(self.procs.items())):
             if name != "nats":
                 proc.stop()
         if "nats" in self.procs:
             self.procs["nats"].stop()
+
+
+BUS_CHECK_S = 2.0
+"""How often the bus watchdog asks nats-server's `/healthz`."""
+BUS_RESTART_GAP_S = 15.0
+"""Least time between two restarts of nats-server by the watchdog (a disk still full)."""
+
+
+class BusWatchdog(threading.Thread):
+    """Restarts the stack's nats-server when its JetStream store refuses writes for good.
+
+    After a write error (a full disk) nats-server (2.14 and later) stops accepting writes to
+    that stream until the server restarts, even once space is back: without a restart every
+    publish times out and the stack stays stuck. `/healthz` reports the error (503, "write
+    error"); the watchdog then restarts the server on the same port (the services reconnect by
+    themselves, the streams are read back from the store), at most once per
+    BUS_RESTART_GAP_S, and only once the store's disk has room again. A production bus wants
+    the same from its supervisor (docs/operations.md).
+    """
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(name="cumulus-bus-watchdog", daemon=True)
+        self.stack = stack
+        self._halt = threading.Event()
+        self._last_restart = 0.0
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=BUS_CHECK_S + 5)
+
+    def run(self) -> None:
+        while not self._halt.wait(BUS_CHECK_S):
+            with contextlib.suppress(Exception):  # a watchdog never takes the stack down
+                self._check()
+
+    def _check(self) -> None:
+        proc = self.stack.procs.get("nats")
+        if proc is None or not proc.alive() or not self.stack.monitor_port:
+            return
+        error = bus_store_error(self.stack.monitor_port)
+        store = self.stack.data_dir / "nats"
+        if not error or time.monotonic() - self._last_restart < BUS_RESTART_GAP_S:
+            return
+        if shutil.disk_usage(store if store.exists() else self.stack.data_dir).free < 1 << 20:
+            return  # still full: a restart would hit the same wall
+        self._last_restart = time.monotonic()
+        self.stack.bus_restarts += 1
+        with open(proc.log_path, "a") as log:
+            log.write(f"[cumulus] restarting nats-server after a store error: {error}\n")
+        self.stack.restart("nats")
+
+
+def bus_store_error(monitor_port: int) -> str:
+    """The store write error nats-server's `/healthz` reports, or "" when there is none."""
+    url = f"http://127.0.0.1:{monitor_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            reply.read()
+        return ""
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        return body if "write error" in body else ""
+    except OSError:
+        return ""

@@ -26,6 +26,8 @@ from shared.errors import (
     CumulusError,
     Internal,
     InvalidArgument,
+    ResourceExhausted,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -149,17 +151,31 @@ def _error_details(data: bytes) -> dict[str, Any] | None:
 
 def decode_request(data: bytes, typ: type[Any]) -> Any:
     """Decode a request body; NaN and Infinity (which Python's json writes) are accepted
-    here so that validation, not the parser, names the bad value."""
+    here so that validation, not the parser, names the bad value. A string holding a lone
+    UTF-16 surrogate (`"\\ud800"`, which JSON's escapes allow) is refused: it is not text,
+    and no event, log line or reply could carry it."""
     try:
-        return msgspec.json.decode(data or b"{}", type=typ)
+        value = _decode(data, typ)
+        _json.encode(value)
     except RecursionError:
         raise InvalidArgument("Malformed request: nested too deeply") from None
+    except UnicodeError:
+        raise InvalidArgument(
+            "Malformed request: a string holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+            "\\udfff escape), which is not text"
+        ) from None
+    return value
+
+
+def _decode(data: bytes, typ: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(data or b"{}", type=typ)
     except msgspec.ValidationError as exc:
         raise InvalidArgument(f"Malformed request: {exc}") from None
     except msgspec.DecodeError as exc:
         try:
             loose = json.loads(data)
-        except (ValueError, RecursionError):
+        except ValueError:  # not JSON, or not UTF-8
             raise InvalidArgument(f"Malformed request: {exc}") from None
         try:
             return msgspec.convert(loose, type=typ)
@@ -169,6 +185,26 @@ def decode_request(data: bytes, typ: type[Any]) -> Any:
 
 MAX_CONCURRENT_REQUESTS = 256
 """Requests one endpoint serves at once; more wait for a slot (NATS keeps them meanwhile)."""
+REPLY_HEADROOM = 4 * 1024
+"""Bytes of the bus's max_payload a reply leaves for its headers (which count against it)."""
+MAX_ERROR_MESSAGE = 1000
+"""Characters of an error message (and of each string detail) on the wire; a longer one,
+which quotes what the caller sent, is cut and says its length."""
+
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {ord(c): " " for c in "\t\n\r"}
+
+
+def wire_text(text: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """`text` as an error header may carry it: one line (a line break becomes a space, another
+    control character its escape, a lone surrogate too), at most `limit` characters (and the
+    length if it was cut)."""
+    clean = text.translate(_CONTROL).encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown(clean, limit)
+
+
+def reply_budget(nc: Client) -> int:
+    """The largest reply body the bus carries to the caller, headers aside."""
+    return int(nc.max_payload) - REPLY_HEADROOM
 
 
 def endpoint(handler: Callable[[bytes], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
@@ -180,8 +216,20 @@ def user_endpoint(
     handler: Callable[[str, bytes], Awaitable[Any]],
 ) -> Callable[[Request], Awaitable[None]]:
     """Wrap an operation of `cumulus.api.<user>.<op>`: it gets the user the subject names
-    (which NATS permissions tie to the caller's identity) and the body."""
-    return _dispatcher(lambda req: handler(subjects.api_user(req.subject), req.data))
+    (which NATS permissions tie to the caller's identity) and the body. A user name that no
+    identity can have (only the operator may publish there) is refused: it would become a
+    subject token of every event about the job."""
+
+    async def call(req: Request) -> Any:
+        user = subjects.api_user(req.subject)
+        if not subjects.valid_token(user):
+            raise InvalidArgument(
+                f"Invalid user {user!r} in {req.subject}: a user name is letters, digits, '-' "
+                "and '_', at most 64 characters"
+            )
+        return await handler(user, req.data)
+
+    return _dispatcher(call)
 
 
 def worker_endpoint(
@@ -217,15 +265,45 @@ def _dispatcher(
     async def serve(req: Request) -> None:
         try:
             reply = await handler(req)
+            body = bytes(reply if isinstance(reply, bytes | msgspec.Raw) else _json.encode(reply))
         except CumulusError as exc:
-            await req.respond_error(exc.code, exc.message, _json.encode({"error": exc.to_dict()}))
+            await _respond_error(req, exc)
             return
         except Exception as exc:
             log.exception("request failed", extra={"fields": {"subject": req.subject}})
-            err = Internal(f"internal error: {exc}")
-            await req.respond_error(err.code, err.message)
+            await _respond_error(req, Internal(f"internal error: {exc}"))
             return
-        body = reply if isinstance(reply, bytes | msgspec.Raw) else _json.encode(reply)
-        await req.respond(bytes(body))
+        budget = reply_budget(req._msg._client)
+        if len(body) > budget:
+            await _respond_error(
+                req,
+                ResourceExhausted(
+                    f"The reply is {len(body)} bytes, more than the bus carries ({budget}); "
+                    "ask for less (e.g. a smaller limit)"
+                ),
+            )
+            return
+        await _send(req, req.respond(body))
 
     return dispatch
+
+
+async def _respond_error(req: Request, exc: CumulusError) -> None:
+    """The seed's code and message in the micro headers, the error's data in the body; both
+    bounded, so that quoting what a caller sent can never make the reply too large."""
+    error = exc.to_dict()
+    error["message"] = message = wire_text(exc.message)
+    error["details"] = {
+        k: wire_text(v) if isinstance(v, str) else v for k, v in error["details"].items()
+    }
+    await _send(req, req.respond_error(exc.code, message, _json.encode({"error": error})))
+
+
+async def _send(req: Request, reply: Awaitable[None]) -> None:
+    """Send a reply; one that cannot be sent (the connection is closing) is logged."""
+    try:
+        await reply
+    except (nats.errors.Error, OSError) as exc:
+        log.warning(
+            "could not reply", extra={"fields": {"subject": req.subject, "error": repr(exc)}}
+        )

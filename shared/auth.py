@@ -6,16 +6,18 @@ keeps only the public key, the holder proves the seed by signing the server's no
 publish and subscribe permissions made from its role:
 
 - `user` U: publishes only its own API subjects `cumulus.api.U.>`; subscribes only to its own
-  jobs `jobs.U.>` and its private inbox. No JetStream API at all: uploads, replay and large
-  results go through the gateway, which knows the user from the subject.
+  jobs `jobs.U.>`, their output `logs.U.>` and its private inbox. No JetStream API at all:
+  uploads, replay and large results go through the gateway, which knows the user from the
+  subject.
 - `gateway`: answers `cumulus.api.*.*`; the only publisher of `submitted` and
   `cancel_requested`.
 - `scheduler`: the only publisher of placements (`queued`, `scheduled`, `cancel`, `revoked`)
   and of `workers.*.lost` / `workers.*.node`.
 - `worker` W (its partitioner and runner): publishes only the events of its own worker token
-  (`jobs.*.*.W.<partition or run event>`, `workers.W.>`), uses only its own durable consumers,
-  reads code, writes results.
-- `observer`: reads `jobs.>` and `workers.>` and the read-only API; publishes no event.
+  (`jobs.*.*.W.<partition or run event>`, its jobs' output `logs.*.*.W` and result parts
+  `results.*.*.W.*`, `workers.W.>`), uses only its own durable consumers, reads code.
+- `observer`: reads `jobs.>`, `logs.>`, `results.>` and `workers.>` and the read-only API;
+  publishes no event.
 - `admin`: everything (the operator's tool and `cumulus up`).
 
 Credentials live in one JSON file per identity (mode 0600): name, role, URL, nkey seed, inbox
@@ -55,7 +57,8 @@ WORKER_JOB_EVENTS = (
     "timed_out",
     "cancelled",
 )
-"""Job events a worker publishes, always under its own worker token."""
+"""Job events a worker publishes, always under its own worker token (`log` and `result` under
+`logs.` and `results.`: shared/subjects.py)."""
 SCHEDULER_JOB_EVENTS = ("queued", "scheduled", "cancel", "revoked", "failed", "cancelled")
 GATEWAY_JOB_EVENTS = ("submitted", "cancel_requested")
 WORKER_EVENTS = ("registered", "heartbeat", "deregistered")
@@ -140,10 +143,19 @@ def _object_reader(bucket: str) -> list[str]:
     ]
 
 
+def worker_subject(worker_id: str, event: str) -> str:
+    """The subjects worker `worker_id` may publish event `event` of any job on."""
+    if event == subjects.LOG_EVENT:
+        return subjects.log("*", "*", worker_id)
+    if event == subjects.RESULT_EVENT:
+        return subjects.result("*", "*", worker_id, "*")
+    return subjects.job("*", "*", worker_id, event)
+
+
 def _worker_publish(workers: Iterable[str]) -> list[str]:
     allow = ["$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.NAMES", "cumulus.dead.>"]
     for w in workers:
-        allow += [f"jobs.*.*.{w}.{name}" for name in WORKER_JOB_EVENTS]
+        allow += [worker_subject(w, name) for name in WORKER_JOB_EVENTS]
         allow += [f"workers.{w}.{name}" for name in WORKER_EVENTS]
         allow.append(subjects.secrets_request(w))
         allow.append(subjects.consumer_request(w))
@@ -162,12 +174,15 @@ def permissions(creds: Credentials) -> dict[str, Any]:
     if creds.role == "admin":
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
     if creds.role == "user":
-        publish = [f"cumulus.api.{creds.name}.>"]
-        subscribe = [f"jobs.{creds.name}.>", inbox]
+        # `$JS.FC.>`: answering the flow-control requests of its watch replays (the gateway's
+        # push consumers into its inbox); not `allow_responses`, which would let a user answer
+        # a service's publish in JetStream's place (a forged ack) for events it can read.
+        publish = [f"cumulus.api.{creds.name}.>", "$JS.FC.>"]
+        subscribe = [f"jobs.{creds.name}.>", f"logs.{creds.name}.>", inbox]
     elif creds.role == "observer":
         publish = [f"cumulus.api.*.{op}" for op in READ_ONLY_OPS]
-        publish += ["cumulus.observe.>", "$SRV.>"]
-        subscribe = ["jobs.>", "workers.>", "cumulus.dead.>", inbox]
+        publish += ["cumulus.observe.>", "$SRV.>", "$JS.FC.>"]
+        subscribe = ["jobs.>", "logs.>", "results.>", "workers.>", "cumulus.dead.>", inbox]
     elif creds.role == "worker":
         publish = _worker_publish(creds.workers)
         subscribe = [inbox]
@@ -372,13 +387,17 @@ def server_config(
     store_dir: Path,
     authorization: dict[str, Any] | None,
     tls: dict[str, Any] | None = None,
+    monitor_port: int = 0,
 ) -> str:
-    """A nats-server config file (JSON is valid nats-server config syntax)."""
+    """A nats-server config file (JSON is valid nats-server config syntax); with
+    `monitor_port`, its HTTP monitoring (`/healthz`) on loopback."""
     config: dict[str, Any] = {
         "host": host,
         "port": port,
         "jetstream": {"store_dir": str(store_dir)},
     }
+    if monitor_port:
+        config["http"] = f"127.0.0.1:{monitor_port}"
     if authorization is not None:
         config["authorization"] = authorization
     if tls is not None:

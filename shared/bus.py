@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -33,45 +34,86 @@ from nats.js.api import (
 )
 
 from shared import api, auth, events, subjects
-from shared.errors import ApiUnreachable, PermissionDenied
+from shared.config import RetentionConfig
+from shared.errors import ApiUnreachable, PermissionDenied, Unavailable
 from shared.events import Event, JobEvent, WorkerEvent
 
 log = logging.getLogger(__name__)
 
 CODE_TTL_DAYS = 30
-"""Code packages are kept this long after their upload (each user's quota frees itself)."""
+"""The default of `retention.code_ttl_s` in days (code packages are kept this long after their
+upload, so each user's quota frees itself)."""
 
 DUPLICATE_WINDOW_S = 15 * 60.0
 """Long enough to cover a crashed service's restart and its outbox re-publish."""
 
-STREAMS = (
-    StreamConfig(
-        name=subjects.JOBS_STREAM,
-        subjects=["jobs.>"],
+
+def _limited(
+    name: str, subject: str, max_age: float, max_bytes: int, description: str
+) -> StreamConfig:
+    """A stream that drops its oldest messages past an age or a size."""
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        duplicate_window=DUPLICATE_WINDOW_S,
-        description="Every job's history, replayable from the start",
-    ),
-    StreamConfig(
-        name=subjects.WORKERS_STREAM,
-        subjects=["workers.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_msgs_per_subject=1,
+        max_age=max_age,
+        max_bytes=max_bytes,
         discard=DiscardPolicy.OLD,
-        duplicate_window=60.0,
-        description="Worker inventory: latest registration and heartbeat of each worker",
-    ),
-    StreamConfig(
-        name=subjects.DEAD_STREAM,
-        subjects=["cumulus.dead.>"],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_msgs=100_000,
-        description="Messages a service could not decode, set aside for a person to read",
-    ),
-)
+        duplicate_window=min(DUPLICATE_WINDOW_S, max_age),  # the server refuses a longer one
+        description=description,
+    )
+
+
+def streams(retention: RetentionConfig | None = None) -> tuple[StreamConfig, ...]:
+    """The streams, with the limits `retention` sets (docs/config.md, `retention`)."""
+    r = retention or RetentionConfig()
+    return (
+        _limited(
+            subjects.JOBS_STREAM,
+            "jobs.>",
+            r.jobs_max_age_s,
+            r.bytes_of("jobs_max_bytes"),
+            "Every job's history, replayable from the start (oldest dropped at the limits)",
+        ),
+        _limited(
+            subjects.LOGS_STREAM,
+            "logs.>",
+            r.logs_max_age_s,
+            r.bytes_of("logs_max_bytes"),
+            "Every job's output lines (oldest dropped at the limits)",
+        ),
+        _limited(
+            subjects.RESULTS_STREAM,
+            "results.>",
+            r.results_ttl_s,
+            r.bytes_of("results_max_bytes"),
+            "Parts of results too large for their completed event",
+        ),
+        StreamConfig(
+            name=subjects.WORKERS_STREAM,
+            subjects=["workers.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=60.0,
+            description="Worker inventory: latest registration and heartbeat of each worker",
+        ),
+        StreamConfig(
+            name=subjects.DEAD_STREAM,
+            subjects=["cumulus.dead.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs=100_000,
+            description="Messages a service could not decode, set aside for a person to read",
+        ),
+    )
+
+
+STREAMS = streams()
+"""The streams with the default limits (their names and subjects are the same whatever the
+configuration says)."""
 
 
 async def connect(url: str, name: str, timeout: float = 5.0, credentials: str = "") -> Client:
@@ -113,21 +155,77 @@ async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    for config in STREAMS:
+INSUFFICIENT_STORAGE = 10047
+"""JetStream's error code when a stream's max_bytes exceeds what the server can reserve."""
+SMALLEST_STREAM_BYTES = 64 * 1024 * 1024
+
+
+async def _fit_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create `config`, or bring an existing stream to it.
+
+    JetStream reserves every stream's max_bytes on its disk up front. A new stream whose
+    configured limit does not fit (a small disk) gets the largest halving of it that does, and
+    a warning names both, rather than no stream at all. An existing stream that cannot grow to
+    a new limit keeps its limits (shrinking it on its own would drop history), with a warning.
+    """
+    wanted = config.max_bytes or -1
+    while True:
         try:
             await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
-    for bucket, description, ttl in (
-        (subjects.CODE_BUCKET, "Code packages, named <user>.<sha256>", CODE_TTL_DAYS * 86400.0),
-    ):
-        try:
-            await js.object_store(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            await js.create_object_store(
-                bucket, config=ObjectStoreConfig(description=description, ttl=ttl)
-            )
+            break
+        except nats.js.errors.BadRequestError:  # it exists, configured otherwise
+            try:
+                await js.update_stream(config)
+            except nats.js.errors.ServerError as exc:
+                if exc.err_code != INSUFFICIENT_STORAGE:
+                    raise
+                log.warning(
+                    "stream %s keeps its limits: the bus's disk cannot reserve max_bytes %d "
+                    "(give nats-server more disk, or lower retention.*_max_bytes)",
+                    config.name,
+                    wanted,
+                )
+            return
+        except nats.js.errors.ServerError as exc:
+            half = (config.max_bytes or -1) // 2
+            if exc.err_code != INSUFFICIENT_STORAGE:
+                raise
+            if half < SMALLEST_STREAM_BYTES:
+                raise Unavailable(
+                    f"The bus cannot reserve {config.max_bytes} bytes on its disk for stream "
+                    f"{config.name}: give nats-server more disk (its store directory), or "
+                    "lower retention.*_max_bytes (docs/config.md)"
+                ) from exc
+            config = dataclasses.replace(config, max_bytes=half)
+    if (config.max_bytes or -1) != wanted:
+        log.warning(
+            "stream %s gets max_bytes %d, not the configured %d: the bus's disk cannot reserve "
+            "more (give nats-server more disk, or lower retention.*_max_bytes)",
+            config.name,
+            config.max_bytes,
+            wanted,
+        )
+
+
+async def ensure_streams(js: JetStreamContext, retention: RetentionConfig | None = None) -> None:
+    """Create the streams and the code bucket, or bring existing ones to the limits
+    `retention` sets (the defaults if None): a changed configuration takes effect at the next
+    start of the control plane."""
+    r = retention or RetentionConfig()
+    for stream in streams(r):
+        await _fit_stream(js, stream)
+    bucket = subjects.CODE_BUCKET
+    try:
+        await js.object_store(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        config = ObjectStoreConfig(
+            description="Code packages, named <user>.<sha256>", ttl=r.code_ttl_s
+        )
+        await js.create_object_store(bucket, config=config)
+        return
+    info = await js.stream_info(f"OBJ_{bucket}")
+    if abs((info.config.max_age or 0.0) - r.code_ttl_s) > 1e-3:
+        await js.update_stream(dataclasses.replace(info.config, max_age=r.code_ttl_s))
 
 
 async def durable(
@@ -135,15 +233,15 @@ async def durable(
 ) -> None:
     """Create the durable pull consumer `name` over `filters` of `stream`.
 
-    `after` is the last stream sequence the service has durably applied (its tracking row).
-    The consumer is then created anew to deliver from the next one, in order. The server's own
-    cursor cannot be trusted after a crash: with AckAll, a message delivered to the dead
-    process and never applied is acknowledged by the first later message the new process
-    acks, and would be lost. With nothing tracked, an existing consumer is kept as it is.
+    `after` is the last stream sequence the service has durably applied (its tracking row;
+    0 when it has applied none). The consumer is always created anew to deliver from the next
+    one, in order. The server's own cursor cannot be trusted after a crash: with AckAll, a
+    message delivered to the dead process and never applied is acknowledged by the first later
+    message the new process acks, and would be lost (also when the crash came in the very
+    first batch, with nothing tracked yet).
     """
-    if after > 0:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_consumer(stream, name)
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await js.delete_consumer(stream, name)
     config = ConsumerConfig(
         durable_name=name,
         name=name,
@@ -284,6 +382,12 @@ async def ack_all(msg: Msg) -> None:
 
 
 def subject_of(event: Event) -> str:
+    """Where `event` is published: a job's output and result parts in streams of their own
+    (LOGS, RESULTS), the rest of its history under `jobs.`, a worker's facts under `workers.`."""
+    if isinstance(event, events.JobLog):
+        return subjects.log(event.user, event.job_id, event.worker_id)
+    if isinstance(event, events.JobResultPart):
+        return subjects.result(event.user, event.job_id, event.worker_id, event.attempt)
     if isinstance(event, JobEvent):
         return subjects.job(event.user, event.job_id, event.worker_id, event.name)
     if isinstance(event, WorkerEvent):
@@ -299,10 +403,29 @@ def headers(msg_id: str, trace: str) -> dict[str, str]:
     return out
 
 
+PUBLISH_TIMEOUT_S = 3.0
+"""How long a direct publish waits for JetStream's ack (an API call answers within it)."""
+
+
 async def publish(js: JetStreamContext, event: Event) -> None:
-    await js.publish(
-        subject_of(event), events.encode(event), headers=headers(event.event_id, event.trace)
-    )
+    """Publish one event and wait for JetStream to store it; Unavailable if it does not (the
+    bus is away, or its store refuses writes: a full disk), so a caller can answer that."""
+    try:
+        await js.publish(
+            subject_of(event),
+            events.encode(event),
+            headers=headers(event.event_id, event.trace),
+            timeout=PUBLISH_TIMEOUT_S,
+        )
+    except (
+        nats.errors.TimeoutError,
+        nats.errors.NoRespondersError,
+        nats.js.errors.ServerError,
+    ) as exc:
+        raise Unavailable(
+            f"The bus did not store the {event.name} event ({type(exc).__name__}): it is away or "
+            "its disk is full; retry shortly"
+        ) from exc
 
 
 async def publish_many(

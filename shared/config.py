@@ -23,6 +23,7 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.policy import check_policy
+from shared.sizes import parse_size
 
 PlacementPolicy = Literal["best", "first", "worst"]
 """How shares are placed on devices (services/scheduler/placement.py)."""
@@ -91,7 +92,9 @@ class SchedulerConfig(_Section):
 
 class WorkerConfig(_Section):
     id: str = ""
-    """Worker id; defaults to the host name."""
+    """Worker id; defaults to the host name. Unique per bus, and per Docker engine for the
+    container backends: a second live stack with the same id there is refused at start
+    (services/runner/claim.py)."""
     devices: str = "2x16GiB"
     """Declared virtual devices, used when no real GPU is found."""
     device_source: DeviceSource = "auto"
@@ -104,6 +107,9 @@ class WorkerConfig(_Section):
     """Path of the chronos_cli to drive; empty means ours (`python -m cumulus_core`)."""
     max_log_bytes: Positive = 64 * 1024 * 1024
     """Output of one job delivered as events; beyond it the log is cut with a marker."""
+    max_result_bytes: str | int = "256MiB"
+    """The most a job may return (a size: 64m, 1GiB, or bytes); a larger result ends the job
+    FAILED with RESOURCE_EXHAUSTED. Large results travel in parts (the RESULTS stream)."""
     create_retries: Positive = 3
     """Attempts to create a partition (the seed: 3)."""
     create_backoff_s: SecondsOrOff = 1.0
@@ -114,6 +120,11 @@ class WorkerConfig(_Section):
     sandbox: SandboxKind = "bwrap"
     """How the process backend confines a job: bwrap (bubblewrap: own user, namespaces, no
     network) or none (the operator's explicit opt-in to unsandboxed jobs)."""
+
+    @property
+    def result_bytes(self) -> int:
+        """`max_result_bytes` in bytes (validated at load)."""
+        return parse_size(str(self.max_result_bytes))
 
 
 class SshConfig(_Section):
@@ -173,6 +184,41 @@ class PolicyConfig(_Section):
     """Per-user overrides of the keys above: `{alice: {network: true, max_share: 4}}`."""
 
 
+MIN_STREAM_BYTES = 1024 * 1024
+"""The least a stream's max_bytes may be: one message of the largest size the bus carries."""
+
+
+class RetentionConfig(_Section):
+    """How much history the stack keeps; the defaults are sized for a lab running 100,000
+    jobs a day (docs/config.md, "Retention")."""
+
+    snapshot_events: Positive = 20_000
+    """A service snapshots its state after this many logged events and drops the log rows the
+    snapshot covers: replay starts from the snapshot."""
+    forget_after_s: SecondsOrOff = 3600.0
+    """A job that ended this long ago leaves the services' memory at their next snapshot;
+    status still answers for it from the job stream. 0: at the next snapshot."""
+    jobs_max_age_s: Seconds = 7 * 86400.0
+    """Job events (the JOBS stream) are kept this long."""
+    jobs_max_bytes: str = "4GiB"
+    """And at most this much of them, oldest dropped first."""
+    logs_max_age_s: Seconds = 3 * 86400.0
+    """Job output (the LOGS stream) is kept this long."""
+    logs_max_bytes: str = "8GiB"
+    results_ttl_s: Seconds = 7 * 86400.0
+    """Large results (the RESULTS stream) are kept this long after they were written (as the
+    job ended)."""
+    results_max_bytes: str = "4GiB"
+    code_ttl_s: Seconds = 30 * 86400.0
+    """Code packages are kept this long after their upload."""
+    dead_letters: Positive = 10_000
+    """Messages set aside that each service keeps in its log (the newest)."""
+
+    def bytes_of(self, key: str) -> int:
+        """A size key (`jobs_max_bytes`, ...) in bytes (validated at load)."""
+        return parse_size(str(getattr(self, key)))
+
+
 class LoggingConfig(_Section):
     level: LogLevel = "info"
     """Written in any case (`INFO` is `info`)."""
@@ -192,6 +238,7 @@ class Config(_Section):
     ssh: SshConfig = msgspec.field(default_factory=SshConfig)
     container: ContainerConfig = msgspec.field(default_factory=ContainerConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
 
     @property
@@ -351,8 +398,39 @@ def _check(config: Config, names: Mapping[str, str], path: str | Path | None) ->
             f"above limits.max_job_duration ({limits.max_job_duration})",
             key=key,
         )
+    for name in ("jobs_max_bytes", "logs_max_bytes", "results_max_bytes"):
+        key = f"retention.{name}"
+        try:
+            size = config.retention.bytes_of(name)
+        except ValueError as exc:
+            raise ConfigError(
+                f"Invalid {key}: {getattr(config.retention, name)!r}"
+                f"{_origin(key, names, path)}. {exc}",
+                key=key,
+            ) from None
+        if size < MIN_STREAM_BYTES:  # a stream drops at once a message larger than itself
+            raise ConfigError(
+                f"Invalid {key}: {getattr(config.retention, name)!r}"
+                f"{_origin(key, names, path)}. Must be at least 1MiB",
+                key=key,
+            )
+    _check_result_bytes(config, names, path)
     # Sizes, steps of 0.1 GPU and each user's overrides (shared/policy.py).
     check_policy(config.policy, lambda key: _origin(key, names, path))
+
+
+def _check_result_bytes(config: Config, names: Mapping[str, str], path: str | Path | None) -> None:
+    key = "worker.max_result_bytes"
+    value = config.worker.max_result_bytes
+    try:
+        size = config.worker.result_bytes
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if size >= 1:
+            return
+        problem = "Must be at least 1 byte"
+    raise ConfigError(f"Invalid {key}: {value!r}{_origin(key, names, path)}. {problem}", key=key)
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)

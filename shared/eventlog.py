@@ -3,8 +3,10 @@
 One file per service, WAL mode. A service appends, in ONE transaction per batch: the events it
 applied (consumed and emitted, in order), the events it must publish (the outbox), messages it
 set aside, and the highest stream sequence it consumed (tracking). A crash at any point leaves
-either all of that or none of it. On start the service replays `log` to rebuild its state and
-re-publishes whatever is still in `outbox`.
+either all of that or none of it. On start the service restores its latest `snapshot` (if any),
+replays the `log` rows after it to rebuild its state, and re-publishes whatever is still in
+`outbox`. A snapshot at position P lets the rows before P go (`save_snapshot`): the log stays
+as long as the snapshot interval, not as long as the service's life.
 
 One writer per file: `EventLog.open` takes an exclusive lock on a lock file beside it
 (`<file>.lock`, holding the owner's pid) for as long as the log is open, so a second copy of the
@@ -45,6 +47,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     trace TEXT NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS snapshot (
+    position INTEGER PRIMARY KEY,
+    data BLOB NOT NULL,
+    ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead (
     id INTEGER PRIMARY KEY,
     consumer TEXT NOT NULL,
@@ -55,6 +62,9 @@ CREATE TABLE IF NOT EXISTS dead (
     ts REAL NOT NULL
 );
 """
+
+
+JOURNAL_LIMIT = 64 * 1024 * 1024
 
 
 @dataclass
@@ -159,6 +169,8 @@ class EventLog:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
+            # The WAL file shrinks back to this after a checkpoint instead of keeping its peak.
+            await db.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
             await db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             await db.close()  # its thread would otherwise keep the process alive
@@ -219,11 +231,68 @@ class EventLog:
                     )
                 await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) may have ended the transaction already: the
+                # rollback's own complaint must not hide the real error.
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
                 raise
         for i, r in enumerate(batch.outbox):
             r.id = first_id + i
         return batch.outbox
+
+    async def set_aside_outbox(self, rows: Sequence[OutboxRow], error: str) -> None:
+        """Move outbox rows the bus will never take (too large, a bad subject) to `dead`."""
+        if not rows:
+            return
+        async with self._errors("outbox set aside"):
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                await self._db.executemany(
+                    "INSERT INTO dead(consumer, seq, subject, data, error, ts) "
+                    "VALUES ('outbox', ?, ?, ?, ?, ?)",
+                    [(r.id, r.subject, r.data, error, now) for r in rows],
+                )
+                await self._db.executemany(
+                    "DELETE FROM outbox WHERE id = ?", [(r.id,) for r in rows]
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                raise
+
+    async def save_snapshot(self, position: int, data: bytes, keep_dead: int) -> None:
+        """Keep `data` as the state at `position`; drop older snapshots, the log rows before
+        `position` (the row at it stays, so positions keep counting up) and all but the newest
+        `keep_dead` dead letters. One transaction: a crash keeps the old snapshot and rows."""
+        async with self._errors("snapshot"):
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO snapshot(position, data, ts) VALUES (?, ?, ?)",
+                    (position, data, time.time()),
+                )
+                await self._db.execute("DELETE FROM snapshot WHERE position < ?", (position,))
+                await self._db.execute("DELETE FROM log WHERE position < ?", (position,))
+                await self._db.execute(
+                    "DELETE FROM dead WHERE id <= (SELECT coalesce(max(id), 0) FROM dead) - ?",
+                    (keep_dead,),
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+                raise
+
+    async def latest_snapshot(self) -> tuple[int, bytes] | None:
+        """(position, data) of the newest snapshot, if the service ever took one."""
+        async with self._errors("snapshot read"):
+            cursor = await self._db.execute(
+                "SELECT position, data FROM snapshot ORDER BY position DESC LIMIT 1"
+            )
+            row = await cursor.fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
 
     async def published(self, ids: Sequence[int]) -> None:
         """Forget outbox rows that JetStream has acknowledged."""
@@ -245,12 +314,15 @@ class EventLog:
             cursor = await self._db.execute("SELECT consumer, seq FROM tracking")
             return {r[0]: r[1] for r in await cursor.fetchall()}
 
-    async def replay(self, upto: int | None = None) -> AsyncIterator[tuple[int, bytes]]:
-        """(position, data) of every logged event, oldest first (up to `upto` if given)."""
+    async def replay(
+        self, upto: int | None = None, after: int = 0
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(position, data) of every logged event after `after`, oldest first (up to `upto`)."""
         async with self._errors("replay"):
             cursor = await self._db.execute(
-                "SELECT position, data FROM log WHERE position <= ? ORDER BY position",
-                (upto if upto is not None else 2**62,),
+                "SELECT position, data FROM log WHERE position > ? AND position <= ? "
+                "ORDER BY position",
+                (after, upto if upto is not None else 2**62),
             )
             while rows := await cursor.fetchmany(4096):
                 for row in rows:

@@ -149,7 +149,9 @@ class LogLine(msgspec.Struct, frozen=True, array_like=True):
 
 
 class JobLog(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.log"):
-    """A batch of consecutive output lines; `seq` numbers the first line from 0."""
+    """A batch of consecutive output lines; `seq` numbers the first line from 0. Published
+    by the job's worker under `logs.<user>.<job>.<worker>` (stream LOGS, kept by its own
+    limits), not in the job's history."""
 
     name = "log"
     seq: int
@@ -158,8 +160,9 @@ class JobLog(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.log"):
 
 class JobResultPart(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.result"):
     """One piece of a result too large for its JobCompleted, published by the job's worker
-    just before it, under the worker's own subject (which only that worker may use): the
-    completed event then carries `{"ok": true, "parts": count, "size", "sha256"}`."""
+    before it, under `results.<user>.<job>.<worker>.<attempt>` (stream RESULTS, which only
+    that worker may publish under): the completed event then carries
+    `{"ok": true, "parts": count, "size", "sha256"}`."""
 
     name = "result"
     attempt: int
@@ -172,6 +175,14 @@ class Terminal(JobEvent, frozen=True, kw_only=True):
     """Marker base for the events that end a job."""
 
     status: ClassVar[str]
+    attempt: int = 0
+    """The placement attempt this outcome is of (DESIGN.md rule 9: the scheduler and the
+    partitioner believe only an outcome of the job's current attempt). 0: of no placement
+    (a job refused or cancelled before it was placed, or an event written before this field)."""
+    log_lines: int = 0
+    """Output lines the job's worker published for this attempt (its `log` events, numbered
+    from 0), set by the runner: they travel in another stream, so a reader waits for them
+    before it hands out the end. 0: none, or an end not from the runner."""
 
 
 class JobCompleted(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.completed"):

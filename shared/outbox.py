@@ -16,11 +16,15 @@ from nats.js import JetStreamContext
 
 from shared import bus
 from shared.eventlog import EventLog, OutboxRow
+from shared.telemetry import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+HEADER_ROOM = 4096
+"""As shared/service.py: the bus's limit less room for the headers."""
 
 
 class OutboxRelay:
@@ -67,7 +71,36 @@ class OutboxRelay:
                 self._queue.task_done()
 
     async def _publish(self, rows: list[OutboxRow]) -> None:
+        rows = await self._set_aside_unpublishable(rows)
         await bus.publish_many(
             self._js, ((r.subject, bus.headers(r.msg_id, r.trace), r.data) for r in rows)
         )
         await self._eventlog.published([r.id for r in rows])
+
+    async def _set_aside_unpublishable(self, rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Rows the bus can never take (over its max_payload, or a subject that is not one)
+        go to the dead table with the reason, so they cannot hold up every row after them
+        (the runtime never commits such rows; an outbox written by an older version may)."""
+        limit = (self._js._nc.max_payload or DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
+        good: list[OutboxRow] = []
+        for row in rows:
+            if len(row.data) > limit:
+                reason = f"{len(row.data)} bytes, over the bus's limit of {limit}"
+            elif not _publishable_subject(row.subject):
+                reason = f"{row.subject[:200]!r} is not a valid subject"
+            else:
+                good.append(row)
+                continue
+            log.error(
+                "outbox row cannot be published; set aside",
+                extra={"fields": {"service": self._service, "error": reason}},
+            )
+            DEAD_LETTERS.labels(self._service).inc()
+            await self._eventlog.set_aside_outbox([row], f"not publishable: {reason}")
+        return good
+
+
+def _publishable_subject(subject: str) -> bool:
+    """A literal NATS subject: non-empty tokens, no whitespace, no wildcards."""
+    tokens = subject.split(".")
+    return all(t and t not in ("*", ">") and not any(c.isspace() for c in t) for t in tokens)

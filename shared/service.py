@@ -13,6 +13,14 @@ same way everywhere (DESIGN.md rules 2 and 3):
    `step` each event (apply, decide, apply the decisions, depth first); then ONE transaction
    writes the applied events, the outbox and the new tracked sequence; then ack, hand the
    outbox to the relay (shared/outbox.py), and run `reconcile`.
+   An event whose apply or decide raises is poison: the state is rebuilt from the log (it may
+   be half changed), the message is set aside with the error, and the batch is taken again
+   without it. A commit that fails (a full disk) rebuilds the state too, then pauses: the batch
+   is retried with backoff until the log takes it (`cumulus_consumption_paused` is 1 meanwhile),
+   so nothing is lost and nothing is applied twice. An event larger than the bus carries is
+   never applied: a job event becomes that job's failure (RESOURCE_EXHAUSTED).
+   Every `retention.snapshot_events` logged events the state is compacted (`compact`) and
+   snapshotted (`snapshot`), and the log rows it covers are dropped (shared/eventlog.py).
 3. Side effects (create a partition, start a process) happen only in `reconcile` and in tasks
    it `spawn`s, which look at state and are idempotent, so a crash before or after an effect
    replays safely. Their outcomes come back as events through `emit`.
@@ -40,11 +48,11 @@ from nats.js import JetStreamContext
 
 from shared import bus, events, subjects, trust
 from shared.config import Config
-from shared.errors import EventLogError, MalformedEvent
+from shared.errors import EventLogError, MalformedEvent, ResourceExhausted, Unavailable
 from shared.eventlog import Batch, EventLog, OutboxRow
 from shared.events import Event
 from shared.outbox import OutboxRelay
-from shared.telemetry import DEAD_LETTERS, EVENTS_APPLIED, span
+from shared.telemetry import CONSUMPTION_PAUSED, DEAD_LETTERS, EVENTS_APPLIED, SNAPSHOTS, span
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +60,29 @@ STOP_STEP_S = 10.0
 """Longest wait for each step of a stop, so a stuck effect cannot hang a shutdown."""
 DRAIN_S = 2.0
 """How long a stop lets the relay publish what is committed; the outbox keeps the rest."""
+PAUSE_FIRST_S = 0.25
+PAUSE_MAX_S = 5.0
+"""Retry interval bounds while the event log cannot be written (a full disk)."""
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+"""nats-server's default max_payload, for a service not (yet) connected."""
+HEADER_ROOM = 4096
+"""Bytes of a message left for its headers (message id, trace) under max_payload."""
 
 S = TypeVar("S")
 T = TypeVar("T")
+
+
+class _Poison(Exception):
+    """An event of a consumed batch that cannot be applied (its apply or decide raised)."""
+
+    def __init__(self, seq: int, error: str) -> None:
+        super().__init__(error)
+        self.seq = seq
+        self.error = error
+
+
+class _Stopping(Exception):
+    """The service stops while it waits for its event log to take a write."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +125,16 @@ class EventService(Generic[S]):
         self._stopping = asyncio.Event()
         self._reconcile_wanted = asyncio.Event()
         self._progress = asyncio.Event()
+        self.paused = False
+        """True while the event log refuses writes (a full disk): consumption waits."""
+        self.hearing_since = time.time()
+        """When this service last began to take in events: its start, or the end of a pause.
+        Silence before it says nothing about the publishers (the scheduler's liveness)."""
+        self._pause_backoff = PAUSE_FIRST_S
+        self.failure: BaseException | None = None
+        """What stopped a consumer unexpectedly; `run_forever` then exits non-zero."""
+        self._snapshot_at = 0
+        """Position of the latest snapshot (0: none)."""
         self.state = self.new_state()
 
     # -- what a service defines ----------------------------------------------------------
@@ -138,6 +176,23 @@ class EventService(Generic[S]):
     async def reconcile(self) -> None:
         """Make the world match state (effects); runs after every commit and on start."""
 
+    def reset_state(self) -> None:
+        """Start the state afresh (before a rebuild from the log); override where other
+        objects hold parts of the state."""
+        self.state = self.new_state()
+
+    def snapshot(self) -> bytes | None:
+        """The whole state, encoded, for replay to start from; None: take no snapshots."""
+        return None
+
+    def restore(self, data: bytes) -> None:
+        """Set the state (fresh from `new_state`) from what `snapshot` returned."""
+        raise NotImplementedError(f"{type(self).__name__} takes snapshots but cannot restore")
+
+    def compact(self, now: float) -> None:
+        """Just before a snapshot: drop from memory what the stores answer for (jobs that
+        ended more than `retention.forget_after_s` ago)."""
+
     async def on_stop(self) -> None:
         """After the consumers, reconciler and spawned tasks ended; before the bus closes."""
 
@@ -156,25 +211,48 @@ class EventService(Generic[S]):
         logged: the consumer runs exactly this per event (then logs the event and what it
         returns), and tests drive it to feed events without a bus.
         """
+        return [event for event, _ in self._step(event)]
+
+    def _step(self, event: Any) -> list[tuple[Event, bytes]]:
         self.apply(event)
         EVENTS_APPLIED.labels(self.name).inc()
         return self._chain(self.decide(event))
 
-    async def emit(self, new: Iterable[Event], internal: Iterable[Any] = ()) -> None:
+    async def emit(
+        self, new: Iterable[Event], internal: Iterable[Any] = (), *, wait: bool = True
+    ) -> None:
         """Apply, log and publish events this service decided on its own (timers, effects).
 
         Each event's consequences are decided and emitted too, as `step` does. `internal`
         records change state and are logged but never published. Never call it while holding
-        `reading()`.
+        `reading()`. If the log cannot take the write (a full disk) the state is put back as
+        it was; then with `wait` the emit retries until it can (an effect's outcome is never
+        lost), without it raises Unavailable (an API call answers at once). If applying raises,
+        the state is put back and the error raised.
         """
-        async with self._write:
-            batch = Batch()
-            for record in internal:
-                self.apply(record)
-                batch.log.append(self.encode(record))
-            self._stage(self._chain(new), batch)
-            if batch:
-                await self._commit(batch)
+        new, internal = list(new), list(internal)
+        while True:
+            async with self._write:
+                batch = Batch()
+                try:
+                    for record in internal:
+                        self.apply(record)
+                        batch.log.append(self.encode(record))
+                    self._stage(self._chain(new), batch)
+                except Exception:
+                    await self._rebuild()
+                    raise
+                if not batch or await self._try_commit(batch):
+                    await self._maybe_snapshot()
+                    break
+            if not wait:
+                raise Unavailable(
+                    f"Cumulus {self.name} cannot record this now: its event log refuses writes "
+                    "(is the data disk full?); retry shortly"
+                )
+            if not await self._paused_wait():
+                raise Unavailable(f"Cumulus {self.name} is stopping; retry shortly")
+        self._resumed()
         self._reconcile_wanted.set()
 
     @contextlib.asynccontextmanager
@@ -234,7 +312,7 @@ class EventService(Generic[S]):
         )
         self.js = self.nc.jetstream()
         if self.creates_streams:
-            await bus.ensure_streams(self.js)
+            await bus.ensure_streams(self.js, self.config.retention)
         else:
             await bus.wait_streams(self.js)
         self._relay = OutboxRelay(self.js, self.eventlog, self.name)
@@ -262,6 +340,7 @@ class EventService(Generic[S]):
             )
         self._loops.append(asyncio.create_task(self._reconciler(), name=f"{self.name}-reconcile"))
         self._reconcile_wanted.set()
+        self.hearing_since = time.time()
         self.ready.set()
         log.info(
             "service started", extra={"fields": {"service": self.name, "position": self.position}}
@@ -326,7 +405,9 @@ class EventService(Generic[S]):
         """Start, serve until SIGINT/SIGTERM, stop cleanly.
 
         A database that cannot be opened (another copy holds it, or it is unreadable) ends
-        the process with one line naming the file, and exit status 1.
+        the process with one line naming the file, and exit status 1. So does a consumer that
+        failed unexpectedly (after a clean stop): a supervisor restarts the service, whose
+        replay is the safe way back.
         """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -337,6 +418,10 @@ class EventService(Generic[S]):
             raise SystemExit(f"cumulus {self.name}: {exc.message}") from None
         await self._stopping.wait()
         await self.stop()
+        if self.failure is not None:
+            raise SystemExit(
+                f"cumulus {self.name}: stopped after an unexpected error: {self.failure!r}"
+            )
 
     def _spawned_done(self, task: asyncio.Task[Any]) -> None:
         self._spawned.discard(task)
@@ -353,14 +438,30 @@ class EventService(Generic[S]):
     # -- replay ----------------------------------------------------------------------------
 
     async def _replay(self) -> None:
+        """State = the latest snapshot, then every logged event after it."""
         assert self.eventlog is not None
+        after = 0
+        if (latest := await self.eventlog.latest_snapshot()) is not None:
+            after, data = latest
+            self.restore(data)
+            self.position = self._snapshot_at = after
         count = 0
-        async for position, data in self.eventlog.replay():
+        async for position, data in self.eventlog.replay(after=after):
             self.apply(self.decode(data))
             self.position = position
             count += 1
         self._tracked = await self.eventlog.tracking()
-        log.info("replayed event log", extra={"fields": {"service": self.name, "events": count}})
+        log.info(
+            "replayed event log",
+            extra={"fields": {"service": self.name, "snapshot": after, "events": count}},
+        )
+
+    async def _rebuild(self) -> None:
+        """Put the state back to what the log holds (after a half-applied event or a commit
+        that failed): the state afresh from `new_state`, then replay."""
+        self.reset_state()
+        self.position = self._snapshot_at = 0
+        await self._replay()
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -371,33 +472,126 @@ class EventService(Generic[S]):
                 await self._handle_batch(spec.durable, msgs)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except _Stopping:
+                return
+            except Exception as exc:
                 # State may be ahead of the log now: only a restart (replay) is safe.
                 log.exception("consumer failed; stopping the service for a clean replay")
+                self.failure = exc
                 self._stopping.set()
                 raise
 
     async def _handle_batch(self, consumer: str, msgs: list[Msg]) -> None:
-        async with self._write:
-            batch = Batch()
-            last = self._tracked.get(consumer, 0)
-            for msg in msgs:
-                seq = msg.metadata.sequence.stream
-                if seq <= last:
+        poison: dict[int, str] = {}
+        while True:
+            async with self._write:
+                try:
+                    batch, last = self._build(consumer, msgs, poison)
+                except _Poison as exc:
+                    poison[exc.seq] = exc.error
+                    await self._rebuild()
                     continue
-                last = seq
-                if not self.ignore(msg.subject):
-                    self._take(batch, consumer, seq, msg)
-            batch.tracking[consumer] = last
-            await self._commit(batch)
-            self._tracked[consumer] = last
-            self._progress.set()
-            self._progress = asyncio.Event()
+                if await self._try_commit(batch):
+                    self._tracked[consumer] = last
+                    self._progress.set()
+                    self._progress = asyncio.Event()
+                    for _ in batch.dead:
+                        DEAD_LETTERS.labels(self.name).inc()
+                    await self._maybe_snapshot()
+                    break
+            if not await self._paused_wait():
+                raise _Stopping
+        self._resumed()
         await bus.ack_all(msgs[-1])
         self._reconcile_wanted.set()
 
+    def _build(self, consumer: str, msgs: list[Msg], poison: dict[int, str]) -> tuple[Batch, int]:
+        """Step every new message of `msgs` into one batch (those in `poison` set aside)."""
+        batch = Batch()
+        last = self._tracked.get(consumer, 0)
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            if seq <= last:
+                continue
+            last = seq
+            if seq in poison:
+                self._set_aside(batch, consumer, seq, msg, poison[seq])
+            elif not self.ignore(msg.subject):
+                self._take(batch, consumer, seq, msg)
+        batch.tracking[consumer] = last
+        return batch, last
+
+    async def _try_commit(self, batch: Batch) -> bool:
+        """Commit `batch`; if the log refuses it, put the state back as the log has it, note
+        the pause, and return False (the caller retries after `_paused_wait`)."""
+        try:
+            await self._commit(batch)
+        except EventLogError as exc:
+            if not self.paused:
+                log.error(
+                    "event log refuses writes; consumption paused until it takes them again",
+                    extra={"fields": {"service": self.name, "error": exc.message}},
+                )
+            self.paused = True
+            CONSUMPTION_PAUSED.labels(self.name).set(1)
+            await self._rebuild()
+            return False
+        return True
+
+    async def _paused_wait(self) -> bool:
+        """Wait before retrying a write the log refused; False if the service stops meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self._pause_backoff)
+        self._pause_backoff = min(self._pause_backoff * 2, PAUSE_MAX_S)
+        return not self._stopping.is_set()
+
+    def _resumed(self) -> None:
+        if self.paused:
+            log.warning(
+                "event log takes writes again; consumption resumed",
+                extra={"fields": {"service": self.name}},
+            )
+            self.paused = False
+            self.hearing_since = time.time()
+            CONSUMPTION_PAUSED.labels(self.name).set(0)
+        self._pause_backoff = PAUSE_FIRST_S
+
+    async def _maybe_snapshot(self) -> None:
+        """Under the write lock, after a commit: snapshot every `snapshot_events` events."""
+        every = self.config.retention.snapshot_events
+        if self.eventlog is None or self.position - self._snapshot_at < every:
+            return
+        self._snapshot_at = self.position  # also when this service takes none
+        started = time.monotonic()
+        self.compact(time.time())
+        data = self.snapshot()
+        if data is None:
+            return
+        try:
+            await self.eventlog.save_snapshot(
+                self.position, data, self.config.retention.dead_letters
+            )
+        except EventLogError as exc:  # the log keeps its rows; the next interval tries again
+            log.warning(
+                "snapshot not saved", extra={"fields": {"service": self.name, "error": exc.message}}
+            )
+            return
+        SNAPSHOTS.labels(self.name).inc()
+        log.info(
+            "snapshot taken",
+            extra={
+                "fields": {
+                    "service": self.name,
+                    "position": self.position,
+                    "bytes": len(data),
+                    "ms": round((time.monotonic() - started) * 1000, 1),
+                }
+            },
+        )
+
     def _take(self, batch: Batch, consumer: str, seq: int, msg: Msg) -> None:
-        """Decode, step and stage one consumed message (or set it aside)."""
+        """Decode, step and stage one consumed message (or set it aside; _Poison if it
+        cannot be applied)."""
         try:
             event = self.decode(msg.data)
         except MalformedEvent as exc:
@@ -416,7 +610,15 @@ class EventService(Generic[S]):
                 "cumulus.job_id": getattr(event, "job_id", ""),
             },
         ):
-            self._stage(self.step(event), batch)
+            try:
+                decided = self._step(event)
+            except Exception as exc:
+                log.exception(
+                    "event cannot be applied; setting it aside",
+                    extra={"fields": {"service": self.name, "subject": msg.subject, "seq": seq}},
+                )
+                raise _Poison(seq, f"cannot apply: {type(exc).__name__}: {exc}"[:2000]) from exc
+            self._stage(decided, batch)
 
     def _set_aside(self, batch: Batch, consumer: str, seq: int, msg: Msg, error: str) -> None:
         log.warning(
@@ -425,27 +627,57 @@ class EventService(Generic[S]):
                 "fields": {"service": self.name, "subject": msg.subject, "seq": seq, "error": error}
             },
         )
-        DEAD_LETTERS.labels(self.name).inc()
         batch.dead.append((consumer, seq, msg.subject, msg.data, error))
         batch.outbox.append(
             OutboxRow(subjects.dead(self.name), f"dead-{self.name}-{consumer}-{seq}", "", msg.data)
         )
 
-    def _chain(self, first: Iterable[Event]) -> list[Event]:
-        """Apply each of `first` and what is decided on it, depth first; return them in order."""
-        out: list[Event] = []
+    def _chain(self, first: Iterable[Event]) -> list[tuple[Event, bytes]]:
+        """Apply each of `first` and what is decided on it, depth first; return them in order,
+        encoded. One too large for the bus is replaced before it is applied (`_too_large`)."""
+        out: list[tuple[Event, bytes]] = []
         pending = deque(first)
+        limit = self.max_event_bytes
         while pending:
             new = pending.popleft()
+            data = self.encode(new)
+            if len(data) > limit:
+                new = self._too_large(new, len(data), limit)
+                data = self.encode(new)
             self.apply(new)
-            out.append(new)
+            out.append((new, data))
             pending.extendleft(reversed(self.decide(new)))
         return out
 
-    def _stage(self, decided: Iterable[Event], batch: Batch) -> None:
-        """Log and queue for publishing events already applied."""
-        for event in decided:
-            data = self.encode(event)
+    @property
+    def max_event_bytes(self) -> int:
+        """The largest event the bus carries (its max_payload, less room for headers)."""
+        payload = self.nc.max_payload if self.nc is not None else 0
+        return (payload or DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
+
+    def _too_large(self, event: Event, size: int, limit: int) -> Event:
+        """What this service records instead of `event`, which the bus would refuse: the
+        failure of its job (the job fails, the queue moves on). Anything else is refused."""
+        what = f"{type(event).__name__} of {size} bytes is over the bus's limit of {limit}"
+        log.error("event too large for the bus", extra={"fields": {"service": self.name}})
+        if not isinstance(event, events.JobEvent):
+            raise ResourceExhausted(f"Cannot record a {what}")
+        return events.JobFailed(
+            job_id=event.job_id,
+            user=event.user,
+            # A worker fails a job under its own token; the control plane under none.
+            worker_id="" if self.creates_streams else event.worker_id,
+            code="RESOURCE_EXHAUSTED",
+            message=(
+                f"Cumulus could not record this job's {event.name} event: a {what}. "
+                "Make what the job carries smaller (env, requirements, the result)"
+            ),
+            trace=event.trace,
+        )
+
+    def _stage(self, decided: Iterable[tuple[Event, bytes]], batch: Batch) -> None:
+        """Log and queue for publishing events already applied (with their encoding)."""
+        for event, data in decided:
             batch.log.append(data)
             batch.outbox.append(OutboxRow(bus.subject_of(event), event.event_id, event.trace, data))
 

@@ -1,6 +1,8 @@
 """The subject catalog: the public NATS API of Cumulus (also written out in docs/subjects.md).
 
 Job history    jobs.<user>.<job_id>.<worker_id|_>.<event>   stream JOBS
+Job output     logs.<user>.<job_id>.<worker_id>               stream LOGS (`log` events)
+Large results  results.<user>.<job_id>.<worker_id>.<attempt>  stream RESULTS (`result` parts)
 Worker facts   workers.<worker_id>.<event>                  stream WORKERS (latest per subject)
 Request/reply  cumulus.api.<user>.<operation>               NATS micro service "cumulus-gateway"
 Observers      cumulus.observe.<operation>                  the same service, every user's jobs
@@ -11,7 +13,9 @@ Dead letters   cumulus.dead.<service>                       stream DEAD
 The user is the second token so that a NATS permission on `jobs.<user>.>` lets a user read
 only its own jobs. The worker is the fourth token so that a worker's consumer filters its own
 work by subject alone (`jobs.*.*.<worker>.scheduled`): the server does the filtering, and 1,000
-workers do not each read every event. `_` stands for "no worker yet".
+workers do not each read every event. `_` stands for "no worker yet". Output and large results
+keep the same token positions in streams of their own, each with its own retention, so job
+history stays small and a worker's consumers never read output.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import re
 from shared.events import TERMINAL_NAMES
 
 JOBS_STREAM = "JOBS"
+LOGS_STREAM = "LOGS"
+RESULTS_STREAM = "RESULTS"
 WORKERS_STREAM = "WORKERS"
 DEAD_STREAM = "DEAD"
 CODE_BUCKET = "cumulus-code"
@@ -41,8 +47,35 @@ def job(user: str, job_id: str, worker_id: str, event: str) -> str:
 
 
 def job_all(job_id: str, user: str = "*") -> str:
-    """Every event of one job, for a subscriber."""
+    """Every event of one job, for a subscriber (its output and result parts not included)."""
     return f"jobs.{user}.{job_id}.>"
+
+
+LOG_EVENT = "log"
+RESULT_EVENT = "result"
+PREFIXES = {"jobs": JOBS_STREAM, "logs": LOGS_STREAM, "results": RESULTS_STREAM}
+"""The first token of a job's subjects, and the stream that holds them."""
+
+
+def log(user: str, job_id: str, worker_id: str) -> str:
+    """Where a job's worker publishes its output (`log` events)."""
+    return f"logs.{user}.{job_id}.{worker_id or NO_WORKER}"
+
+
+def job_logs(job_id: str, user: str = "*") -> str:
+    """Every output line of one job."""
+    return f"logs.{user}.{job_id}.>"
+
+
+def result(user: str, job_id: str, worker_id: str, attempt: int | str) -> str:
+    """Where a job's worker publishes the parts of one attempt's large result."""
+    return f"results.{user}.{job_id}.{worker_id or NO_WORKER}.{attempt}"
+
+
+def stream_of(subject: str) -> str:
+    """The stream that holds `subject` (a subject or filter under jobs, logs or results);
+    "" for any other."""
+    return PREFIXES.get(subject.split(".", 1)[0], "")
 
 
 def job_events(*names: str, worker_id: str = "*") -> list[str]:
@@ -91,6 +124,28 @@ def dead(service: str) -> str:
 
 
 def parse_job_subject(subject: str) -> tuple[str, str, str, str]:
-    """(user, job_id, worker_id, event) of a job subject."""
-    _, user, job_id, worker_id, event = subject.split(".", 4)
+    """(user, job_id, worker_id, event) of a subject of a job: its history (`jobs.…`), its
+    output (`logs.…`, event `log`) or its result parts (`results.…`, event `result`).
+    ValueError for anything else, a `log` or `result` under `jobs.` included: each kind of
+    event has its one place."""
+    tokens = subject.split(".")
+    head = tokens[0]
+    if head == "jobs" and len(tokens) == 5 and tokens[4] not in (LOG_EVENT, RESULT_EVENT):
+        event = tokens[4]
+    elif head == "logs" and len(tokens) == 4:
+        event = LOG_EVENT
+    elif head == "results" and len(tokens) == 5:
+        event = RESULT_EVENT
+    else:
+        raise ValueError(f"not a job subject: {subject!r}")
+    _, user, job_id, worker_id = tokens[:4]
     return user, job_id, "" if worker_id == NO_WORKER else worker_id, event
+
+
+def layout_of(event: str) -> str:
+    """The subject layout an event of this name belongs under (for messages)."""
+    if event == LOG_EVENT:
+        return "logs.<user>.<job>.<worker>"
+    if event == RESULT_EVENT:
+        return "results.<user>.<job>.<worker>.<attempt>"
+    return "jobs.<user>.<job>.<worker>.<event>"

@@ -42,7 +42,17 @@ EVENTS_APPLIED = Counter(
     "cumulus_events_applied_total", "Events applied to a service's state", ["service"]
 )
 DEAD_LETTERS = Counter(
-    "cumulus_dead_letters_total", "Messages a service could not decode and set aside", ["service"]
+    "cumulus_dead_letters_total",
+    "Messages a service could not decode, believe or apply, and set aside",
+    ["service"],
+)
+CONSUMPTION_PAUSED = Gauge(
+    "cumulus_consumption_paused",
+    "1 while a service cannot write its event log (a full disk) and waits, else 0",
+    ["service"],
+)
+SNAPSHOTS = Counter(
+    "cumulus_snapshots_total", "State snapshots a service took (its log trimmed)", ["service"]
 )
 
 

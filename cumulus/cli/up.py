@@ -158,7 +158,11 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"starting Cumulus in {data_dir} …", flush=True)
     try:
-        await stack.start()
+        try:
+            await stack.start()
+        except RuntimeError as exc:  # a process exited at start; its own line says why
+            print(f"cumulus: {exc}", file=sys.stderr)
+            return 1
         _banner(stack.url, len(stack.workers), stack.devices, data_dir)
         if demo:
             await _demo(stack.profile())
