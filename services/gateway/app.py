@@ -20,7 +20,9 @@ import nats.errors
 import nats.js.errors
 import nats.micro
 
+from services.gateway import history
 from services.gateway import policy as checks
+from services.gateway import snapshot as snapshots
 from services.gateway import watch as watching
 from services.gateway.objects import CodeStore, UploadRequest
 from services.gateway.secrets import MAX_SECRETS, SecretStore, check_name
@@ -33,9 +35,11 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
+    shown,
 )
 from shared.gpu import GpuRequest, parse_duration
-from shared.policy import policy_for
+from shared.policy import UserPolicy, policy_for
 from shared.service import ConsumerSpec, EventService
 from shared.telemetry import COLD_START, new_trace
 from shared.views import JobStatus
@@ -61,13 +65,24 @@ class Gateway(EventService[JobTable]):
     def new_state(self) -> JobTable:
         return JobTable()
 
+    # Retention (shared/service.py): the table, less the jobs that ended long ago, is
+    # snapshotted; those jobs are answered from the job stream (`_find`).
+    def snapshot(self) -> bytes | None:
+        return snapshots.encode(self.state)
+
+    def restore(self, data: bytes) -> None:
+        self.state = snapshots.decode(data)
+
+    def compact(self, now: float) -> None:
+        snapshots.compact(self.state, now, self.config.retention.forget_after_s)
+
     def consumers(self) -> list[ConsumerSpec]:
         # Every job event, so the tracked sequence tells whether a job's newest event is
         # applied; log batches are skipped without decoding.
         return [ConsumerSpec(subjects.JOBS_STREAM, "gateway", ["jobs.>"])]
 
     def ignore(self, subject: str) -> bool:
-        return subject.endswith((".log", ".result", ".cancel"))
+        return subject.endswith(".cancel")  # worker-directed; the table tracks none of it
 
     def apply(self, event: Any) -> None:
         self.state.apply(event)
@@ -85,7 +100,7 @@ class Gateway(EventService[JobTable]):
             description="Cumulus job API: submit, status, cancel, jobs, workers, health",
         )
         assert self.js is not None
-        self._code = CodeStore(self.js, self.config.limits)
+        self._code = CodeStore(self.js, self.config.limits, self.config.retention.code_ttl_s)
         for op, handler in (
             ("submit", self.submit),
             ("status", self.status),
@@ -127,46 +142,57 @@ class Gateway(EventService[JobTable]):
         _same_user(user, req.user)
         job_id = req.job_id or ev.new_job_id()
         if not subjects.valid_token(job_id):
-            raise InvalidArgument(f"Invalid job id {job_id!r}: use letters, digits, '-' and '_'")
-        gpu = GpuRequest.parse(req.gpu)
-        limits = self.config.limits
-        duration = parse_duration(req.duration, limits.min_duration, limits.max_job_duration)
+            raise InvalidArgument(
+                f"Invalid job id {job_id!r}: use letters, digits, '-' and '_', at most 64",
+                field="job_id",
+            )
         rules = policy_for(self.config, user)
-        env = checks.check_env(req.env)
-        requirements = checks.check_requirements(req.requirements)
-        priority = checks.check_priority(req.priority, rules, user)
-        network = checks.check_network(req.network, rules, user)
-        checks.check_share(gpu.tenths, rules, user)
+        spec = self._spec(user, req, rules)
         async with self.reading() as table:
-            if existing := table.get(job_id):
-                if existing.user != user:
-                    raise PermissionDenied(f"Job {job_id} belongs to another user")
-                return api.SubmitReply(job_id=job_id, status=existing.status)
+            existing = table.get(job_id)
+        if existing is None and req.job_id:  # a repeated submit of a job that left memory
+            existing = await self._from_stream(job_id)
+        if existing is not None:
+            if existing.user != user:
+                raise PermissionDenied(f"Job {job_id} belongs to another user")
+            return api.SubmitReply(job_id=job_id, status=existing.status)
+        async with self.reading() as table:
             checks.check_waiting(table.waiting(user), rules, user)
-        secret_names = await self._check_secrets(user, req.secrets, env)
-        await self._check_code(user, req.code_ref, req.entrypoint)
-        await self._admit(gpu)
+        await self._check_secrets(user, spec)
+        await self._check_code(user, spec.code_ref, spec.entrypoint)
+        await self._admit(GpuRequest(spec.gpu_tenths))
         event = ev.JobSubmitted(
-            event_id=f"submit-{job_id}",
-            job_id=job_id,
-            user=user,
-            trace=new_trace(),
-            spec=ev.JobSpec(
-                code_ref=req.code_ref,
-                entrypoint=req.entrypoint,
-                requirements=requirements,
-                gpu_tenths=gpu.tenths,
-                duration_s=duration,
-                priority=priority,
-                env=env,
-                network=network,
-                secrets=secret_names,
-            ),
+            event_id=f"submit-{job_id}", job_id=job_id, user=user, trace=new_trace(), spec=spec
         )
         assert self.js is not None
         await bus.publish(self.js, event)
         await self._published(event)
         return api.SubmitReply(job_id=job_id, status="SUBMITTED")
+
+    def _spec(self, user: str, req: api.SubmitRequest, rules: UserPolicy) -> ev.JobSpec:
+        """The job's spec from a submit: every field checked and bounded, and the whole
+        within its budget, so that every event about the job fits on the bus (issue 11)."""
+        gpu = GpuRequest.parse(req.gpu)
+        limits = self.config.limits
+        duration = parse_duration(req.duration, limits.min_duration, limits.max_job_duration)
+        env = checks.check_env(req.env)
+        requirements = checks.check_requirements(req.requirements)
+        priority = checks.check_priority(req.priority, rules, user)
+        network = checks.check_network(req.network, rules, user)
+        checks.check_share(gpu.tenths, rules, user)
+        spec = ev.JobSpec(
+            code_ref=_code_ref(req.code_ref),
+            entrypoint=checks.check_entrypoint(req.entrypoint),
+            requirements=requirements,
+            gpu_tenths=gpu.tenths,
+            duration_s=duration,
+            priority=priority,
+            env=env,
+            network=network,
+            secrets=_secret_names(req.secrets, env),
+        )
+        assert self.nc is not None
+        return checks.check_spec(spec, self.nc.max_payload)
 
     # -- secrets -------------------------------------------------------------------------------
 
@@ -177,28 +203,20 @@ class Gateway(EventService[JobTable]):
             self._secrets = SecretStore.open(self.config.data_path)
         return self._secrets
 
-    async def _check_secrets(self, user: str, names: list[str], env: dict[str, str]) -> list[str]:
-        """The job's secret names: valid, the user's own, none also in its env."""
-        if not names:
-            return []
-        if len(names) > MAX_SECRETS:
-            raise InvalidArgument(f"A job may name at most {MAX_SECRETS} secrets", field="secrets")
-        unique = list(dict.fromkeys(check_name(name) for name in names))
-        for name in unique:
-            if name in env:
-                raise InvalidArgument(
-                    f"{name} is both in the job's env and one of its secrets; the secret "
-                    "would replace it: drop one of them",
-                    field="secrets",
-                )
-        missing = await asyncio.to_thread(self.secret_store.missing, user, unique)
+    async def _check_secrets(self, user: str, spec: ev.JobSpec) -> None:
+        """The job's secrets (valid names, `_secret_names`) are the user's own, and its
+        environment with their values can start a process."""
+        if not spec.secrets:
+            return
+        sizes = await asyncio.to_thread(self.secret_store.sizes, user, spec.secrets)
+        missing = [name for name in spec.secrets if name not in sizes]
         if missing:
             raise InvalidArgument(
                 f"Unknown secret {', '.join(missing)}: store it first "
                 f"(`cumulus secrets set {missing[0]}` or client.set_secret)",
                 field="secrets",
             )
-        return unique
+        checks.check_job_env(spec.env, sizes)
 
     async def secret_put(self, user: str, data: bytes) -> Any:
         req = api.decode_request(data, api.SecretPut)
@@ -214,6 +232,7 @@ class Gateway(EventService[JobTable]):
 
     async def secret_delete(self, user: str, data: bytes) -> Any:
         req = api.decode_request(data, api.SecretRef)
+        check_name(req.name)
         await asyncio.to_thread(self.secret_store.delete, user, req.name)
         log.info("secret deleted", extra={"fields": {"user": user, "secret": req.name}})
         return {"name": req.name, "deleted": True}
@@ -247,10 +266,6 @@ class Gateway(EventService[JobTable]):
     async def _check_code(self, user: str, code_ref: str, entrypoint: str) -> None:
         """The user stored this package (checked at upload) and it matches the entrypoint."""
         assert self._code is not None
-        if not code_ref:
-            raise InvalidArgument("Missing code package: upload it and pass its code_ref")
-        if not subjects.valid_token(code_ref):
-            raise InvalidArgument(f"Invalid code_ref {code_ref!r}", field="code_ref")
         kind = "function" if entrypoint == "function" else "script"
         checked = await self._code.kind(user, code_ref)
         if checked != kind:
@@ -265,15 +280,24 @@ class Gateway(EventService[JobTable]):
         return await self._code.upload(user, req, quota)
 
     async def watch(self, user: str, data: bytes) -> Any:
-        assert self.js is not None
-        req = api.decode_request(data, watching.WatchRequest)
-        return await watching.watch(self.js, user, req)
+        return await self._watch(user, data, observer=False)
 
     async def observe_watch(self, data: bytes) -> Any:
         """Every user's events, for observers (only they may publish here)."""
+        return await self._watch("", data, observer=True)
+
+    async def _watch(self, user: str, data: bytes, *, observer: bool) -> Any:
         assert self.js is not None
         req = api.decode_request(data, watching.WatchRequest)
-        return await watching.watch(self.js, "", req, observer=True)
+        _subject(req.deliver, "deliver")
+        if req.filter:
+            _subject(req.filter, "filter")
+        req.from_seq = max(1, min(req.from_seq, MAX_SEQ))
+        req.from_log_seq = max(1, min(req.from_log_seq, MAX_SEQ))
+        try:
+            return await watching.watch(self.js, user, req, observer=observer)
+        except (nats.errors.BadSubjectError, nats.js.errors.BadRequestError) as exc:
+            raise InvalidArgument(f"The bus refused this watch: {exc}") from None
 
     async def _admit(self, gpu: GpuRequest) -> None:
         """Ask the scheduler whether the request can ever fit; if it is away, accept."""
@@ -293,8 +317,7 @@ class Gateway(EventService[JobTable]):
         ref = api.decode_request(data, api.JobRef)
         _same_user(user, ref.user)
         await self._catch_up(ref.job_id)
-        async with self.reading() as table:
-            return self._job(table, user, ref.job_id)
+        return await self._find(user, ref.job_id)
 
     async def _catch_up(self, job_id: str) -> None:
         """Read-your-writes: a client that saw an event of this job sees it in status too."""
@@ -310,10 +333,9 @@ class Gateway(EventService[JobTable]):
     async def cancel(self, user: str, data: bytes) -> Any:
         ref = api.decode_request(data, api.JobRef)
         _same_user(user, ref.user)
-        async with self.reading() as table:
-            job = self._job(table, user, ref.job_id)
-            if job.status in TERMINAL or job.cancel_requested:
-                return job
+        job = await self._find(user, ref.job_id)
+        if job.status in TERMINAL or job.cancel_requested:
+            return job
         event = ev.CancelRequested(
             event_id=f"cancel-{job.job_id}", job_id=job.job_id, user=job.user, trace=new_trace()
         )
@@ -329,16 +351,24 @@ class Gateway(EventService[JobTable]):
             table.apply(event)
 
     async def list_jobs(self, user: str, data: bytes) -> Any:
+        """The user's jobs in memory: every job not over, and those that ended within
+        retention.forget_after_s (older ones still answer status, one by one)."""
         req = api.decode_request(data, api.ListJobsRequest)
         _same_user(user, req.user)
+        wanted = _statuses(req.status)
+        if not 0 <= req.limit <= MAX_LIST_LIMIT:
+            raise InvalidArgument(
+                f"Invalid limit {shown(req.limit)}: from 0 to {MAX_LIST_LIMIT} jobs", field="limit"
+            )
         async with self.reading() as table:
             jobs = [
                 job
                 for job in table.jobs.values()
-                if job.user == user and (not req.status or job.status in req.status)
+                if job.user == user and (not wanted or job.status in wanted)
             ]
         jobs.sort(key=lambda j: j.submitted_at, reverse=True)
-        return {"jobs": jobs[: max(0, req.limit)]}
+        assert self.nc is not None
+        return _fitting(jobs[: req.limit], api.reply_budget(self.nc))
 
     async def list_workers(self, user: str, data: bytes) -> Any:
         assert self.nc is not None
@@ -359,14 +389,29 @@ class Gateway(EventService[JobTable]):
             "scheduler": scheduler,
         }
 
-    @staticmethod
-    def _job(table: JobTable, user: str, job_id: str) -> JobView:
-        """The user's job; another user's job is NOT_FOUND, as if it did not exist (its id
-        tells the asker nothing)."""
-        job = table.get(job_id)
+    async def _find(self, user: str, job_id: str) -> JobView:
+        """The user's job, from the table or, once it left memory, from the job stream;
+        another user's job is NOT_FOUND, as if it did not exist (its id tells the asker
+        nothing)."""
+        async with self.reading() as table:
+            job = table.get(job_id)
+        if job is None:
+            job = await self._from_stream(job_id, user)
         if job is None or job.user != user:
             raise NotFound(f"Job {job_id} not found")
         return job
+
+    async def _from_stream(self, job_id: str, user: str = "*") -> JobView | None:
+        """A job that ended long enough ago to have left the table (retention.forget_after_s),
+        read back from its events in the job stream (services/gateway/history.py)."""
+        assert self.js is not None
+        try:
+            return await history.job_from_stream(self.js, job_id, user)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise Unavailable(
+                f"Job {job_id} is no longer in the gateway's memory and the job stream did not "
+                f"answer for it ({type(exc).__name__}); retry shortly"
+            ) from None
 
 
 PLACED = frozenset({JobStatus.SCHEDULED, JobStatus.PARTITIONED, JobStatus.RUNNING})
@@ -385,6 +430,79 @@ def secrets_holder(table: JobTable, worker_id: str, job_id: str) -> JobView:
             "own placed jobs only"
         )
     return job
+
+
+MAX_LIST_LIMIT = 10_000
+"""Jobs one `jobs` request may ask for (a reply also stops where the bus's payload would)."""
+MAX_SUBJECT = 256
+"""Characters of a subject a request names (a watch's inbox or filter)."""
+MAX_SEQ = 2**63 - 1
+"""The highest stream sequence a watch may start from (JetStream's are 64-bit)."""
+
+
+def _statuses(names: list[str]) -> set[JobStatus]:
+    """A `jobs` request's status filter, each a JobStatus name."""
+    try:
+        return {JobStatus(name) for name in names}
+    except ValueError:
+        raise InvalidArgument(
+            f"Invalid status filter {shown(names)}: use {', '.join(JobStatus)}", field="status"
+        ) from None
+
+
+def _fitting(jobs: list[JobView], budget: int) -> dict[str, Any]:
+    """`{"jobs": [...]}` of the first of `jobs` whose encoding fits in `budget` bytes;
+    `"truncated": true` when some were left out (a job's result may take 256 KiB)."""
+    out: list[msgspec.Raw] = []
+    used = 64  # the envelope
+    for job in jobs:
+        encoded = msgspec.json.encode(job)
+        used += len(encoded) + 1
+        if used > budget:
+            return {"jobs": out, "truncated": True}
+        out.append(msgspec.Raw(encoded))
+    return {"jobs": out}
+
+
+def _subject(value: str, field: str) -> str:
+    """`value` if it is a NATS subject: dot-separated tokens without spaces or controls."""
+    if (
+        len(value) > MAX_SUBJECT
+        or "" in value.split(".")
+        or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise InvalidArgument(
+            f"Invalid {field} {shown(repr(value))}: a NATS subject (tokens separated by '.', "
+            f"no spaces), at most {MAX_SUBJECT} characters",
+            field=field,
+        )
+    return value
+
+
+def _code_ref(code_ref: str) -> str:
+    """A submit's code_ref, if it can name a stored package (a subject token)."""
+    if not code_ref:
+        raise InvalidArgument("Missing code package: upload it and pass its code_ref")
+    if not subjects.valid_token(code_ref):
+        raise InvalidArgument(f"Invalid code_ref {code_ref!r}", field="code_ref")
+    return code_ref
+
+
+def _secret_names(names: list[str], env: dict[str, str]) -> list[str]:
+    """The job's secret names, each once: valid, at most MAX_SECRETS, none also in its env."""
+    if len(names) > MAX_SECRETS:
+        raise InvalidArgument(
+            f"A job may name at most {MAX_SECRETS} secrets ({len(names)} named)", field="secrets"
+        )
+    unique = list(dict.fromkeys(check_name(name) for name in names))
+    for name in unique:
+        if name in env:
+            raise InvalidArgument(
+                f"{name} is both in the job's env and one of its secrets; the secret "
+                "would replace it: drop one of them",
+                field="secrets",
+            )
+    return unique
 
 
 def _same_user(user: str, claimed: str) -> None:

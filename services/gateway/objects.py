@@ -62,9 +62,13 @@ class _Upload:
 class CodeStore:
     """The gateway's side of the code bucket: uploads, checks, quotas."""
 
-    def __init__(self, js: JetStreamContext, limits: LimitsConfig) -> None:
+    def __init__(
+        self, js: JetStreamContext, limits: LimitsConfig, code_ttl_s: float = CODE_TTL_DAYS * 86400
+    ) -> None:
         self.js = js
         self.limits = limits
+        self.code_ttl_s = code_ttl_s
+        """How long a package is kept after its upload (retention.code_ttl_s)."""
         self._store: Any = None
         self._uploads: dict[tuple[str, str], _Upload] = {}
         self._used: dict[str, tuple[int, float]] = {}
@@ -136,7 +140,7 @@ class CodeStore:
         )
         total = await self.used(user) + pending + req.size
         if total > quota:
-            raise _over_quota(req.size, total, quota)
+            raise _over_quota(req.size, total, quota, self.code_ttl_s)
 
     async def _keep(self, user: str, name: str, data: bytes, quota: int) -> str:
         """Check a whole package and store it; nothing is stored if a check fails."""
@@ -148,7 +152,7 @@ class CodeStore:
             raise InvalidArgument(f"Invalid code package: {exc}") from None
         used = await self.used(user)
         if used + len(data) > quota:
-            raise _over_quota(len(data), used + len(data), quota)
+            raise _over_quota(len(data), used + len(data), quota, self.code_ttl_s)
         store = await self.store()
         await store.put(name, data)
         self._used[user] = (used + len(data), self._used[user][1])
@@ -205,10 +209,10 @@ class CodeStore:
         return str(manifest["kind"])
 
 
-def _over_quota(size: int, total: int, quota: int) -> ResourceExhausted:
+def _over_quota(size: int, total: int, quota: int, ttl_s: float) -> ResourceExhausted:
     return ResourceExhausted(
         f"Storing this package ({size} bytes) would put your stored code at {total} bytes; "
-        f"your limit is {quota} (policy.stored_bytes). Packages expire {CODE_TTL_DAYS} days "
+        f"your limit is {quota} (policy.stored_bytes). Packages expire {ttl_s / 86400:g} days "
         "after their upload; or ask the operator for more"
     )
 

@@ -169,6 +169,19 @@ class SecretStore:
         have = set(self.names(user))
         return [name for name in names if name not in have]
 
+    def sizes(self, user: str, names: Iterable[str]) -> dict[str, int]:
+        """Bytes of the value of each of `user`'s secrets among `names` (a missing one is not
+        in the answer): what the job's environment will hold."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for name in dict.fromkeys(names):
+                row = self._db.execute(
+                    "SELECT ciphertext FROM secrets WHERE user = ? AND name = ?", (user, name)
+                ).fetchone()
+                if row is not None:
+                    out[name] = len(self._decrypt(name, bytes(row[0])).encode())
+        return out
+
     def delete(self, user: str, name: str) -> None:
         with self._lock:
             gone = self._db.execute(
@@ -190,11 +203,14 @@ class SecretStore:
                     raise NotFound(
                         f"Secret {name} no longer exists (deleted after the job was submitted)"
                     )
-                try:
-                    out[name] = self._fernet.decrypt(bytes(row[0])).decode()
-                except InvalidToken:
-                    raise Internal(
-                        f"Secret {name} cannot be decrypted with {self.key_file}: the key file "
-                        "was replaced; set the secret again"
-                    ) from None
+                out[name] = self._decrypt(name, bytes(row[0]))
         return out
+
+    def _decrypt(self, name: str, token: bytes) -> str:
+        try:
+            return self._fernet.decrypt(token).decode()
+        except InvalidToken:
+            raise Internal(
+                f"Secret {name} cannot be decrypted with {self.key_file}: the key file "
+                "was replaced; set the secret again"
+            ) from None

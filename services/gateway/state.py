@@ -1,7 +1,14 @@
-"""The gateway's job table: a projection of every job event, rebuilt from the log on start."""
+"""The gateway's job table: a projection of every job event, rebuilt from the log on start.
+
+It holds every job that is not over and the jobs that ended recently: `forget` drops those that
+ended longer ago (config retention.forget_after_s, just before a snapshot); the gateway answers
+for them from the job stream (services/gateway/history.py), folding their events with this
+same `apply`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import singledispatchmethod
 from typing import Any
 
@@ -18,10 +25,13 @@ TERMINAL = views.TERMINAL
 
 
 class JobTable:
-    def __init__(self) -> None:
+    def __init__(self, jobs: Iterable[JobView] = ()) -> None:
         self.jobs: dict[str, JobView] = {}
         self._waiting: dict[str, set[str]] = {}
         """user -> ids of its SUBMITTED or QUEUED jobs (policy.max_queued)."""
+        for job in jobs:  # a table restored from a snapshot: the waiting sets follow the jobs
+            self.jobs[job.job_id] = job
+            self._count(job)
 
     def get(self, job_id: str) -> JobView | None:
         return self.jobs.get(job_id)
@@ -30,11 +40,31 @@ class JobTable:
         self._apply(event)
         job = self.jobs.get(getattr(event, "job_id", ""))
         if job is not None:
-            ids = self._waiting.setdefault(job.user, set())
-            if job.status in (JobStatus.SUBMITTED, JobStatus.QUEUED):
-                ids.add(job.job_id)
-            else:
-                ids.discard(job.job_id)
+            self._count(job)
+
+    def _count(self, job: JobView) -> None:
+        ids = self._waiting.setdefault(job.user, set())
+        if job.status in (JobStatus.SUBMITTED, JobStatus.QUEUED):
+            ids.add(job.job_id)
+        else:
+            ids.discard(job.job_id)
+
+    def forget(self, before: float) -> list[str]:
+        """Drop the jobs that ended before `before`; returns their ids.
+
+        Only ended jobs go (an ended job never changes again), so the waiting counts are
+        unchanged; users left with nothing waiting leave those counts."""
+        gone = [
+            job.job_id
+            for job in self.jobs.values()
+            if job.status in TERMINAL and (job.finished_at or 0.0) < before
+        ]
+        if gone:  # a new dict: one emptied by `del` keeps its size
+            left = set(self.jobs) - set(gone)
+            self.jobs = {job_id: job for job_id, job in self.jobs.items() if job_id in left}
+        for user in [user for user, ids in self._waiting.items() if not ids]:
+            del self._waiting[user]
+        return gone
 
     def waiting(self, user: str) -> int:
         """How many of `user`'s jobs wait (submitted or queued)."""
@@ -69,7 +99,7 @@ class JobTable:
 
     @_apply.register
     def _(self, event: ev.WorkerSelected) -> None:
-        if job := self._active(event):
+        if (job := self._active(event)) and event.attempt >= job.attempt:
             job.status = JobStatus.SCHEDULED
             job.worker_id = event.worker_id
             job.devices = list(event.devices)
@@ -80,14 +110,14 @@ class JobTable:
 
     @_apply.register
     def _(self, event: ev.PartitionReady) -> None:
-        if job := self._active(event):
+        if job := self._current(event, event.attempt):
             job.status = JobStatus.PARTITIONED
             job.partition_ids = list(event.partition_ids)
             job.waiting_reason = "starting the job"
 
     @_apply.register
     def _(self, event: ev.PartitionFailed) -> None:
-        if job := self._active(event):
+        if job := self._current(event, event.attempt):
             job.status = JobStatus.SUBMITTED
             job.waiting_reason = f"partition failed on {event.worker_id}: {event.message}; retrying"
 
@@ -98,7 +128,7 @@ class JobTable:
 
     @_apply.register
     def _(self, event: ev.JobStarted) -> None:
-        if job := self._active(event):
+        if job := self._current(event, event.attempt):
             job.status = JobStatus.RUNNING
             job.started_at = event.ts
             job.waiting_reason = ""
@@ -110,8 +140,9 @@ class JobTable:
 
     def _finish(self, event: ev.Terminal) -> JobView | None:
         """The job an end applies to: only the scheduler's (no worker) or the placed worker's
-        end counts, as in the scheduler; another worker's is not believed."""
-        job = self._active(event)
+        end counts, as in the scheduler; another worker's is not believed, nor the end of an
+        attempt given up (DESIGN.md rule 9)."""
+        job = self._current(event, event.attempt)
         if job is not None and event.worker_id not in ("", job.worker_id):
             return None
         if job is not None:
@@ -141,6 +172,21 @@ class JobTable:
         if job := self._finish(event):
             job.error_code, job.error_message = event.code, event.message
 
+    def _current(self, event: ev.JobEvent, attempt: int) -> JobView | None:
+        """The active job `event` is of, if it is of the job's current attempt (0: of no
+        placement, or an event from before attempts were carried: believed as before)."""
+        job = self._active(event)
+        return job if job is not None and (not attempt or attempt == job.attempt) else None
+
     def _active(self, event: ev.JobEvent) -> JobView | None:
         job = self.jobs.get(event.job_id)
         return job if job is not None and job.status in ACTIVE else None
+
+
+def tracked_events() -> list[str]:
+    """The names of the job events `JobTable.apply` acts on: what a fold of one job's history
+    from the stream reads (its output is not among them)."""
+    registry = JobTable.__dict__["_apply"].dispatcher.registry
+    return sorted(
+        cls.name for cls in registry if isinstance(cls, type) and issubclass(cls, ev.JobEvent)
+    )

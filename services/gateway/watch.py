@@ -3,8 +3,10 @@
 A user may not create consumers itself: with that right it could also rewrite the services'
 own durable consumers (a consumer create names the consumer, and an existing one is updated).
 So the gateway creates, for `cumulus.api.<user>.watch`, an ephemeral push consumer over
-`jobs.<user>.<job>.>` only, delivering into the caller's own private inbox, from the stream
-sequence it asks for. The consumer goes away by itself once nobody listens.
+`jobs.<user>.<job>.>` only (and with `logs`, a second one over the job's output in the LOGS
+stream), delivering into the caller's own private inbox, from the stream sequence it asks for.
+A filter picks one subject under the caller's `jobs.`, `logs.` or `results.` (the stream is the
+subject's). The consumers go away by themselves once nobody listens.
 """
 
 from __future__ import annotations
@@ -30,13 +32,23 @@ class WatchRequest(msgspec.Struct, kw_only=True):
     """The caller's inbox subject the events are pushed to."""
     from_seq: int = 1
     filter: str = ""
-    """Instead of one job: a subject under the user's `jobs.<user>.>` (an observer's
-    `cumulus.observe.watch`: any under `jobs.>`)."""
+    """Instead of one job: a subject under the user's `jobs.<user>.>`, `logs.<user>.>` or
+    `results.<user>.>` (an observer's `cumulus.observe.watch`: any under `jobs.>`, `logs.>`,
+    `results.>`)."""
+    logs: bool = False
+    """With `job_id`: the job's output lines too (stream LOGS), into the same inbox."""
+    from_log_seq: int = 1
+    """Where in the LOGS stream the output starts (the stream sequence after the last line
+    the caller has)."""
 
 
 class WatchReply(msgspec.Struct, kw_only=True):
     last_seq: int
     """Stream sequence of the newest matching event when the watch began (0: none yet)."""
+    stream: str = subjects.JOBS_STREAM
+    """The stream `last_seq` is of (the filter's)."""
+    last_log_seq: int = 0
+    """With `logs`: the LOGS sequence of the job's newest output when the watch began."""
 
 
 _nuid = NUID()
@@ -55,6 +67,51 @@ def inbox_allowed(user: str, deliver: str, observer: bool) -> bool:
     return not observer and role == "user" and name == user
 
 
+def _filter(user: str, req: WatchRequest, observer: bool) -> str:
+    """The subject a watch by filter follows, checked: the caller's own (any, for observers),
+    under a prefix of a job stream."""
+    subject = req.filter or "jobs.>"
+    head = subject.split(".", 1)[0]
+    if not subjects.stream_of(subject) or subject == head:
+        raise InvalidArgument(
+            "A watch filter must be under jobs.>, logs.> or results.>", field="filter"
+        )
+    if not observer and not subject.startswith(f"{head}.{user}."):
+        raise InvalidArgument(
+            f"A watch filter must be under {head}.{user}.> (your own jobs)", field="filter"
+        )
+    return subject
+
+
+async def _last(js: JetStreamContext, stream: str, subject: str) -> int | None:
+    """Stream sequence of the newest message on `subject`; None if there is none."""
+    try:
+        return (await js.get_last_msg(stream, subject)).seq or 0
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+async def _push(js: JetStreamContext, stream: str, subject: str, deliver: str, first: int) -> None:
+    """An ephemeral push consumer over `subject` into `deliver`, from stream sequence `first`."""
+    start = max(1, first)
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            name=f"watch-{_nuid.next().decode()}",
+            filter_subject=subject,
+            deliver_subject=deliver,
+            deliver_policy=DeliverPolicy.ALL if start <= 1 else DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=None if start <= 1 else start,
+            ack_policy=AckPolicy.NONE,
+            idle_heartbeat=HEARTBEAT_S,
+            flow_control=True,  # a large replay (a 300 MB result) waits for the reader
+            inactive_threshold=INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+
+
 async def watch(
     js: JetStreamContext, user: str, req: WatchRequest, *, observer: bool = False
 ) -> WatchReply:
@@ -62,40 +119,22 @@ async def watch(
         raise InvalidArgument(
             f"Watch delivery to {req.deliver!r} refused: use your own inbox", field="deliver"
         )
-    if observer:
-        filter_subject = req.filter or "jobs.>"
-        if not (filter_subject == "jobs.>" or filter_subject.startswith("jobs.")):
-            raise InvalidArgument("A watch filter must be under jobs.>", field="filter")
-    elif req.filter:
-        filter_subject = req.filter
-        if not filter_subject.startswith(f"jobs.{user}."):
-            raise InvalidArgument(
-                f"A watch filter must be under jobs.{user}.> (your own jobs)", field="filter"
-            )
-    else:
-        if not subjects.valid_token(req.job_id):
-            raise InvalidArgument(f"Invalid job id {req.job_id!r}", field="job_id")
-        filter_subject = subjects.job_all(req.job_id, user)
-    try:
-        last = (await js.get_last_msg(subjects.JOBS_STREAM, filter_subject)).seq or 0
-    except nats.js.errors.NotFoundError:
-        if req.job_id and not req.filter:
-            raise NotFound(f"Job {req.job_id} not found") from None
-        last = 0
-    start = max(1, req.from_seq)
-    await js.add_consumer(
-        subjects.JOBS_STREAM,
-        ConsumerConfig(
-            name=f"watch-{_nuid.next().decode()}",
-            filter_subject=filter_subject,
-            deliver_subject=req.deliver,
-            deliver_policy=DeliverPolicy.ALL if start <= 1 else DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=None if start <= 1 else start,
-            ack_policy=AckPolicy.NONE,
-            idle_heartbeat=HEARTBEAT_S,
-            inactive_threshold=INACTIVE_S,
-            mem_storage=True,
-            num_replicas=1,
-        ),
-    )
-    return WatchReply(last_seq=last)
+    if observer or req.filter:
+        subject = _filter(user, req, observer)
+        stream = subjects.stream_of(subject)
+        last = await _last(js, stream, subject)
+        await _push(js, stream, subject, req.deliver, req.from_seq)
+        return WatchReply(last_seq=last or 0, stream=stream)
+    if not subjects.valid_token(req.job_id):
+        raise InvalidArgument(f"Invalid job id {req.job_id!r}", field="job_id")
+    subject = subjects.job_all(req.job_id, user)
+    last = await _last(js, subjects.JOBS_STREAM, subject)
+    if last is None:
+        raise NotFound(f"Job {req.job_id} not found")
+    reply = WatchReply(last_seq=last)
+    await _push(js, subjects.JOBS_STREAM, subject, req.deliver, req.from_seq)
+    if req.logs:
+        output = subjects.job_logs(req.job_id, user)
+        reply.last_log_seq = await _last(js, subjects.LOGS_STREAM, output) or 0
+        await _push(js, subjects.LOGS_STREAM, output, req.deliver, req.from_log_seq)
+    return reply
