@@ -20,6 +20,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from services.partitioner import snapshot as snapshots
 from services.partitioner.chronos import Chronos
 from services.partitioner.effects import Effects
 from services.partitioner.presence import Presence
@@ -53,6 +54,8 @@ class Partitioner(EventService[States]):
         super().__init__(config)
         self.ssh: SshPool | None = None
         self.agents: dict[str, WorkerAgent] = {}
+        self.ended: snapshots.Ended = {}
+        """When a compaction first found each placement done (services/partitioner/snapshot.py)."""
         if ssh_mode(self.config):
             self.ssh = SshPool(self.config.ssh)
             if not log.isEnabledFor(logging.DEBUG):
@@ -70,6 +73,25 @@ class Partitioner(EventService[States]):
 
     def new_state(self) -> States:
         return {}
+
+    def reset_state(self) -> None:
+        # Each agent holds its worker's part of the state: give it a fresh one too.
+        self.state = {}
+        for agent in self.agents.values():
+            agent.state = PartitionerState(agent.worker_id)
+            self.state[agent.worker_id] = agent.state
+
+    # Retention (shared/service.py): snapshots, and placements done for a while leave memory.
+    def snapshot(self) -> bytes | None:
+        return snapshots.encode(self.state, self.ended)
+
+    def restore(self, data: bytes) -> None:
+        # Into the states the agents hold, which effects and the reaper read.
+        self.state = {worker_id: agent.state for worker_id, agent in self.agents.items()}
+        self.ended = snapshots.restore(self.state, data)
+
+    def compact(self, now: float) -> None:
+        snapshots.compact(self.state, self.ended, now, self.config.retention.forget_after_s)
 
     def _add(self, agents: list[WorkerAgent]) -> None:
         for agent in agents:

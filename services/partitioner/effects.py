@@ -5,8 +5,10 @@ devices: the scheduler frees capacity on a job's terminal event and may place th
 on the same device before this worker has released the old partition. A create is tried
 `worker.create_retries` times with `worker.create_backoff_s` doubling (the seed: 3, 1 s),
 looking first for partitions a crashed run (or a cut-short attempt) already made; it is all
-or nothing, so a whole-GPU job never keeps half its devices. What to emit is decided in
-`handlers.py`.
+or nothing, so a whole-GPU job never keeps half its devices. A create stops as soon as its
+placement is no longer held (revoked, superseded or ended: `handlers.holds`, checked before
+each chronos_cli create and again before reporting ready); what it made is given back and the
+placement's release reports it. What to emit is decided in `handlers.py`.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class Effects:
         made: list[Partition] = []
         try:
             for device in job.devices:
+                if not handlers.holds(agent.state, job):
+                    break  # given up meanwhile: `create` gives back what was made
                 if device in found:
                     made.append(found[device])
                     continue

@@ -32,17 +32,28 @@ class Work:
 
 
 def work(state: PartitionerState, busy: Collection[str]) -> Work:
-    """The placements that need a release or a partition; jobs in `busy` are under way."""
-    jobs = [j for j in state.jobs.values() if j.job_id not in busy]
-    return Work(
-        releases=[j for j in jobs if j.needs_release],
-        creates=[j for j in jobs if j.needs_partition],
-    )
+    """The placements that need a release or a partition; jobs in `busy` are under way.
+
+    One effect per job at a time: an older attempt's release goes before the newer attempt's
+    create, so one job never holds two attempts' partitions here at once.
+    """
+    taken = set(busy)
+    out = Work()
+    for job in state.placements():
+        if job.job_id not in taken and job.needs_release:
+            out.releases.append(job)
+            taken.add(job.job_id)
+    for job in state.jobs.values():
+        if job.job_id not in taken and job.needs_partition:
+            out.creates.append(job)
+            taken.add(job.job_id)
+    return out
 
 
 def holds(state: PartitionerState, job: PartitionJob) -> bool:
-    """True while `job` is still the placement this worker should create partitions for."""
-    return state.jobs.get(job.job_id) is job and not job.revoked
+    """True while `job` is still the placement this worker should create partitions for:
+    its job's newest attempt here, neither revoked nor ended."""
+    return state.jobs.get(job.job_id) is job and not job.revoked and not job.terminal
 
 
 def partition_duration(job: PartitionJob) -> int:
@@ -123,10 +134,11 @@ def orphans(
 ) -> list[Partition]:
     """The live partitions no placement of this worker holds any more.
 
-    A partition labelled `<job>.<attempt>` is an orphan when this worker never had that job,
-    has moved on to another attempt of it, or has released it or failed it (a release that
+    A partition labelled `<job>.<attempt>` is an orphan when this worker does not hold that
+    placement (it never had it, or forgot it) or has released it or failed it (a release that
     could not reach chronos_cli reports the placement released and leaves the partition to
-    the reaper). Jobs in `busy` (a create or release under way) are left alone, and so are
+    the reaper). A placement superseded by a newer attempt is still held until its own
+    release. Jobs in `busy` (a create or release under way) are left alone, and so are
     partitions without such a label: they are not ours, and expiry ends them.
     """
     found = []
@@ -134,9 +146,8 @@ def orphans(
         parsed = parse_label(partition.label)
         if parsed is None or parsed[0] in busy:
             continue
-        job_id, attempt = parsed
-        job = state.jobs.get(job_id)
-        if job is None or job.attempt != attempt or job.status in ("released", "failed"):
+        job = state.find(*parsed)
+        if job is None or job.status in ("released", "failed"):
             found.append(partition)
     return found
 
@@ -149,5 +160,5 @@ def jobs_of(partitions: Iterable[Partition]) -> set[str]:
 def still_running(state: PartitionerState, partition: Partition) -> bool:
     """An expired partition whose job still runs here: worth a warning when reaped."""
     parsed = parse_label(partition.label)
-    job = state.jobs.get(parsed[0]) if parsed else None
-    return job is not None and job.status == "ready" and not job.terminal
+    job = state.find(*parsed) if parsed else None
+    return job is not None and job.status == "ready" and not job.terminal and not job.revoked

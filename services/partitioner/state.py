@@ -2,6 +2,13 @@
 
 Every partition of a placement carries the label `<job_id>.<attempt>` (`PartitionJob.label`,
 read back by `parse_label`), so a replay finds what a crashed run created.
+
+Placements are fenced by attempt (DESIGN.md rule 9), whatever order this worker's events come
+in: only a job's newest attempt is ever created; an older one still to be released waits in
+`older` and is released (and reported) like a revoked one; a revocation that comes before its
+placement is remembered as a placement known only by it, so the placement is never created
+when it comes, and the revoked attempt is reported released all the same (the scheduler holds
+its share until then).
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ import msgspec
 from shared import events as ev
 
 
+def _unknown_spec() -> ev.JobSpec:
+    return ev.JobSpec(code_ref="")
+
+
 class PartitionJob(msgspec.Struct, kw_only=True):
     job_id: str
     user: str
-    spec: ev.JobSpec
-    devices: list[int]
-    tenths: int
+    spec: ev.JobSpec = msgspec.field(default_factory=_unknown_spec)
+    """What the placement runs; unknown (empty) for one known only by its revocation."""
+    devices: list[int] = []
+    tenths: int = 0
     attempt: int
     trace: str = ""
     status: str = "wanted"
@@ -33,7 +45,7 @@ class PartitionJob(msgspec.Struct, kw_only=True):
     @property
     def label(self) -> str:
         """The label every partition of this placement carries, to find them after a crash."""
-        return f"{self.job_id}.{self.attempt}"
+        return label_of(self.job_id, self.attempt)
 
     @property
     def needs_partition(self) -> bool:
@@ -48,6 +60,30 @@ class PartitionerState:
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
         self.jobs: dict[str, PartitionJob] = {}
+        """Each job's newest placement on this worker (perhaps known only by its revocation)."""
+        self.older: dict[str, PartitionJob] = {}
+        """Placements a newer attempt of their job superseded before they were released, by
+        label: revoked, released and reported once, never created."""
+
+    def placements(self) -> list[PartitionJob]:
+        """Every placement held: the older ones first (their releases go first)."""
+        return [*self.older.values(), *self.jobs.values()]
+
+    def find(self, job_id: str, attempt: int) -> PartitionJob | None:
+        """The placement of this attempt of the job, if this worker holds it."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.attempt == attempt:
+            return job
+        return self.older.get(label_of(job_id, attempt))
+
+    def _supersede(self, job_id: str) -> None:
+        """The job's placement gives way to a newer attempt: it is fenced, and kept for its
+        release while it may hold partitions."""
+        old = self.jobs.pop(job_id, None)
+        if old is not None:
+            old.revoked = True
+            if old.needs_release:
+                self.older[old.label] = old
 
     @singledispatchmethod
     def apply(self, event: Any) -> None:
@@ -57,7 +93,8 @@ class PartitionerState:
     def _(self, event: ev.WorkerSelected) -> None:
         job = self.jobs.get(event.job_id)
         if event.worker_id != self.worker_id or (job is not None and job.attempt >= event.attempt):
-            return
+            return  # a repeat, or an attempt already superseded or revoked
+        self._supersede(event.job_id)
         self.jobs[event.job_id] = PartitionJob(
             job_id=event.job_id,
             user=event.user,
@@ -70,27 +107,48 @@ class PartitionerState:
 
     @apply.register
     def _(self, event: ev.PartitionReady) -> None:
-        if (job := self._current(event)) and job.status == "wanted":
+        if (job := self.find(event.job_id, event.attempt)) and job.status == "wanted":
             job.status = "ready"
             job.partition_ids = list(event.partition_ids)
 
     @apply.register
     def _(self, event: ev.PartitionFailed) -> None:
-        if (job := self._current(event)) and job.status == "wanted":
+        if (job := self.find(event.job_id, event.attempt)) and job.status == "wanted":
             job.status = "failed"
+            self.older.pop(job.label, None)
 
     @apply.register
     def _(self, event: ev.PartitionReleased) -> None:
-        if job := self._current(event):
+        if job := self.find(event.job_id, event.attempt):
             job.status = "released"
+            self.older.pop(job.label, None)
 
     @apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
-        if job := self._current(event):
+        if event.worker_id != self.worker_id:
+            return
+        if job := self.find(event.job_id, event.attempt):
             job.revoked = True
+            return
+        newest = self.jobs.get(event.job_id)
+        if newest is not None and newest.attempt > event.attempt:
+            return  # an older attempt this worker no longer holds
+        # Revoked before its placement came: known by its revocation alone, never created.
+        self._supersede(event.job_id)
+        self.jobs[event.job_id] = PartitionJob(
+            job_id=event.job_id,
+            user=event.user,
+            attempt=event.attempt,
+            trace=event.trace,
+            revoked=True,
+        )
 
     def _terminal(self, event: ev.Terminal) -> None:
-        job = self.jobs.get(event.job_id)
+        # An end names its attempt; one that does not (written before ends did) is the newest's.
+        if event.attempt:
+            job = self.find(event.job_id, event.attempt)
+        else:
+            job = self.jobs.get(event.job_id)
         if job is not None:
             job.terminal = True
 
@@ -110,11 +168,10 @@ class PartitionerState:
     def _(self, event: ev.JobCancelled) -> None:
         self._terminal(event)
 
-    def _current(self, event: Any) -> PartitionJob | None:
-        job = self.jobs.get(event.job_id)
-        if job is None or job.attempt != getattr(event, "attempt", job.attempt):
-            return None
-        return job
+
+def label_of(job_id: str, attempt: int) -> str:
+    """The label of every partition of this attempt of the job."""
+    return f"{job_id}.{attempt}"
 
 
 _LABEL = re.compile(r"(?P<job>[A-Za-z0-9_-]{1,64})\.(?P<attempt>[0-9]{1,9})")

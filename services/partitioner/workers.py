@@ -58,6 +58,7 @@ def ssh_mode(config: Config) -> bool:
 
 def local_agent(config: Config, chronos: Chronos | None = None) -> WorkerAgent:
     worker_id = config.worker_id
+    check_worker_id(config)
     if chronos is None:
         worker = config.worker
         options = [
@@ -75,6 +76,28 @@ def local_agent(config: Config, chronos: Chronos | None = None) -> WorkerAgent:
     if not chronos.worker_id:
         chronos.worker_id = worker_id
     return WorkerAgent(worker_id=worker_id, chronos=chronos, hostname=socket.gethostname())
+
+
+def check_worker_id(config: Config) -> None:
+    """Refuse (ConfigError, exit status 2) a worker whose id another live stack holds on this
+    machine's Docker engine, before it registers: its runner would be refused
+    (services/runner/claim.py), and a registered worker without a runner takes placements
+    it never starts. Only for the container backends; the process backend keeps everything
+    under its own data directory."""
+    if config.worker.backend not in ("docker", "swarm", "auto"):
+        return
+    from services.runner import claim, spec
+
+    if not spec.reachable():
+        return  # no engine: the runner says so (or, with auto, uses the process backend)
+    worker_id = config.worker_id
+    client = spec.engine(timeout=10)
+    try:
+        claim.check_free(
+            client, worker_id, claim.owner_id(config.data_path / f"runner-{worker_id}")
+        )
+    finally:
+        client.close()
 
 
 def ssh_agents(config: Config, pool: SshPool, addresses: Mapping[str, str]) -> list[WorkerAgent]:

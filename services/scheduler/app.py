@@ -11,6 +11,7 @@ decides placements (services/scheduler/handlers.py, pure), and answers four requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,12 +19,13 @@ from typing import Any
 import nats.micro
 
 from cumulus_core.amounts import format_amount
+from services.scheduler import snapshot as snapshots
 from services.scheduler import swarm
 from services.scheduler.handlers import Policy, admission_error, decide, waiting_reason
 from services.scheduler.state import SchedulerState
 from shared import api, bus, subjects
 from shared import events as ev
-from shared.errors import NotFound
+from shared.errors import NotFound, Unavailable
 from shared.policy import share_limits
 from shared.service import ConsumerSpec, EventService
 from shared.swarm_nodes import list_nodes
@@ -40,6 +42,7 @@ Handler = Callable[[bytes], Awaitable[Any]]
 
 JOB_EVENTS = [
     "submitted",
+    "partition_ready",
     "started",
     "cancel_requested",
     "partition_failed",
@@ -55,6 +58,8 @@ class Scheduler(EventService[SchedulerState]):
         super().__init__(*args, **kwargs)
         self.startup_allocation: dict[str, Any] = {}
         self.startup_position = 0
+        self.ended: dict[str, float] = {}
+        """Job id -> when a compaction first found it over (services/scheduler/snapshot.py)."""
         self._micro: Any = None
         sched = self.config.scheduler
         max_share, user_max_share = share_limits(self.config)
@@ -71,6 +76,16 @@ class Scheduler(EventService[SchedulerState]):
     def new_state(self) -> SchedulerState:
         return SchedulerState()
 
+    # Retention (shared/service.py): snapshots, and jobs over for a while leave memory.
+    def snapshot(self) -> bytes | None:
+        return snapshots.encode(self.state, self.ended)
+
+    def restore(self, data: bytes) -> None:
+        self.state, self.ended = snapshots.decode(data)
+
+    def compact(self, now: float) -> None:
+        snapshots.compact(self.state, self.ended, now, self.config.retention.forget_after_s)
+
     def consumers(self) -> list[ConsumerSpec]:
         return [
             ConsumerSpec(subjects.WORKERS_STREAM, "scheduler-workers", ["workers.>"]),
@@ -82,10 +97,15 @@ class Scheduler(EventService[SchedulerState]):
         job = self.state.jobs.get(getattr(event, "job_id", ""))
         worker_id = job.worker_id if job is not None else ""
         self.state.apply(event)
-        if isinstance(event, ev.WorkerSelected):
+        if isinstance(event, ev.WorkerSelected | ev.PartitionReleased):
             worker_id = event.worker_id
         if worker_id and isinstance(
-            event, ev.WorkerSelected | ev.Terminal | ev.PartitionFailed | ev.PlacementRevoked
+            event,
+            ev.WorkerSelected
+            | ev.Terminal
+            | ev.PartitionFailed
+            | ev.PlacementRevoked
+            | ev.PartitionReleased,
         ):
             self._gauge_memory(worker_id)
 
@@ -176,23 +196,32 @@ class Scheduler(EventService[SchedulerState]):
             await self._micro.stop()
 
     async def _liveness(self) -> None:
-        """Declare lost every worker silent for heartbeat_misses intervals."""
-        misses = self.config.scheduler.heartbeat_misses
+        """Declare lost every worker silent for heartbeat_misses intervals.
+
+        Silence counts only from when this scheduler could hear: its start, and the end of its
+        last pause (a full disk: the heartbeats it could not record are not the workers'
+        fault). A decision the log refuses is dropped, and taken afresh on the next tick."""
         while True:
-            now = time.time()
-            lost = [
-                ev.WorkerLost(
-                    worker_id=w.worker_id,
-                    reason=f"no heartbeat for {now - w.last_seen:.0f} s "
-                    f"(expected every {w.heartbeat_s:g} s)",
-                )
-                for w in self.state.workers.values()
-                if w.alive and now - w.last_seen > misses * w.heartbeat_s
-            ]
-            if lost:
-                await self.emit(lost)
+            lost = self.silent(time.time())
+            if lost and not self.paused:
+                with contextlib.suppress(Unavailable):
+                    await self.emit(lost, wait=False)
             interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
             await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
+
+    def silent(self, now: float) -> list[ev.WorkerLost]:
+        """A `lost` for every live worker silent for heartbeat_misses intervals since the
+        later of its last heartbeat and `hearing_since`."""
+        misses = self.config.scheduler.heartbeat_misses
+        return [
+            ev.WorkerLost(
+                worker_id=w.worker_id,
+                reason=f"no heartbeat for {now - w.last_seen:.0f} s "
+                f"(expected every {w.heartbeat_s:g} s)",
+            )
+            for w in self.state.workers.values()
+            if w.alive and now - max(w.last_seen, self.hearing_since) > misses * w.heartbeat_s
+        ]
 
     async def _swarm(self) -> None:
         """Follow the Swarm nodes' state, availability and labels (events on change)."""

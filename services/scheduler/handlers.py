@@ -142,6 +142,7 @@ def _(event: ev.PartitionFailed, state: SchedulerState, policy: Policy = DEFAULT
                 worker_id=event.worker_id,
                 code=event.code,
                 message=f"{event.message} (after {job.attempt} attempts)",
+                attempt=job.attempt,
                 trace=job.trace,
             )
         ]
@@ -155,7 +156,8 @@ def _(
     event: ev.PlacementRevoked, state: SchedulerState, policy: Policy = DEFAULT
 ) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
-    if job is None or job.status != "pending" or job.started:
+    # A job started, or whose partition was ready, is failed by the `lost` that revoked it.
+    if job is None or job.status != "pending" or job.started or job.partitioned:
         return []
     if job.cancel_requested:
         return [_cancelled(job)]
@@ -176,12 +178,17 @@ def _(event: ev.WorkerLost, state: SchedulerState, policy: Policy = DEFAULT) -> 
                 trace=child_trace(job.trace),
             )
         )
-        if job.started:
+        if job.started or job.partitioned:
+            # Its runner may be running it, unseen (a paused worker): placing it again could run
+            # it twice at once. A job whose partition was not even ready is placed again.
+            while_ = "running the job" if job.started else "starting the job"
             error = Unavailable(
-                f"Worker {event.worker_id} was lost while running the job ({event.reason})",
+                f"Worker {event.worker_id} was lost while {while_} ({event.reason})",
                 worker_id=event.worker_id,
             )
-            out.append(ev.failure_of(error, _as_event(job), worker_id=event.worker_id))
+            out.append(
+                ev.failure_of(error, _as_event(job), worker_id=event.worker_id, attempt=job.attempt)
+            )
     return out
 
 
@@ -220,6 +227,18 @@ def _(
                 reason=f"Swarm node {event.node_id} is {event.state}",
             )
         ]
+    return schedule(state, policy, event.ts)
+
+
+@decide.register
+def _(
+    event: ev.PartitionReleased, state: SchedulerState, policy: Policy = DEFAULT
+) -> list[ev.Event]:
+    # A revoked attempt's share was held until now (SchedulerState); any other release frees
+    # nothing the scheduler still counted.
+    job = state.jobs.get(event.job_id)
+    if job is None or event.attempt > job.revoked:
+        return []
     return schedule(state, policy, event.ts)
 
 
@@ -328,7 +347,11 @@ def _place_or_queue(
 
 def _cancelled(job: JobState) -> ev.JobCancelled:
     return ev.JobCancelled(
-        job_id=job.job_id, user=job.user, trace=child_trace(job.trace), message="cancelled by user"
+        job_id=job.job_id,
+        user=job.user,
+        attempt=job.attempt,
+        trace=child_trace(job.trace),
+        message="cancelled by user",
     )
 
 

@@ -4,6 +4,13 @@ Changed only by `apply(event)`, so replaying the log rebuilds exactly the state 
 had. Capacity is counted in integer tenths per device (10 = one whole GPU). Every terminal
 event of a placed job frees its capacity exactly once; a lost worker takes its capacity out of
 the pool until it is heard from again.
+
+Decisions are fenced by attempt (DESIGN.md rule 9): an outcome (`started`, `partition_failed`,
+a terminal event naming its attempt) of an attempt other than the job's current one changes
+nothing. A revoked attempt's share stays allocated on its devices, under the key
+`<job>.<attempt>` (its partitions' label), until its worker reports that partition released:
+the worker may still hold it (a paused partitioner, a runner that has not yet killed the
+attempt), so nothing else is placed there meanwhile, and the release frees it exactly once.
 """
 
 from __future__ import annotations
@@ -33,7 +40,13 @@ class JobState(msgspec.Struct, kw_only=True):
     devices: list[int] = []
     tenths: int = 0
     attempt: int = 0
+    revoked: int = 0
+    """The newest attempt given up (PlacementRevoked); its share is held until released."""
     started: bool = False
+    partitioned: bool = False
+    """The worker reported the current attempt's partition ready: its runner may have started
+    the job (before its `started` reached the bus), so a lost worker fails it, never places it
+    again (at most once)."""
     tried: list[str] = []
     cancel_requested: bool = False
     submitted_at: float = 0.0
@@ -89,7 +102,9 @@ class SchedulerState:
 
     # -- capacity --------------------------------------------------------------------------
 
-    def _free(self, job: JobState) -> None:
+    def _free(self, job: JobState, keep_as: str = "") -> None:
+        """Give back what the placed `job` holds; `keep_as` keeps its devices' share allocated
+        under that key instead (a revoked attempt's, until its partition is released)."""
         held = self.placed.get(job.user, {})
         held.pop(job.job_id, None)
         if not held:
@@ -97,7 +112,9 @@ class SchedulerState:
         worker = self.workers.get(job.worker_id)
         if worker is not None:
             for device in worker.devices:
-                device.allocated.pop(job.job_id, None)
+                tenths = device.allocated.pop(job.job_id, None)
+                if tenths is not None and keep_as:
+                    device.allocated[keep_as] = tenths
             self.capacity.index(worker)
         job.worker_id, job.devices, job.tenths = "", [], 0
 
@@ -224,6 +241,7 @@ class SchedulerState:
         job.tenths = event.tenths
         job.attempt = event.attempt
         job.started = False
+        job.partitioned = False
         job.tried = [*job.tried, event.worker_id]
         self._hold(job)
 
@@ -241,6 +259,11 @@ class SchedulerState:
             job.started = True
 
     @apply.register
+    def _(self, event: ev.PartitionReady) -> None:
+        if job := self._current(event, event.attempt):
+            job.partitioned = True
+
+    @apply.register
     def _(self, event: ev.PartitionFailed) -> None:
         if job := self._current(event, event.attempt):
             self._free(job)
@@ -249,8 +272,20 @@ class SchedulerState:
     @apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
         if job := self._current(event, event.attempt):
-            self._free(job)
+            self._free(job, keep_as=retained_key(job.job_id, job.attempt))
+            job.revoked = job.attempt
             job.status = "pending"
+
+    @apply.register
+    def _(self, event: ev.PartitionReleased) -> None:
+        # Only a revoked attempt's share is still held at its release (any other was freed
+        # by its job's terminal event); a repeated release finds nothing left to free.
+        worker = self.workers.get(event.worker_id)
+        key = retained_key(event.job_id, event.attempt)
+        if worker is not None and any(key in d.allocated for d in worker.devices):
+            for device in worker.devices:
+                device.allocated.pop(key, None)
+            self.capacity.index(worker)
 
     @apply.register
     def _(self, event: ev.CancelRequested) -> None:
@@ -261,6 +296,8 @@ class SchedulerState:
         job = self.jobs.get(event.job_id)
         if job is None or job.status == "done":
             return
+        if event.attempt and event.attempt != job.attempt:
+            return  # the outcome of an attempt given up earlier (revoked): stale
         if job.status == "placed" and event.worker_id not in ("", job.worker_id):
             return  # from a placement given up earlier (its worker was lost): stale
         if job.status == "placed":
@@ -283,6 +320,12 @@ class SchedulerState:
     @apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._finish(event)
+
+
+def retained_key(job_id: str, attempt: int) -> str:
+    """The allocation key of a revoked attempt's share (its partitions' label): no job id
+    contains a dot, so it never meets a placed job's own key."""
+    return f"{job_id}.{attempt}"
 
 
 def rebuild(path: Path, upto: int | None = None) -> SchedulerState:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -167,20 +168,16 @@ async def test_a_revoked_placement_is_released_and_reported_once(
     ready = await seen.wait(ev.PartitionReady, job_id="rev-job")
     chronos = service.agents["rev-1"].chronos
     assert [p.label for p in await live(chronos)] == ["rev-job.1"]
-    # A revocation of some other attempt is stale: nothing happens.
-    await bus_mod.publish(
-        js, ev.PlacementRevoked(job_id="rev-job", worker_id="rev-1", attempt=7, reason="old")
-    )
-    await bus_mod.publish(
-        js, ev.PlacementRevoked(job_id="rev-job", worker_id="rev-1", attempt=1, reason="lost")
-    )
+    revoke = ev.PlacementRevoked(job_id="rev-job", worker_id="rev-1", attempt=1, reason="lost")
+    await bus_mod.publish(js, revoke)
     released = await seen.wait(ev.PartitionReleased, job_id="rev-job")
     assert released.attempt == 1
     assert released.worker_id == "rev-1"
     assert released.partition_ids == ready.partition_ids
     assert await chronos.partitions() == []
-    # A terminal event after the revocation finds nothing more to release.
-    await bus_mod.publish(js, ev.JobCancelled(job_id="rev-job", worker_id="rev-1"))
+    # A repeated revocation, then a terminal event, find nothing more to release.
+    await bus_mod.publish(js, msgspec.structs.replace(revoke, event_id=ev.new_id()))
+    await bus_mod.publish(js, ev.JobCancelled(job_id="rev-job", worker_id="rev-1", attempt=1))
     await _settle(1.0)
     assert len(seen.of(ev.PartitionReleased, job_id="rev-job")) == 1
 

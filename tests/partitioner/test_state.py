@@ -117,7 +117,8 @@ def test_orphans_are_partitions_no_placement_holds() -> None:
         partition("p11", "busy.1"),
     ]
     found = [p.partition_id for p in orphans(state, live, busy={"busy"})]
-    assert found == ["p4", "p5", "p6", "p8"]
+    # moved.1 was superseded by moved.2 before it was made: its own release finds it.
+    assert found == ["p4", "p5", "p8"]
 
 
 def test_a_job_under_way_is_never_an_orphan() -> None:

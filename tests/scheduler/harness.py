@@ -62,7 +62,7 @@ class Driver:
         self, tenths: int, priority: int = 0, job_id: str = "", ts: float | None = None
     ) -> tuple[str, list[ev.Event]]:
         job_id = job_id or f"j{next(_ids)}"
-        extra = {} if ts is None else {"ts": ts}
+        extra: dict[str, Any] = {} if ts is None else {"ts": ts}
         return job_id, self.feed(
             ev.JobSubmitted(job_id=job_id, spec=spec(tenths, priority), **extra)
         )
@@ -84,7 +84,7 @@ class Driver:
 
     def complete(self, job_id: str, ts: float | None = None) -> list[ev.Event]:
         job = self.job(job_id)
-        extra = {} if ts is None else {"ts": ts}
+        extra: dict[str, Any] = {} if ts is None else {"ts": ts}
         return self.feed(
             ev.JobCompleted(
                 job_id=job_id, worker_id=job.worker_id, **extra, result=msgspec.Raw(b'{"ok":true}')

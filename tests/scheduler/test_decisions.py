@@ -184,6 +184,9 @@ def test_a_lost_worker_fails_running_jobs_and_moves_waiting_ones(started: bool) 
         assert names[1:] == ["scheduled"]
         assert d.job(job).worker_id != lost
         assert d.job(job).attempt == 2
+    # The lost worker may still hold the attempt: its share is free once it says released.
+    assert all(d.free == 0 for d in d.state.workers[lost].devices)
+    d.feed(ev.PartitionReleased(job_id=job, worker_id=lost, attempt=1, partition_ids=["p"]))
     assert all(d.free == 10 for d in d.state.workers[lost].devices)
 
 

@@ -5,11 +5,15 @@ fails and cancels them, fails partitions, adds, loses and revives workers, and r
 scheduler (replaying its log). After every step: no device holds more than 1.0, every device's
 allocations are exactly the placed jobs on it, whole jobs sit on contiguous devices, no job is
 placed twice or lost, nothing is left pending, the capacity indexes agree with the workers, and
-a restart rebuilds the same allocation. When every job has ended, capacity is whole again.
+a restart rebuilds the same allocation. A lost worker's revoked attempts keep their share
+(`<job>.<attempt>`) until their partitions are reported released, which frees each exactly once,
+whatever the order of the releases, repeats and late outcomes of revoked attempts. When every
+job has ended and every partition is released, capacity is whole again.
 """
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -92,6 +96,46 @@ class SchedulerMachine(RuleBasedStateMachine):
             if isinstance(event, ev.CancelOrdered):  # the worker's runner obeys
                 self.d.feed(ev.JobCancelled(job_id=job_id, worker_id=event.worker_id))
 
+    def _held_back(self) -> list[tuple[str, str, int]]:
+        """(worker, job, attempt) of every revoked attempt's share still allocated."""
+        found = set()
+        for worker in self.d.state.workers.values():
+            for device in worker.devices:
+                for key in device.allocated:
+                    if "." in key:
+                        job_id, _, attempt = key.rpartition(".")
+                        found.add((worker.worker_id, job_id, int(attempt)))
+        return sorted(found)
+
+    @rule(data=st.data(), again=st.booleans())
+    def release_revoked(self, data: st.DataObject, again: bool) -> None:
+        """A lost worker's partitioner, back, releases a revoked attempt (maybe twice)."""
+        if held := self._held_back():
+            worker, job_id, attempt = data.draw(st.sampled_from(held))
+            release = ev.PartitionReleased(
+                job_id=job_id, worker_id=worker, attempt=attempt, partition_ids=[]
+            )
+            for _ in range(2 if again else 1):
+                self.d.feed(release)
+
+    @rule(data=st.data())
+    def stale_outcome(self, data: st.DataObject) -> None:
+        """A revoked attempt's runner reports it started or ended: believed by nobody."""
+        if held := self._held_back():
+            worker, job_id, attempt = data.draw(st.sampled_from(held))
+            if self.d.job(job_id).attempt == attempt:
+                return  # not placed again yet: its end would be the job's own
+            self.d.feed(
+                ev.JobStarted(
+                    job_id=job_id, worker_id=worker, backend="process", handle="1", attempt=attempt
+                )
+            )
+            self.d.feed(
+                ev.JobCompleted(
+                    job_id=job_id, worker_id=worker, attempt=attempt, result=msgspec.Raw(b"{}")
+                )
+            )
+
     @rule(data=st.data())
     def lose_worker(self, data: st.DataObject) -> None:
         alive = sorted(w for w, s in self.d.state.workers.items() if s.alive)
@@ -115,8 +159,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.submitted)
     @rule()
     def drain(self) -> None:
-        """End every job (starting what gets placed) until nothing is active."""
+        """End every job (starting what gets placed) and release every revoked attempt's
+        partition, until nothing is active."""
         for _ in range(500):
+            for worker_id, job_id, attempt in self._held_back():
+                self.d.feed(
+                    ev.PartitionReleased(
+                        job_id=job_id, worker_id=worker_id, attempt=attempt, partition_ids=[]
+                    )
+                )
             placed = sorted(self.d.placed())
             if not placed:
                 break
@@ -127,6 +178,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if job.status == "queued":
                 self.d.feed(ev.CancelRequested(job_id=job.job_id))
         assert all(j.status == "done" for j in self.d.state.jobs.values())
+        assert self._held_back() == []
         assert len(self.d.state.queue) == 0
         for worker in self.d.state.workers.values():
             assert all(d.free == TENTHS_PER_GPU for d in worker.devices)
@@ -140,7 +192,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         for worker in state.workers.values():
             for device in worker.devices:
                 assert 0 <= device.used <= TENTHS_PER_GPU, (worker.worker_id, device)
-                for job_id, tenths in device.allocated.items():
+                for key, tenths in device.allocated.items():
+                    if "." in key:  # a revoked attempt's share, held until released
+                        job_id, _, attempt = key.rpartition(".")
+                        assert 0 < int(attempt) <= state.jobs[job_id].revoked
+                        continue
+                    job_id = key
                     job = state.jobs[job_id]
                     assert job.status == "placed", (job_id, job.status)
                     assert job.worker_id == worker.worker_id
