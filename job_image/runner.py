@@ -4,16 +4,22 @@ Runs inside the job's container (or, on the process backend, as the job's proces
 `python -m job_image.runner --job-dir DIR`. The directory holds `package.zip` and `.nonce`.
 The nonce is read and deleted before any user code runs, and the result is written to stdout
 as one line `\\x1eCUMULUS-RESULT <nonce> <base64 json>`: user code cannot know the nonce, so
-nothing it prints can be mistaken for the result. Standard library only, apart from
-cloudpickle for function packages.
+nothing it prints can be mistaken for the result. The line stays small (INLINE_BYTES): a larger
+value is pickled, as it is made, into RESULT_FILE in the job directory, and the line says so
+(`{"ok": true, "file": true, "payload": "pickle", "size": n}`); the worker's runner streams
+the file to the bus part by part. A value over $CUMULUS_MAX_RESULT_BYTES (the worker's
+`worker.max_result_bytes`) is not kept: the line reports its size (RESOURCE_EXHAUSTED).
+Standard library only, apart from cloudpickle for function packages.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
+import reprlib
 import runpy
 import shutil
 import subprocess
@@ -33,11 +39,26 @@ has everything (a Swarm service's log stream never ends by itself)."""
 EXIT_USER_ERROR = 1
 EXIT_SETUP_ERROR = 3
 READY = ".cumulus-ready"
+RESULT_FILE = ".cumulus-result"
+"""A value too large for the frame is pickled here, in the job directory."""
+INLINE_BYTES = 256 * 1024
+"""The most a result's envelope takes in the frame (JSON, before base64)."""
+MAX_RESULT_BYTES = 256 * 1024 * 1024
+"""The default of `worker.max_result_bytes`; the runner passes its own in the environment."""
+MAX_MESSAGE = 16 * 1024
+MAX_TRACEBACK = 64 * 1024
+"""An error's message and traceback are cut to these (their ends kept): the frame stays small."""
+REPR_CHARS = 1000
+SCALARS = (str, int, float, bool, type(None))
+"""Values JSON carries alone (no pickle beside)."""
 
 
 def frame(nonce: str, envelope: dict[str, Any]) -> bytes:
-    payload = base64.b64encode(json.dumps(envelope).encode()).decode()
-    return f"{FRAME} {nonce} {payload}\n".encode()
+    return _frame(nonce, json.dumps(envelope).encode())
+
+
+def _frame(nonce: str, encoded: bytes) -> bytes:
+    return f"{FRAME} {nonce} {base64.b64encode(encoded).decode()}\n".encode()
 
 
 def parse_frame(line: str, nonce: str) -> tuple[str, dict[str, Any]] | None:
@@ -57,10 +78,12 @@ def end_marker(nonce: str) -> str:
     return f"{END} {nonce}"
 
 
-def _emit(nonce: str, envelope: dict[str, Any]) -> None:
+def _emit(nonce: str, envelope: dict[str, Any] | bytes) -> None:
+    """The frame (an envelope, or one already encoded), then the end markers."""
+    encoded = envelope if isinstance(envelope, bytes) else json.dumps(envelope).encode()
     sys.stdout.flush()
     sys.stderr.flush()
-    _write_all(1, frame(nonce, envelope) + f"{end_marker(nonce)}\n".encode())
+    _write_all(1, _frame(nonce, encoded) + f"{end_marker(nonce)}\n".encode())
     _write_all(2, f"{end_marker(nonce)}\n".encode())
 
 
@@ -82,33 +105,168 @@ def no_new_privileges() -> None:
 
 
 def _error_envelope(exc: BaseException, stage: str) -> dict[str, Any]:
+    message = str(exc)
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE // 2] + " […] " + message[-MAX_MESSAGE // 2 :]
     return {
         "ok": False,
         "stage": stage,
         "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "message": message,
+        "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:],
     }
 
 
-def _value_envelope(value: Any) -> dict[str, Any]:
+class _Full(Exception):
+    """More than a `_Capped` sink takes."""
+
+
+class _Capped:
+    """A binary sink that keeps up to `limit` bytes in memory and raises _Full beyond."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+
+    def write(self, data: Any) -> int:
+        if len(self.data) + len(data) > self.limit:
+            raise _Full
+        self.data += data
+        return len(data)
+
+
+class _Spill:
+    """A result file's writer: writes up to `limit` bytes, then only counts (the size is
+    what the error reports) and empties the file."""
+
+    def __init__(self, out: Any, limit: int) -> None:
+        self.out = out
+        self.limit = limit
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        if self.size + n <= self.limit:
+            self.out.write(data)
+        elif self.size <= self.limit:
+            self.out.seek(0)
+            self.out.truncate()
+        self.size += n
+        return n
+
+
+def _pickled(value: Any, limit: int) -> bytes:
+    import cloudpickle
+
+    sink = _Capped(limit)
+    cloudpickle.dump(value, sink)
+    return bytes(sink.data)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = REPR_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 100
+_REPR.maxdict = 50
+
+
+def _repr(value: Any) -> str:
+    """A short repr, cheap however large the value (repr of 300 MB of bytes is 1.2 GB)."""
+    try:
+        if isinstance(value, str | bytes | bytearray):
+            return repr(value[:REPR_CHARS])[:REPR_CHARS]
+        return _REPR.repr(value)[:REPR_CHARS]
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _value_envelope(value: Any) -> dict[str, Any] | None:
+    """The envelope of a value small enough for the frame, or None. A scalar is JSON alone;
+    of anything else the pickle is tried first, capped: JSON is then made only of a small
+    value (that of a large one would take a lot of memory)."""
+    if isinstance(value, SCALARS) and not (isinstance(value, str) and len(value) > INLINE_BYTES):
+        with contextlib.suppress(ValueError):  # an int too long for JSON is pickled
+            json.dumps(value)
+            return {"ok": True, "encoding": "json", "data": value}
+    pickled: bytes | None = None
+    pickle_error = ""
+    try:
+        pickled = _pickled(value, INLINE_BYTES * 3 // 4)
+    except _Full:
+        return None
+    except Exception as exc:  # the JSON form, if any, still gets through
+        pickle_error = f"{type(exc).__name__}: {exc}"
     envelope: dict[str, Any] = {"ok": True, "encoding": "json", "data": None}
     try:
         json.dumps(value)
         envelope["data"] = value
     except (TypeError, ValueError):
         envelope["encoding"] = "pickle"
-        envelope["repr"] = repr(value)[:1000]
-    if envelope["encoding"] == "pickle" or not isinstance(
-        value, (str, int, float, bool, type(None))
-    ):
-        try:
-            import cloudpickle
-
-            envelope["pickle"] = base64.b64encode(cloudpickle.dumps(value)).decode()
-        except Exception as exc:  # the JSON form, if any, still gets through
-            envelope["pickle_error"] = f"{type(exc).__name__}: {exc}"
+        envelope["repr"] = _repr(value)
+    if envelope["encoding"] == "pickle" or not isinstance(value, SCALARS):
+        if pickled is not None:
+            envelope["pickle"] = base64.b64encode(pickled).decode()
+        else:
+            envelope["pickle_error"] = pickle_error
     return envelope
+
+
+def max_result_bytes() -> int:
+    """The most a job may return (the worker's `worker.max_result_bytes`)."""
+    try:
+        return max(0, int(os.environ.get("CUMULUS_MAX_RESULT_BYTES", "")))
+    except ValueError:
+        return MAX_RESULT_BYTES
+
+
+def _spill(value: Any, path: Path, limit: int) -> int:
+    """Pickle `value` into `path` as it is made; its size, which may exceed `limit` (then the
+    file is left empty). Whatever stood at `path` (the job's own file, a link) is replaced."""
+    import cloudpickle
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(os.open(path, flags, 0o644), "wb", buffering=1 << 20) as out:
+        sink = _Spill(out, limit)
+        cloudpickle.dump(value, sink)
+    return sink.size
+
+
+def too_large(size: int, limit: int) -> dict[str, Any]:
+    """The frame of a value over the maximum (the worker words the message itself)."""
+    return {
+        "ok": False,
+        "stage": "result",
+        "code": "RESOURCE_EXHAUSTED",
+        "type": "ResultTooLarge",
+        "size": size,
+        "limit": limit,
+        "message": f"the result is {size} bytes; the most a job may return is {limit} bytes",
+    }
+
+
+def result_frame(value: Any, job_dir: Path) -> bytes:
+    """What the frame carries for `value` (JSON): its envelope when small, else where its
+    pickle lies (RESULT_FILE), or that it is over the maximum."""
+    path = job_dir / RESULT_FILE
+    limit = max_result_bytes()
+    try:
+        envelope = _value_envelope(value)
+        if envelope is not None:
+            encoded = json.dumps(envelope).encode()
+            if len(encoded) <= INLINE_BYTES:
+                return encoded
+        size = _spill(value, path, limit)
+    except Exception as exc:  # unpicklable, or no room for the file
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return json.dumps(_error_envelope(exc, "result")).encode()
+    if size > limit:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return json.dumps(too_large(size, limit)).encode()
+    pointer = {"ok": True, "file": True, "payload": "pickle", "size": size, "repr": _repr(value)}
+    return json.dumps(pointer).encode()
 
 
 def install_requirements(requirements: list[str], target: Path) -> None:
@@ -215,7 +373,7 @@ def run(job_dir: Path) -> int:
     except BaseException as exc:
         _emit(nonce, _error_envelope(exc, "run"))
         return EXIT_USER_ERROR
-    _emit(nonce, _value_envelope(value))
+    _emit(nonce, result_frame(value, job_dir))
     return 0
 
 

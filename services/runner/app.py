@@ -25,11 +25,12 @@ from typing import Any
 
 import msgspec
 
-from services.runner import handlers
+from services.runner import handlers, results
+from services.runner import snapshot as snapshots
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
 from services.runner.config import make_backend
-from shared import api, subjects
+from shared import api, bus, subjects
 from shared import events as ev
 from shared.config import Config
 from shared.errors import ApiUnreachable
@@ -41,10 +42,12 @@ log = logging.getLogger(__name__)
 PACKAGE_CACHE_BYTES = 64 * 1024 * 1024
 """Code packages kept in memory by content address (repeated and retried jobs reuse them)."""
 MAX_INLINE_RESULT = 256 * 1024
-"""A larger result goes to the object store and the event carries its name."""
+"""A larger result travels in parts (services/runner/results.py); the event carries a digest."""
 POLL_FAST_S = 0.005
 POLL_SLOW_S = 0.05
 """Output is read this often (and at once when a backend reports the job's exit)."""
+DISCARD_RETRY_S = 1.0
+"""Pause before a revoked job whose cleanup failed is tried again."""
 SECRETS_TRIES = 3
 """Asks for a job's secrets before giving up on it (the gateway may be restarting)."""
 WITHHELD = ev.LogLine(
@@ -62,6 +65,8 @@ class Runner(EventService[st.RunnerState]):
         super().__init__(config)
         root = self.config.data_path / f"runner-{self.worker_id}"
         self.ledger = root / "launches.log"
+        self.ended: dict[str, float] = {}
+        """When a compaction first found each job over (services/runner/snapshot.py)."""
         self.backend: Backend = backend or make_backend(self.config, root, self.ledger)
         self._busy: set[str] = set()
         """Jobs with a start or a watcher under way."""
@@ -74,6 +79,16 @@ class Runner(EventService[st.RunnerState]):
 
     def new_state(self) -> st.RunnerState:
         return st.RunnerState(self.worker_id)
+
+    # Retention (shared/service.py): snapshots, and jobs over for a while leave memory.
+    def snapshot(self) -> bytes | None:
+        return snapshots.encode(self.state, self.ended)
+
+    def restore(self, data: bytes) -> None:
+        self.state, self.ended = snapshots.decode(data, self.worker_id)
+
+    def compact(self, now: float) -> None:
+        snapshots.compact(self.state, self.ended, now, self.config.retention.forget_after_s)
 
     @property
     def db_path(self) -> Path:
@@ -115,6 +130,8 @@ class Runner(EventService[st.RunnerState]):
     async def reconcile(self) -> None:
         WORKER_ACTIVE_JOBS.set(len(self.state.active()))
         work = handlers.work(self.state, self._busy)
+        for job in work.discard:
+            self._effect(job, self._discard(job), "discard")
         for job in work.cancel:
             await self._end(job, handlers.cancelled(job, self.worker_id))
         for job in work.start:
@@ -142,6 +159,11 @@ class Runner(EventService[st.RunnerState]):
             nonce = secrets.token_hex(16)
             launching = st.Launching(job_id=job.job_id, attempt=job.attempt, nonce=nonce)
             await self.emit([], internal=[launching])
+        if job.revoked:  # before it started: a revoked attempt never runs
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+            await self._discard(job)
+            return
         try:
             package = await fetch
             values = await self._secrets(job)
@@ -159,18 +181,38 @@ class Runner(EventService[st.RunnerState]):
             )
         except Exception as exc:
             if job.revoked:
-                self._masks.pop(job.job_id, None)
-                await self.backend.cleanup(job.job_id, job.attempt)
+                await self._discard(job)
                 return
             log.exception("job failed to start", extra={"fields": {"job_id": job.job_id}})
             failed = handlers.start_failed(job, self.worker_id, exc)
             await self._end(job, handlers.mask_ending(failed, self._masks.get(job.job_id) or []))
             return
-        if job.revoked:
-            self._masks.pop(job.job_id, None)
+        if not job.revoked:
+            await self.emit([handlers.started(job, self.worker_id, self.backend.name, handle)])
+        if job.revoked:  # revoked while it started (or while its start was being reported)
+            await self._discard(job, handle)
+
+    async def _discard(self, job: st.RunJob, handle: str = "") -> None:
+        """A revoked attempt: kill it if it runs, remove what it left, report no outcome
+        (DESIGN.md rule 9); the Discarded record lets a newer attempt of the job start."""
+        if job.status == "done":
+            return  # revoked before its Launching record: nothing was made
+        self._masks.pop(job.job_id, None)
+        handle = handle or job.handle
+        if handle:
+            try:
+                await self.backend.kill(job.job_id, job.attempt, handle)
+            except Exception:
+                log.exception("could not kill a revoked job", extra={"fields": _fields(job)})
+        try:
             await self.backend.cleanup(job.job_id, job.attempt)
+        except Exception:
+            # Not Discarded: reconciling tries again, after a pause rather than at once.
+            log.exception("could not clean up a revoked job", extra={"fields": _fields(job)})
+            await asyncio.sleep(DISCARD_RETRY_S)
             return
-        await self.emit([handlers.started(job, self.worker_id, self.backend.name, handle)])
+        await self.emit([], internal=[st.Discarded(job_id=job.job_id, attempt=job.attempt)])
+        log.info("revoked job discarded", extra={"fields": _fields(job)})
 
     async def _package(self, code_ref: str) -> bytes:
         """The code package (its object name, `<user>.<sha256>`), from a small in-memory cache
@@ -192,7 +234,7 @@ class Runner(EventService[st.RunnerState]):
 
     def _env(self, job: st.RunJob, secrets: dict[str, str] | None = None) -> dict[str, str]:
         wheelhouse = self.config.container.wheelhouse if self.backend.name == "process" else ""
-        return handlers.job_env(
+        env = handlers.job_env(
             job,
             self.worker_id,
             os.environ,
@@ -200,6 +242,9 @@ class Runner(EventService[st.RunnerState]):
             wheelhouse or "",
             secrets,
         )
+        # The in-job runner stops writing a result at once past the maximum (checked here too).
+        env["CUMULUS_MAX_RESULT_BYTES"] = str(self.config.worker.result_bytes)
+        return env
 
     async def _secrets(self, job: st.RunJob) -> dict[str, str]:
         """The values of the job's secrets, from the gateway (which hands them only to the
@@ -257,8 +302,7 @@ class Runner(EventService[st.RunnerState]):
         idle = 0
         while True:
             if job.revoked:
-                await self.backend.kill(job.job_id, job.attempt, job.handle)
-                await self.backend.cleanup(job.job_id, job.attempt)
+                await self._discard(job)
                 return
             if end is None:
                 end = await self._end_of(job, out)
@@ -318,23 +362,57 @@ class Runner(EventService[st.RunnerState]):
     ) -> None:
         logs, internal = self._log_events(job, lines, cursor) or ([], [])
         if isinstance(end, Exit):
-            parts, end = self._outcome(job, result, end)
-            logs = [*logs, *parts]
+            end = await self._outcome(job, result, end)
         await self._end(job, end, (logs, internal))
 
-    def _outcome(
+    async def _outcome(
         self, job: st.RunJob, result: dict[str, Any] | None, exit_: Exit
-    ) -> tuple[list[ev.JobResultPart], ev.Terminal]:
-        """The job's end, and the parts of a result too large to travel in it."""
-        parts: list[ev.JobResultPart] = []
-        envelope = None
-        if result is not None and result.get("ok"):
-            encoded = msgspec.json.encode(result)
-            if len(encoded) > MAX_INLINE_RESULT:
-                parts, envelope = handlers.result_parts(job, self.worker_id, encoded)
+    ) -> ev.Terminal:
+        """The job's end. A result too large to travel in it is published first, in parts
+        (services/runner/results.py), and the end carries their digest; one over
+        `worker.max_result_bytes` fails the job (RESOURCE_EXHAUSTED)."""
+        limit = self.config.worker.result_bytes
         runtime = max(0.0, time.time() - job.started_at)
-        ending = handlers.outcome(job, self.worker_id, result, exit_.reason, runtime, envelope)
-        return parts, handlers.mask_ending(ending, self._masks.get(job.job_id) or [])
+        try:
+            stored = await self._deliver(job, result, limit)
+        except results.TooLarge as exc:
+            ending: ev.Terminal = handlers.result_too_large(job, self.worker_id, exc.size, limit)
+        except results.ResultError as exc:
+            ending = handlers.result_failed(job, self.worker_id, exc.code, exc.message)
+        else:
+            ending = handlers.outcome(
+                job, self.worker_id, result, exit_.reason, runtime, stored, limit
+            )
+        return handlers.mask_ending(ending, self._masks.get(job.job_id) or [])
+
+    async def _deliver(
+        self, job: st.RunJob, result: dict[str, Any] | None, limit: int
+    ) -> bytes | None:
+        """The envelope of the parts a large result went out as; None when it travels in its
+        completed event (or there is none)."""
+        if result is None or not result.get("ok"):
+            return None
+        if result.get("file"):  # the in-job runner's result file; the frame's size is a claim
+            path = self.backend.result_path(job.job_id, job.attempt)
+            shown = str(result.get("repr", ""))[:1000]
+            return await results.store_file(
+                job, self.worker_id, path, limit, self._publish_part, shown
+            )
+        encoded = msgspec.json.encode(result)
+        if len(encoded) > limit:
+            raise results.TooLarge(len(encoded))
+        if len(encoded) <= MAX_INLINE_RESULT:
+            return None
+        return await results.store_bytes(job, self.worker_id, encoded, self._publish_part)
+
+    async def _publish_part(self, part: ev.JobResultPart) -> asyncio.Future[Any]:
+        """Publish a result part straight to the bus (never through the log: it would hold
+        the whole result); the future of its acknowledgement."""
+        assert self.js is not None
+        headers = bus.headers(part.event_id, part.trace)
+        return await self.js.publish_async(
+            bus.subject_of(part), ev.encode(part), headers=headers, wait_stall=results.ACK_S
+        )
 
     async def _end(
         self,
@@ -343,13 +421,19 @@ class Runner(EventService[st.RunnerState]):
         records: handlers.LogRecords | None = None,
     ) -> None:
         logs, internal = records or ([], [])
-        self._masks.pop(job.job_id, None)
         if job.revoked:  # given up while it ended: no outcome for this attempt
-            await self.backend.cleanup(job.job_id, job.attempt)
+            await self._discard(job)
             return
+        self._masks.pop(job.job_id, None)
+        ending = handlers.fenced(ending, job)
+        ending = handlers.counted(ending, job, internal)
         await self.emit([*logs, ending], internal=internal)
         if job.started_at:
             JOB_DURATION.labels(ending.status.lower()).observe(
                 max(0.0, time.time() - job.started_at)
             )
         await self.backend.cleanup(job.job_id, job.attempt)
+
+
+def _fields(job: st.RunJob) -> dict[str, Any]:
+    return {"job_id": job.job_id, "attempt": job.attempt}

@@ -8,7 +8,9 @@ The last line without a newline is delivered once the output is complete.
 
 Output comes from files (the process backend: `FileOutput` over two `FileTail`s) or from a log
 stream (Docker and Swarm: `LogStream` in `services/runner/logstream.py`); both cut lines with
-`lines.LineSplitter` and keep the result frame whole, however long it is.
+`lines.LineSplitter` and keep the result frame whole up to MAX_FRAME (the in-job runner's are
+far smaller: a large value travels in its result file, `result_path`, read by
+`services/runner/results.py`); a longer one is dropped.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from services.runner.lines import MAX_LINE, LineSplitter, text
 
 __all__ = ["MAX_LINE", "Backend", "Exit", "FileOutput", "FileTail", "Launch", "Output"]
 
-MAX_FRAME = 256 * 1024 * 1024
-"""Largest result frame read whole."""
+MAX_FRAME = 1024 * 1024
+"""Largest result frame read whole (the in-job runner's stay under ~400 KiB)."""
 FRAME = FRAME_TEXT.encode()
 END = END_TEXT
+DROPPED = "[cumulus] a result frame over 1 MiB was dropped (job image older than its worker?)"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,11 @@ class Backend(Protocol):
         """(job id, attempt) of everything this backend holds on this worker."""
         ...
 
+    def result_path(self, job_id: str, attempt: int) -> Path:
+        """Where, on this host, the attempt's in-job runner writes a result too large for its
+        frame (job_image/runner.py RESULT_FILE, in the job's directory)."""
+        ...
+
 
 class FileOutput:
     """The process backend's output: stdout.log and stderr.log in the job's directory."""
@@ -164,6 +172,8 @@ class FileTail:
         self.offset = offset
         self._cut = False
         """The last read ended inside a line cut at MAX_LINE; its newline is still to come."""
+        self._dropping = False
+        """Inside a frame longer than MAX_FRAME: skipped up to its newline."""
 
     def _read(self, limit: int) -> bytes:
         try:
@@ -175,6 +185,13 @@ class FileTail:
 
     def read(self, final: bool, limit: int = 1 << 20) -> list[str]:
         """New complete lines (and, if `final`, the unterminated rest), advancing the offset."""
+        while self._dropping:
+            data = self._read(limit)
+            if not data:
+                return []
+            nl = data.find(b"\n")
+            self.offset += len(data) if nl < 0 else nl + 1
+            self._dropping = nl < 0
         data = self._read(limit)
         if self._cut and data.startswith(b"\n"):
             self.offset += 1
@@ -207,10 +224,13 @@ class FileTail:
         return [text(raw) for raw, _ in split.lines(final=True)]
 
     def _frame(self, final: bool) -> list[str]:
-        data = self._read(MAX_FRAME)
+        data = self._read(MAX_FRAME + 1)
         end = data.find(b"\n")
         if end < 0:
-            if not final and len(data) < MAX_FRAME:
+            if len(data) > MAX_FRAME:
+                self._dropping = True
+                return [DROPPED]
+            if not final:
                 return []
             end = len(data)
         self.offset += min(end + 1, len(data))

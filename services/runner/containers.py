@@ -4,7 +4,8 @@ environment volume.
 The job's directory is bind-mounted at `/job`; a job with requirements gets the environment
 cache's volume (keyed by `jobdirs.requirements_key`) read-only at `/env`, installed once by a
 short-lived container. The container itself is described in `spec.py`, its labels in
-`labels.py`, its output read by `logstream.py`.
+`labels.py`, its output read by `logstream.py`; the worker id's claim on the engine and the
+stack's owner id are in `claim.py`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import docker
 import docker.errors
 from docker.types import Mount
 
+from job_image.runner import RESULT_FILE
 from services.runner.backend import Launch
+from services.runner.claim import Claim, owner_id
 from services.runner.jobdirs import JobDirs, requirements_key
-from services.runner.labels import LABEL_ENV, LABEL_WORKER
+from services.runner.labels import LABEL_ENV, LABEL_OWNER, LABEL_WORKER, owned
 from services.runner.spec import hardening
 from shared.config import Config
+from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,22 @@ class Jobs:
         self.root = root
         self.dirs = JobDirs(root / "jobs")
         self.worker_id = worker_id
+        self.owner = owner_id(root)
+        """This stack's owner label on everything made for its jobs (`labels.py`)."""
         self._env_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._image_id = ""
+
+    def claim(self, client: docker.DockerClient) -> Claim:
+        """Hold the worker id on the engine (`claim.py`); a ConfigError (exit status 2, one
+        line) when another live stack holds it or the job image is missing."""
+        try:
+            image = self.image_id(client)
+        except RuntimeError as exc:
+            raise ConfigError(str(exc), key="container.image") from None
+        held = Claim(client, self.worker_id, self.owner, image, self.config.data_path)
+        held.take()
+        return held
 
     def image_id(self, client: docker.DockerClient) -> str:
         """The job image's ID: Swarm then runs it without asking a registry first."""
@@ -63,6 +80,10 @@ class Jobs:
                     "infra/images/build-images.sh (every node needs it: see docs/runner.md)"
                 ) from None
         return self._image_id
+
+    def result_path(self, job_id: str, attempt: int) -> Path:
+        """The in-job runner's result file (`/job/<RESULT_FILE>` in the container)."""
+        return self.dirs.path(job_id, attempt) / RESULT_FILE
 
     def prepare(self, client: docker.DockerClient, launch: Launch) -> Prepared:
         """Write the job's directory and get its environment ready; return the mounts."""
@@ -133,6 +154,16 @@ class Jobs:
         log.info(
             "environment prepared",
             extra={"fields": {"volume": volume, "seconds": round(time.monotonic() - started, 2)}},
+        )
+
+
+def check_owner(owner: str, name: str, found: dict[str, str] | None) -> None:
+    """A job's container or service found by its name is adopted only if it is this stack's:
+    another stack on the engine may have run a job with the same id (ids can be chosen)."""
+    if not owned(found, owner):
+        raise RuntimeError(
+            f"{name} on this Docker engine belongs to another Cumulus stack (owner "
+            f"{(found or {}).get(LABEL_OWNER)}); submit the job again under another job id"
         )
 
 

@@ -1,7 +1,8 @@
 """The Docker engine backend: each job one hardened container (`containers.run`).
 
-The container is named `cumulus-<job>-<attempt>` and labelled with the job, so a second start
-adopts the first and a restarted runner finds it. Real NVIDIA partitions get GPU device
+The container is named `cumulus-<job>-<attempt>` and labelled with the job and its stack's
+owner, so a second start adopts the first and a restarted runner finds it, and never another
+stack's (the worker id's claim on the engine: `claim.py`). Real NVIDIA partitions get GPU device
 requests for exactly their devices (the nvidia runtime); virtual devices get none. Output is
 the container's log stream; the exit comes from the engine's wait.
 """
@@ -34,9 +35,14 @@ class DockerBackend:
         self.worker_id = worker_id
         self.client = sp.engine()
         self.jobs = ct.Jobs(config, root, worker_id)
+        self.claim = self.jobs.claim(self.client)
         self._exits: dict[str, Exit] = {}
         self._waiters: dict[str, threading.Thread] = {}
         self._killed: set[str] = set()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.claim.close)
+        self.client.close()
 
     async def start(self, launch: Launch) -> str:
         return await asyncio.to_thread(self._start, launch)
@@ -45,6 +51,7 @@ class DockerBackend:
         name = lb.container_name(launch.job_id, launch.attempt)
         with contextlib.suppress(docker.errors.NotFound):
             found = self.client.containers.get(name)
+            ct.check_owner(self.jobs.owner, name, found.labels)
             if found.status == "created":
                 found.start()
             return str(found.id)
@@ -62,7 +69,7 @@ class DockerBackend:
                 name=name,
                 detach=True,
                 environment=sp.job_env(launch),
-                labels=lb.labels(self.worker_id, launch.job_id, launch.attempt),
+                labels=lb.labels(self.worker_id, launch.job_id, launch.attempt, self.jobs.owner),
                 mounts=prepared.mounts,
                 working_dir="/job",
                 network_mode="bridge" if sp.wants_network(launch) else "none",
@@ -72,13 +79,18 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code != 409:  # 409: a concurrent start made it; adopt that one
                 raise
-            return str(self.client.containers.get(name).id)
+            found = self.client.containers.get(name)
+            ct.check_owner(self.jobs.owner, name, found.labels)
+            return str(found.id)
         return str(container.id)
 
     def output(
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
         return LogStream(self.client, f"/containers/{handle}/logs", nonce, cursor)
+
+    def result_path(self, job_id: str, attempt: int) -> Path:
+        return self.jobs.result_path(job_id, attempt)
 
     async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
         if handle not in self._waiters:
@@ -120,7 +132,8 @@ class DockerBackend:
 
     def _containers(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
         wanted = lb.label_filter(self.worker_id, job_id, attempt)
-        return list(self.client.containers.list(all=True, filters=wanted))
+        found = self.client.containers.list(all=True, filters=wanted)
+        return [c for c in found if lb.owned(c.labels, self.jobs.owner)]
 
     async def held(self) -> list[tuple[str, int]]:
         def find() -> list[tuple[str, int]]:

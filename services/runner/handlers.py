@@ -9,7 +9,6 @@ without NATS, Docker or a process.
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,21 +31,30 @@ the job's spec."""
 
 @dataclass(frozen=True)
 class Work:
-    """What reconciling starts: jobs cancelled before they started, starts and watchers."""
+    """What reconciling starts: revoked attempts to discard, jobs cancelled before they
+    started, starts and watchers."""
 
     cancel: list[st.RunJob] = field(default_factory=list)
     start: list[st.RunJob] = field(default_factory=list)
     watch: list[st.RunJob] = field(default_factory=list)
+    discard: list[st.RunJob] = field(default_factory=list)
 
 
 def work(state: st.RunnerState, busy: Iterable[str]) -> Work:
-    """Jobs that need an effect; jobs in `busy` have one under way."""
+    """Jobs that need an effect; jobs in `busy` have one under way.
+
+    One effect per job at a time: a replaced attempt is discarded (killed, cleaned up) before
+    the newer attempt of its job starts, so a job never runs twice here at once.
+    """
     out = Work()
     taken = set(busy)
-    for job in state.active():
+    for job in [*state.discarding.values(), *state.active()]:
         if job.job_id in taken:
             continue
-        if job.status == "ready" and job.cancel:
+        taken.add(job.job_id)
+        if job.revoked:
+            out.discard.append(job)
+        elif job.status == "ready" and job.cancel:
             out.cancel.append(job)
         elif job.status in ("ready", "launching"):
             out.start.append(job)
@@ -94,6 +102,12 @@ def job_env(
     if wheelhouse:
         env["CUMULUS_WHEELHOUSE"] = wheelhouse
     return env
+
+
+def fenced(ending: ev.Terminal, job: st.RunJob) -> ev.Terminal:
+    """`ending` naming the attempt it ends: the scheduler and the partitioner believe only
+    the job's current attempt's end (DESIGN.md rule 9)."""
+    return msgspec.structs.replace(ending, attempt=job.attempt)
 
 
 def _common(job: st.RunJob, worker_id: str) -> dict[str, Any]:
@@ -279,32 +293,63 @@ def log_events(
 
 RESULT_PART_BYTES = 256 * 1024
 """Bytes of a large result in one JobResultPart (under NATS's 1 MiB payload in base64)."""
+MiB = 1024 * 1024
 
 
-def result_parts(
-    job: st.RunJob, worker_id: str, encoded: bytes
-) -> tuple[list[ev.JobResultPart], bytes]:
-    """A result too large for its JobCompleted: the parts that carry it, under this worker's
-    own subject, and the envelope the completed event carries instead (size and sha256)."""
-    pieces = [encoded[i : i + RESULT_PART_BYTES] for i in range(0, len(encoded), RESULT_PART_BYTES)]
-    parts = [
-        ev.JobResultPart(
-            event_id=f"result-{job.job_id}-{job.attempt}-{index}",
-            attempt=job.attempt,
-            index=index,
-            count=len(pieces),
-            data=piece,
-            **_common(job, worker_id),
-        )
-        for index, piece in enumerate(pieces)
-    ]
-    envelope = {
-        "ok": True,
-        "parts": len(pieces),
-        "size": len(encoded),
-        "sha256": hashlib.sha256(encoded).hexdigest(),
-    }
-    return parts, msgspec.json.encode(envelope)
+def part_count(size: int) -> int:
+    """How many parts carry a result of `size` bytes (one, even when empty)."""
+    return max(1, -(-size // RESULT_PART_BYTES))
+
+
+def result_part(
+    job: st.RunJob, worker_id: str, index: int, count: int, data: bytes
+) -> ev.JobResultPart:
+    """One part of a result too large for its JobCompleted, under this worker's own subject.
+    Its event id is the same whenever it is made again: a restarted runner's copies are
+    dropped as duplicates."""
+    return ev.JobResultPart(
+        event_id=f"result-{job.job_id}-{job.attempt}-{index}",
+        attempt=job.attempt,
+        index=index,
+        count=count,
+        data=data,
+        **_common(job, worker_id),
+    )
+
+
+def parts_envelope(count: int, size: int, sha256: str, payload: str = "", shown: str = "") -> bytes:
+    """What the completed event of a result in parts carries instead of it: their count, size
+    and sha256; `payload: pickle` when the parts are the value's pickle (the in-job runner's
+    result file) rather than the JSON envelope, with a short `repr` of the value."""
+    envelope: dict[str, Any] = {"ok": True, "parts": count, "size": size, "sha256": sha256}
+    if payload:
+        envelope.update(payload=payload, repr=shown)
+    return msgspec.json.encode(envelope)
+
+
+def _mib(size: int) -> str:
+    return f"{size / MiB:.1f} MiB"
+
+
+def result_too_large(job: st.RunJob, worker_id: str, size: int, limit: int) -> ev.JobFailed:
+    return ev.JobFailed(
+        code="RESOURCE_EXHAUSTED",
+        message=(
+            f"The result is {_mib(size)}; the most a job may return is {_mib(limit)} "
+            "(worker.max_result_bytes): write large outputs to storage and return a path"
+        ),
+        **_common(job, worker_id),
+    )
+
+
+def result_failed(job: st.RunJob, worker_id: str, code: str, message: str) -> ev.JobFailed:
+    """A result that could not be delivered (unreadable, or the bus did not take it)."""
+    return ev.JobFailed(code=code, message=message, **_common(job, worker_id))
+
+
+def _reported_size(result: dict[str, Any], key: str) -> int:
+    value = result.get(key)
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def outcome(
@@ -314,15 +359,25 @@ def outcome(
     reason: str,
     runtime_s: float,
     stored: bytes | None = None,
+    max_result: int = 0,
 ) -> ev.Terminal:
     """The terminal event for a job that exited: its result, its error, or why it has none.
 
-    `stored` replaces a result too large for an event (its parts' envelope: result_parts).
+    `stored` replaces a result too large for an event (its parts' envelope: parts_envelope).
+    A result the in-job runner found over the maximum (`max_result`, this worker's) is
+    RESOURCE_EXHAUSTED.
     """
     common = _common(job, worker_id)
     if result is not None and result.get("ok"):
         encoded = stored if stored is not None else msgspec.json.encode(result)
         return ev.JobCompleted(result=msgspec.Raw(encoded), runtime_s=runtime_s, **common)
+    if result is not None and (result.get("stage"), result.get("code")) == (
+        "result",
+        "RESOURCE_EXHAUSTED",
+    ):
+        size = _reported_size(result, "size")
+        limit = max_result or _reported_size(result, "limit")
+        return result_too_large(job, worker_id, size, limit)
     if result is not None:
         return ev.JobFailed(
             code="INTERNAL",
@@ -331,3 +386,14 @@ def outcome(
             **common,
         )
     return ev.JobFailed(code="INTERNAL", message=f"Job ended without a result: {reason}", **common)
+
+
+def counted(ending: ev.Terminal, job: st.RunJob, records: Iterable[Any]) -> ev.Terminal:
+    """`ending` with the number of output lines its attempt published (`log_lines`), the
+    lines published with it (the LogCursor among `records`) included: they travel in another
+    stream (LOGS), and a reader waits for that many before it hands out the end."""
+    seq = job.seq
+    for record in records:
+        if isinstance(record, st.LogCursor):
+            seq = record.seq
+    return msgspec.structs.replace(ending, log_lines=seq)

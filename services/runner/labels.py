@@ -1,7 +1,10 @@
 """The labels on everything a container backend makes for a job, and the filters that find it.
 
 Containers, Swarm services and environment volumes carry `cumulus.worker`; a job's also carry
-`cumulus.job` and `cumulus.attempt`, so a restarted runner finds and removes what it left.
+`cumulus.job` and `cumulus.attempt`, so a restarted runner finds and removes what it left, and
+`cumulus.owner`, the stack that made it (`claim.owner_id`): a runner finds and removes only its
+own stack's, never another stack's with the same worker id on the same engine. Something a
+runner made before owners existed has no owner label and counts as its worker's.
 """
 
 from __future__ import annotations
@@ -10,14 +13,25 @@ LABEL_JOB = "cumulus.job"
 LABEL_ATTEMPT = "cumulus.attempt"
 LABEL_WORKER = "cumulus.worker"
 LABEL_ENV = "cumulus.env"
+LABEL_OWNER = "cumulus.owner"
 
 
 def container_name(job_id: str, attempt: int) -> str:
     return f"cumulus-{job_id}-{attempt}"
 
 
-def labels(worker_id: str, job_id: str, attempt: int) -> dict[str, str]:
-    return {LABEL_JOB: job_id, LABEL_ATTEMPT: str(attempt), LABEL_WORKER: worker_id}
+def labels(worker_id: str, job_id: str, attempt: int, owner: str) -> dict[str, str]:
+    return {
+        LABEL_JOB: job_id,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_WORKER: worker_id,
+        LABEL_OWNER: owner,
+    }
+
+
+def owned(found: dict[str, str] | None, owner: str) -> bool:
+    """Is something with these labels this owner's (or made before owners existed)?"""
+    return (found or {}).get(LABEL_OWNER, owner) == owner
 
 
 def parse_labels(found: dict[str, str] | None) -> tuple[str, int] | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import docker
 
-from services.runner.backend import END, FRAME, MAX_FRAME
+from services.runner.backend import DROPPED, END, FRAME, MAX_FRAME
 from services.runner.lines import LineSplitter, text
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,11 @@ class LogStream:
     The thread puts frames in a bounded queue (a job printing faster than the bus takes its
     lines waits on the engine, not in the runner's memory). Lines come out in order; the
     result frame is kept whole even where Swarm cut it into 16 KiB pieces (its continuation
-    pieces are pure base64, rejoined). The output is complete when both streams carried the
-    in-job runner's end marker. Otherwise, once the job has ended and the stream ended or
-    stayed quiet for QUIET_S (a Swarm service's stream may stop early or never end), one more
-    read of the whole log, without following, skipping the bytes already seen, collects the
-    rest; its end is the end.
+    pieces are pure base64, rejoined), up to MAX_FRAME (a longer one is dropped). The output
+    is complete when both streams carried the in-job runner's end marker. Otherwise, once the
+    job has ended and the stream ended or stayed quiet for QUIET_S (a Swarm service's stream
+    may stop early or never end), one more read of the whole log, without following, skipping
+    the bytes already seen, collects the rest; its end is the end.
     """
 
     def __init__(
@@ -66,6 +66,8 @@ class LogStream:
         self._ended: set[str] = set()
         self._pending: tuple[bytearray, int] | None = None
         """A result frame being rejoined: its bytes and the offset after its last piece."""
+        self._oversize = False
+        """The frame being rejoined outgrew MAX_FRAME: its pieces are dropped."""
         self._final_since = 0.0
         self._last_data = time.monotonic()
         self._done = False
@@ -185,8 +187,12 @@ class LogStream:
         out: list[tuple[str, str]] = []
         if self._pending is not None:
             body, _ = self._pending
-            if _B64.fullmatch(raw) and len(body) < MAX_FRAME:
-                body += raw
+            if _B64.fullmatch(raw):
+                if len(body) + len(raw) > MAX_FRAME:
+                    body.clear()
+                    self._oversize = True
+                if not self._oversize:
+                    body += raw
                 self._pending = (body, offset)
                 return out
             out.append(("stdout", self._flush_pending()))
@@ -202,6 +208,9 @@ class LogStream:
         body, offset = self._pending
         self._pending = None
         self._cursor["stdout"] = offset
+        if self._oversize:
+            self._oversize = False
+            return DROPPED
         return text(bytes(body))
 
     @property

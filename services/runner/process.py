@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from job_image.runner import RESULT_FILE
 from services.runner.backend import Exit, FileOutput, Launch, Output
 from services.runner.jobdirs import JobDirs, requirements_key
 from services.runner.sandbox import Sandbox, warm_env
@@ -210,6 +211,9 @@ class ProcessBackend:
             await asyncio.to_thread(zygote.wait, 5)
         if self._zygote_dir:
             shutil.rmtree(self._zygote_dir, ignore_errors=True)
+
+    def result_path(self, job_id: str, attempt: int) -> Path:
+        return self.job_dir(job_id, attempt) / "job" / RESULT_FILE
 
     def output_paths(self, job_id: str, attempt: int) -> dict[str, Path]:
         job_dir = self.job_dir(job_id, attempt)

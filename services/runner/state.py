@@ -1,4 +1,11 @@
-"""The runner's jobs on one worker, rebuilt from its log (events plus two internal records)."""
+"""The runner's jobs on one worker, rebuilt from its log (events plus internal records).
+
+Jobs are fenced by attempt (DESIGN.md rule 9), whatever order this worker's events come in:
+a job's newest attempt alone may run. A revocation that comes before its attempt's partition
+is remembered (the job is then known by its revoked attempt, over), so that partition, when it
+comes, starts nothing; an attempt revoked or superseded while it may run is killed and cleaned
+up (`Discarded` records that) before a newer attempt of its job starts, and reports nothing.
+"""
 
 from __future__ import annotations
 
@@ -32,18 +39,32 @@ class LogCursor(
     truncated: bool = False
 
 
-Record = ev.AnyEvent | Launching | LogCursor
+class Discarded(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="cumulus.runner.v1.discarded"
+):
+    """Internal: a revoked attempt was killed and what it left removed; it reports nothing."""
+
+    job_id: str
+    attempt: int
+
+
+Record = ev.AnyEvent | Launching | LogCursor | Discarded
 decode = ev.decoder(Record)
 """Decode one event or internal record of the runner's log (MalformedEvent otherwise)."""
+
+
+def _unknown_spec() -> ev.JobSpec:
+    return ev.JobSpec(code_ref="")
 
 
 class RunJob(msgspec.Struct, kw_only=True):
     job_id: str
     user: str
-    spec: ev.JobSpec
+    spec: ev.JobSpec = msgspec.field(default_factory=_unknown_spec)
+    """What to run; unknown (empty) for an attempt known only by its revocation."""
     attempt: int
-    env: dict[str, str]
-    partition_ids: list[str]
+    env: dict[str, str] = {}
+    partition_ids: list[str] = []
     trace: str = ""
     status: str = "ready"
     """ready | launching | running | done."""
@@ -54,7 +75,8 @@ class RunJob(msgspec.Struct, kw_only=True):
     cancel: bool = False
     cancel_reason: str = ""
     revoked: bool = False
-    """The scheduler gave this placement up: kill it, clean up, report nothing."""
+    """The scheduler gave this attempt up, or a newer one came: kill it, clean up, report
+    nothing."""
     seq: int = 0
     offsets: dict[str, int] = {}
     sent_bytes: int = 0
@@ -69,9 +91,35 @@ class RunnerState:
         self.jobs: dict[str, RunJob] = {}
         self.cancelled_early: dict[str, str] = {}
         """Cancels that arrived before the job's partition (job id -> reason)."""
+        self.discarding: dict[str, RunJob] = {}
+        """Attempts a newer attempt of their job replaced in `jobs` while they may still run
+        (by job id): killed and cleaned up before the newer one starts."""
 
     def active(self) -> list[RunJob]:
         return [j for j in self.jobs.values() if j.status != "done"]
+
+    def attempt_of(self, job_id: str, attempt: int) -> RunJob | None:
+        """This attempt of the job, if this runner holds it (newest or being discarded)."""
+        for job in (self.jobs.get(job_id), self.discarding.get(job_id)):
+            if job is not None and job.attempt == attempt:
+                return job
+        return None
+
+    def _revoke(self, job: RunJob) -> None:
+        """Fence `job`: one not launched yet is over; one that may run is to be discarded."""
+        if job.status == "done":
+            return
+        job.revoked = True
+        if job.status == "ready":
+            job.status = "done"  # nothing was started (its Launching record never came)
+
+    def _supersede(self, job: RunJob | None) -> None:
+        """`job` gives way to a newer attempt of its job: fenced, and discarded if it may run."""
+        if job is None:
+            return
+        self._revoke(job)
+        if job.status != "done":
+            self.discarding[job.job_id] = job
 
     @singledispatchmethod
     def apply(self, event: Any) -> None:
@@ -81,7 +129,8 @@ class RunnerState:
     def _(self, event: ev.PartitionReady) -> None:
         job = self.jobs.get(event.job_id)
         if event.worker_id != self.worker_id or (job is not None and job.attempt >= event.attempt):
-            return
+            return  # a repeat, or an attempt superseded or revoked already (maybe before it came)
+        self._supersede(job)
         reason = self.cancelled_early.pop(event.job_id, None)
         self.jobs[event.job_id] = RunJob(
             job_id=event.job_id,
@@ -98,7 +147,8 @@ class RunnerState:
     @apply.register
     def _(self, event: ev.CancelOrdered) -> None:
         job = self.jobs.get(event.job_id)
-        if job is None:
+        if job is None or job.revoked:
+            # For the attempt whose partition is still to come.
             self.cancelled_early[event.job_id] = event.reason
         elif job.status != "done":
             job.cancel = True
@@ -106,10 +156,24 @@ class RunnerState:
 
     @apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
+        if event.worker_id != self.worker_id:
+            return
         job = self.jobs.get(event.job_id)
-        if job is not None and job.attempt == event.attempt and job.status != "done":
-            job.revoked = True
-            job.status = "done"
+        if job is not None and job.attempt >= event.attempt:
+            if job.attempt == event.attempt:
+                self._revoke(job)
+            return
+        # Revoked before its partition came: known by its revocation alone, so that partition
+        # starts nothing when it comes. An older attempt still here is fenced too.
+        self._supersede(job)
+        self.jobs[event.job_id] = RunJob(
+            job_id=event.job_id,
+            user=event.user,
+            attempt=event.attempt,
+            trace=event.trace,
+            status="done",
+            revoked=True,
+        )
 
     @apply.register
     def _(self, event: Launching) -> None:
@@ -120,12 +184,21 @@ class RunnerState:
 
     @apply.register
     def _(self, event: ev.JobStarted) -> None:
-        job = self.jobs.get(event.job_id)
+        # Applied to a revoked attempt too: discarding it kills it by this handle.
+        job = self.attempt_of(event.job_id, event.attempt)
         if job is not None and job.status in ("ready", "launching"):
             job.status = "running"
             job.handle = event.handle
             job.backend = event.backend
             job.started_at = event.ts
+
+    @apply.register
+    def _(self, event: Discarded) -> None:
+        if job := self.attempt_of(event.job_id, event.attempt):
+            job.status = "done"
+        old = self.discarding.get(event.job_id)
+        if old is not None and old.attempt == event.attempt:
+            del self.discarding[event.job_id]
 
     @apply.register
     def _(self, event: LogCursor) -> None:
@@ -136,7 +209,11 @@ class RunnerState:
             job.truncated = event.truncated
 
     def _finish(self, event: ev.Terminal) -> None:
-        if job := self.jobs.get(event.job_id):
+        if event.attempt:
+            job = self.attempt_of(event.job_id, event.attempt)
+        else:
+            job = self.jobs.get(event.job_id)
+        if job is not None:
             job.status = "done"
         self.cancelled_early.pop(event.job_id, None)
 

@@ -2,7 +2,8 @@
 
 The service `cumulus-<job>-<attempt>` is created from the job image's ID (with a tag, Swarm
 asks a registry first), restart condition none, placement `node.id==<the worker's node>`, the
-partition's environment (NVIDIA_VISIBLE_DEVICES for the nvidia runtime), the job's labels and
+partition's environment (NVIDIA_VISIBLE_DEVICES for the nvidia runtime), the job's labels
+(with its stack's owner: a runner touches only its own stack's services, `claim.py`) and
 the same isolation as the engine backend, except that Swarm has no `none` network: a job
 without network is attached to an internal overlay network (no route to the host or out).
 Swarm has no no-new-privileges option before API 1.46: the in-job runner sets it itself
@@ -57,9 +58,14 @@ class SwarmBackend:
         self.node = config.container.swarm_node or str(self.client.info()["Swarm"]["NodeID"])
         if not self.node:
             raise RuntimeError("this engine is not part of a Swarm (docker swarm init or join)")
+        self.claim = self.jobs.claim(self.client)
         self._exits: dict[str, Exit] = {}
         self._pollers: dict[str, threading.Thread] = {}
         self._network_ready = False
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.claim.close)
+        self.client.close()
 
     async def start(self, launch: Launch) -> str:
         return await asyncio.to_thread(self._start, launch)
@@ -82,7 +88,7 @@ class SwarmBackend:
             env=sp.job_env(launch),
             workdir="/job",
             user=sp.JOB_USER,
-            labels=lb.labels(self.worker_id, launch.job_id, launch.attempt),
+            labels=self._labels(launch),
             mounts=[*prepared.mounts, tmp],
             read_only=True,
             cap_drop=["ALL"],
@@ -100,7 +106,7 @@ class SwarmBackend:
             created = self.client.api.create_service(
                 template,
                 name=name,
-                labels=lb.labels(self.worker_id, launch.job_id, launch.attempt),
+                labels=self._labels(launch),
             )
         except docker.errors.APIError as exc:
             found = self._service(name) if exc.status_code == 409 else None
@@ -109,9 +115,13 @@ class SwarmBackend:
             return found
         return str(created["ID"])
 
+    def _labels(self, launch: Launch) -> dict[str, str]:
+        return lb.labels(self.worker_id, launch.job_id, launch.attempt, self.jobs.owner)
+
     def _service(self, name: str) -> str | None:
         for service in self.client.api.services(filters={"name": name}):
             if service["Spec"]["Name"] == name:
+                ct.check_owner(self.jobs.owner, name, service["Spec"].get("Labels"))
                 return str(service["ID"])
         return None
 
@@ -134,6 +144,10 @@ class SwarmBackend:
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
         return LogStream(self.client, f"/services/{handle}/logs", nonce, cursor)
+
+    def result_path(self, job_id: str, attempt: int) -> Path:
+        # The job's directory is bind-mounted from this host: the service runs on its node.
+        return self.jobs.result_path(job_id, attempt)
 
     async def exited(self, job_id: str, attempt: int, handle: str) -> Exit | None:
         if handle not in self._pollers:
@@ -189,7 +203,7 @@ class SwarmBackend:
         # Swarm removes the task's container 1-2.5 s after the service; on our own node we
         # don't wait for it.
         wanted = lb.label_filter(self.worker_id, job_id, attempt)
-        for container in self.client.api.containers(all=True, filters=wanted):
+        for container in self._own(self.client.api.containers(all=True, filters=wanted)):
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 self.client.api.remove_container(container["Id"], force=True)
 
@@ -206,15 +220,19 @@ class SwarmBackend:
         self.jobs.dirs.remove(job_id, attempt)
 
     def _services(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
-        return list(
-            self.client.api.services(filters=lb.label_filter(self.worker_id, job_id, attempt))
-        )
+        wanted = lb.label_filter(self.worker_id, job_id, attempt)
+        found = self.client.api.services(filters=wanted)
+        return [s for s in found if lb.owned(s["Spec"].get("Labels"), self.jobs.owner)]
+
+    def _own(self, containers: list[Any]) -> list[Any]:
+        """The containers (as the low-level API lists them) this stack made."""
+        return [c for c in containers if lb.owned(c.get("Labels"), self.jobs.owner)]
 
     async def held(self) -> list[tuple[str, int]]:
         def find() -> list[tuple[str, int]]:
             found = {lb.parse_labels(s["Spec"].get("Labels")) for s in self._services()}
-            containers = self.client.api.containers(
-                all=True, filters=lb.label_filter(self.worker_id)
+            containers = self._own(
+                self.client.api.containers(all=True, filters=lb.label_filter(self.worker_id))
             )
             found |= {lb.parse_labels(c.get("Labels")) for c in containers}
             return sorted({f for f in found if f is not None} | set(self.jobs.dirs.scan()))

@@ -2,13 +2,15 @@
 
 process (no engine), docker (one container per job) and swarm (one service per job): each
 starts a job idempotently, delivers its output as lines in order (the unterminated last line
-and the result frame whole), reports how it ended, resumes output from a cursor, kills, lists
-what it holds and cleans up without leaving anything behind.
+and the result frame whole), leaves a result too large for its frame in the file
+`result_path` names, reports how it ended, resumes output from a cursor, kills, lists what it
+holds and cleans up without leaving anything behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ from cumulus import package_function
 from job_image.runner import end_marker, parse_frame
 from services.runner.backend import Backend, Exit, Launch
 from services.runner.config import make_backend
+from services.runner.results import open_result
 from shared.config import load
 from tests.runner.conftest import leftovers, need
 
@@ -99,6 +102,17 @@ class Run:
     def out(self, stream: str = "stdout") -> list[str]:
         return [text for name, text in self.lines if name == stream]
 
+    def value(self, limit: int = 1 << 30) -> Any:
+        """The job's value: from its frame, or (too large for it) from its result file."""
+        assert self.result is not None
+        if not self.result.get("file"):
+            return self.result["data"]
+        path = self.backend.result_path(self.job_id, 1)
+        source, size = open_result(path, limit)
+        with source:
+            assert size == self.result["size"]
+            return pickle.load(source)
+
 
 def add(a: int, b: int) -> int:
     return a + b
@@ -162,9 +176,27 @@ async def test_ten_thousand_lines_in_order_none_lost(backend: Backend) -> None:
 
 
 async def test_a_result_far_larger_than_a_log_line_comes_back_whole(backend: Backend) -> None:
-    run = await (await Run(backend).start(big_result, 300_000)).follow()
+    run = await (await Run(backend).start(big_result, 150_000)).follow()
     assert run.result is not None
-    assert run.result["data"] == "r" * 300_000
+    assert run.result["data"] == "r" * 150_000
+
+
+async def test_a_result_too_large_for_its_frame_is_left_in_its_file(backend: Backend) -> None:
+    run = await (await Run(backend).start(big_result, 3_000_000)).follow()
+    assert run.result is not None
+    assert run.result["file"] is True
+    assert run.value() == "r" * 3_000_000
+
+
+async def test_a_result_over_the_maximum_is_reported_not_kept(backend: Backend) -> None:
+    run = Run(backend)
+    await run.start(big_result, 3_000_000, CUMULUS_MAX_RESULT_BYTES="1000000")
+    await run.follow()
+    assert run.result is not None
+    assert run.result["ok"] is False
+    assert run.result["code"] == "RESOURCE_EXHAUSTED"
+    assert 3_000_000 < run.result["size"] < 3_001_000
+    assert not run.backend.result_path(run.job_id, 1).exists()
 
 
 async def test_a_raising_job_reports_its_error(backend: Backend) -> None:

@@ -1,14 +1,19 @@
-"""The runner's decisions and its line splitter, pure: no NATS, no backend."""
+"""The runner's decisions and its line splitter, pure: no NATS, no backend started."""
 
 from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
+
+import pytest
 
 from job_image.runner import FRAME, end_marker
 from services.runner import handlers
 from services.runner import state as st
+from services.runner.app import Runner
 from services.runner.lines import MAX_LINE, LineSplitter
+from shared import config as config_mod
 from shared import events as ev
 
 SPEC = ev.JobSpec(code_ref="c" * 64, gpu_tenths=5, duration_s=60)
@@ -144,3 +149,136 @@ def test_a_line_cut_at_max_line_does_not_leave_an_empty_line_behind() -> None:
     assert [len(raw) for raw, _ in split.lines(final=False)] == [MAX_LINE]
     split.feed(b"\nnext\n")
     assert split.lines(final=False) == [(b"next", MAX_LINE + 6)]
+
+
+# -- fencing by attempt (issue 11, finding 4) ---------------------------------------------
+# Events go through the service's own `step` (what its consumer runs per event); what the
+# runner then does is read from `handlers.work`, as `Runner.reconcile` does.
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Runner:
+    config = config_mod.load(
+        environ={
+            "CUMULUS_DATA_DIR": str(tmp_path),
+            "CUMULUS_WORKER_ID": "w1",
+            "CUMULUS_WORKER_SANDBOX": "none",  # nothing is started here
+        }
+    )
+    return Runner(config)
+
+
+def ready(attempt: int, job_id: str = "j1") -> ev.PartitionReady:
+    return ev.PartitionReady(
+        job_id=job_id,
+        worker_id="w1",
+        spec=SPEC,
+        attempt=attempt,
+        partition_ids=[f"p{attempt}"],
+        devices=[0],
+        env={"CUDA_VISIBLE_DEVICES": "0"},
+        expires_at=0.0,
+    )
+
+
+def revoked(attempt: int, job_id: str = "j1") -> ev.PlacementRevoked:
+    return ev.PlacementRevoked(job_id=job_id, worker_id="w1", attempt=attempt, reason="lost")
+
+
+def launching(attempt: int, job_id: str = "j1") -> st.Launching:
+    return st.Launching(job_id=job_id, attempt=attempt, nonce="n" * 32)
+
+
+def started(attempt: int, job_id: str = "j1") -> ev.JobStarted:
+    return ev.JobStarted(
+        job_id=job_id, worker_id="w1", backend="process", handle="4242", attempt=attempt
+    )
+
+
+def todo(r: Runner, busy: tuple[str, ...] = ()) -> dict[str, list[tuple[str, int]]]:
+    work = handlers.work(r.state, busy)
+    return {
+        kind: [(j.job_id, j.attempt) for j in getattr(work, kind)]
+        for kind in ("discard", "cancel", "start", "watch")
+        if getattr(work, kind)
+    }
+
+
+def test_a_revoke_before_the_partition_is_remembered_and_the_attempt_never_starts(
+    runner: Runner,
+) -> None:
+    runner.step(revoked(1))  # the partitioner was paused: the revoke comes first
+    runner.step(ready(1))  # then the late partition of the revoked attempt
+    assert todo(runner) == {}
+    assert runner.state.jobs["j1"].status == "done"
+    runner.step(ready(2))  # the next attempt, placed here again, runs
+    assert todo(runner) == {"start": [("j1", 2)]}
+
+
+def test_a_ready_of_an_older_attempt_after_a_newer_one_is_ignored(runner: Runner) -> None:
+    runner.step(ready(2))
+    runner.step(ready(1))
+    assert runner.state.jobs["j1"].attempt == 2
+    assert todo(runner) == {"start": [("j1", 2)]}
+
+
+def test_a_revoke_during_start_discards_the_attempt_and_reports_nothing(runner: Runner) -> None:
+    runner.step(ready(1))
+    runner.step(launching(1))
+    runner.step(revoked(1))  # while the backend starts it
+    runner.step(started(1))  # its start was reported after the revoke was applied
+    job = runner.state.jobs["j1"]
+    assert (job.status, job.revoked, job.handle) == ("running", True, "4242")
+    assert handlers.stop(job, now=0.0) is handlers.Stop.REVOKED
+    assert todo(runner, busy=("j1",)) == {}  # its start task discards it
+    assert todo(runner) == {"discard": [("j1", 1)]}  # or, once that is over, reconciling does
+    runner.step(st.Discarded(job_id="j1", attempt=1))
+    assert todo(runner) == {}
+    assert job.status == "done"
+
+
+def test_a_revoked_attempt_not_yet_launched_is_over_at_once(runner: Runner) -> None:
+    runner.step(ready(1))
+    runner.step(revoked(1))
+    runner.step(launching(1))  # a start task that began before the revoke
+    assert runner.state.jobs["j1"].status == "done"
+    assert todo(runner) == {}
+
+
+def test_a_running_attempt_replaced_by_a_newer_one_is_killed_before_it_starts(
+    runner: Runner,
+) -> None:
+    runner.step(ready(1))
+    runner.step(launching(1))
+    runner.step(started(1))
+    runner.step(revoked(1))
+    runner.step(ready(2))
+    assert todo(runner) == {"discard": [("j1", 1)]}
+    runner.step(st.Discarded(job_id="j1", attempt=1))
+    assert todo(runner) == {"start": [("j1", 2)]}
+    assert runner.state.discarding == {}
+
+
+def test_a_newer_ready_without_the_revoke_still_fences_the_running_attempt(
+    runner: Runner,
+) -> None:
+    runner.step(ready(1))
+    runner.step(launching(1))
+    runner.step(started(1))
+    runner.step(ready(2))
+    old = runner.state.discarding["j1"]
+    assert (old.attempt, old.revoked) == (1, True)
+    assert todo(runner) == {"discard": [("j1", 1)]}
+
+
+def test_a_cancel_after_a_revoke_waits_for_the_next_attempt(runner: Runner) -> None:
+    runner.step(revoked(1))
+    runner.step(ev.CancelOrdered(job_id="j1", worker_id="w1"))
+    runner.step(ready(2))
+    assert todo(runner) == {"cancel": [("j1", 2)]}
+
+
+def test_an_end_names_its_attempt() -> None:
+    job = running(attempt=3)
+    ending = handlers.fenced(handlers.cancelled(job, "w1"), job)
+    assert ending.attempt == 3
