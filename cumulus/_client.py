@@ -481,14 +481,16 @@ class _Uploaded(msgspec.Struct):
 
 def _own_jobs(subject: str, user: str) -> str:
     """`jobs.>` and `jobs.*.<rest>` from a user mean its own jobs (the only ones it may see):
-    `jobs.<user>.>` / `jobs.<user>.<rest>`; another user's name is left for the gateway to
-    refuse."""
-    if subject == "jobs.>":
-        return f"jobs.{user}.>"
+    `jobs.<user>.>` / `jobs.<user>.<rest>`; the same under `logs.` and `results.`; another
+    user's name is left for the gateway to refuse."""
     head, _, rest = subject.partition(".")
+    if head not in subjects.PREFIXES:
+        return subject
+    if rest == ">":
+        return f"{head}.{user}.>"
     token, _, tail = rest.partition(".")
-    if head == "jobs" and token == "*" and tail:
-        return f"jobs.{user}.{tail}"
+    if token == "*" and tail:
+        return f"{head}.{user}.{tail}"
     return subject
 
 

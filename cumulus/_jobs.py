@@ -1,10 +1,14 @@
 """Job handles: follow a job's events and logs, wait for its value, ask its status, cancel it.
 
-A handle has the gateway replay the job's history (`jobs.<user>.<job>.>`) into the client's
-private inbox, from the first event (services/gateway/watch.py: users get no JetStream API of
-their own). It remembers the stream sequence of the last event it handed out, so after a lost
-connection, a gap or a silent consumer it starts again right after it: nothing is lost, nothing
-is repeated, whatever happened to the gateway or the connection meanwhile.
+A handle has the gateway replay the job's history (`jobs.<user>.<job>.>`) and its output
+(`logs.<user>.<job>.>`, a stream of its own) into the client's private inbox, from the first
+event (services/gateway/watch.py: users get no JetStream API of their own). It remembers, per
+stream, the sequence of the last message it handed out, so after a lost connection, a gap or a
+silent consumer it starts again right after it: nothing is lost, nothing is repeated, whatever
+happened to the gateway or the connection meanwhile. The end of a job is handed out after the
+output lines its worker reported (they may arrive later: another stream). A large result's
+parts are replayed from the RESULTS stream when its completed event comes, joined in order into
+a temporary file as they arrive and unpickled from it: the value is in memory once.
 
 A value is unpickled only from a JobCompleted of the job's current placement, published under
 the placed worker's own subject token, which NATS permissions let only that worker use.
@@ -17,6 +21,7 @@ import base64
 import contextlib
 import hashlib
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
@@ -49,37 +54,59 @@ SILENT_S = 7.0
 """A replay that sends neither an event nor a heartbeat (every 2 s) this long is started again."""
 
 
+LOG_WAIT_S = 5.0
+"""How long a job's end waits for output lines still on their way (they travel in a stream of
+their own: the end says how many there are)."""
+PART_WAIT_S = 10.0
+"""How long a large result's reader waits for a part that does not come before it says the
+result is no longer kept."""
+
+
 class WatchReply(msgspec.Struct, kw_only=True):
     last_seq: int = 0
+    stream: str = subjects.JOBS_STREAM
+    last_log_seq: int = 0
+
+
+Cursor = dict[str, int]
+"""Per stream, a stream sequence: the last message handed out, or where a replay ends."""
 
 
 class _Restart(Exception):
     """The replay lost its place (a gap, or silence): start again after the last event."""
 
 
-async def watch_messages(
+async def replay(
     nc: NatsClient,
-    start: Callable[[str, int], Coroutine[Any, Any, WatchReply]],
-    end: int | None,
+    start: Callable[[str, Cursor], Coroutine[Any, Any, Cursor]],
     *,
     follow: bool = True,
-) -> AsyncGenerator[tuple[int, Msg], None]:
-    """(stream sequence, message) of a replay the gateway pushes into a private inbox:
-    `start(inbox, first_seq)` asks for it. Without `follow`, up to the newest message when it
-    began. Resumes after a lost connection, a gap or a silent consumer for RESUME_WINDOW_S."""
-    last = 0
+    ticks: bool = False,
+) -> AsyncGenerator[tuple[str, int, Msg] | None, None]:
+    """(stream, stream sequence, message) of a replay the gateway pushes into a private inbox,
+    from one stream or several: `start(inbox, last)` asks for it from after `last` (per
+    stream) and returns, per stream, the newest sequence when it began. Without `follow`, up
+    to those. With `ticks`, None about every second while nothing arrives, for a reader with
+    deadlines of its own. Resumes after a lost connection, a gap or a silent consumer for
+    RESUME_WINDOW_S: nothing is lost, nothing is repeated."""
+    last: Cursor = {}
+    ends: Cursor | None = None
+
+    def done() -> bool:
+        return ends is not None and all(last.get(s, 0) >= e for s, e in ends.items())
+
     resume_by = time.monotonic() + RESUME_WINDOW_S
-    while end is None or last < end:
+    while not done():
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         try:
-            reply = await start(inbox, last + 1)
-            if not follow and end is None:
-                end = reply.last_seq
-            async for seq, msg in _pushed(sub, last, end):
-                last = seq
-                resume_by = time.monotonic() + RESUME_WINDOW_S
-                yield seq, msg
+            began = await start(inbox, dict(last))
+            if not follow and ends is None:
+                ends = began
+            async for item in _pushed(nc, sub, last, done, ticks):
+                if item is not None:
+                    resume_by = time.monotonic() + RESUME_WINDOW_S
+                yield item
         except nats.errors.ConnectionClosedError:
             raise
         except (nats.errors.Error, OSError, _Restart) as exc:
@@ -93,28 +120,77 @@ async def watch_messages(
                 await sub.unsubscribe()
 
 
-async def _pushed(sub: Any, last: int, end: int | None) -> AsyncGenerator[tuple[int, Msg], None]:
-    delivered = 0
+async def watch_messages(
+    nc: NatsClient,
+    start: Callable[[str, int], Coroutine[Any, Any, WatchReply]],
+    end: int | None,
+    *,
+    follow: bool = True,
+) -> AsyncGenerator[tuple[int, Msg], None]:
+    """(stream sequence, message) of a replay of one stream (see `replay`): `start(inbox,
+    first_seq)` asks for it. Without `follow`, up to the newest message when it began; with
+    `end`, up to that sequence."""
+
+    async def begin(inbox: str, last: Cursor) -> Cursor:
+        reply = await start(inbox, max(last.values(), default=0) + 1)
+        return {reply.stream: reply.last_seq if end is None else end}
+
+    items = replay(nc, begin, follow=follow and end is None)
+    async with contextlib.aclosing(items) as messages:
+        async for item in messages:
+            if item is not None:
+                yield item[1], item[2]
+
+
+async def _pushed(
+    nc: NatsClient, sub: Any, last: Cursor, done: Callable[[], bool], ticks: bool
+) -> AsyncGenerator[tuple[str, int, Msg] | None, None]:
+    delivered: Cursor = {}  # per stream (one consumer each), the consumer sequence
     heard = time.monotonic()
-    while end is None or last < end:
+    while not done():
         try:
             msg = await sub.next_msg(timeout=1.0)
         except nats.errors.TimeoutError:
             if time.monotonic() - heard > SILENT_S:
                 raise _Restart("no heartbeat") from None
+            if ticks:
+                yield None
             continue
         heard = time.monotonic()
         if not (msg.reply or "").startswith("$JS.ACK."):
-            continue  # an idle heartbeat
-        meta = msg.metadata
-        if meta.sequence.consumer != delivered + 1:
-            raise _Restart("gap")
-        delivered = meta.sequence.consumer
-        seq = meta.sequence.stream
-        if seq <= last:
+            await _control(nc, msg, delivered)
+            if ticks:
+                yield None
             continue
-        last = seq
-        yield seq, msg
+        meta = msg.metadata
+        stream = meta.stream
+        if meta.sequence.consumer != delivered.get(stream, 0) + 1:
+            raise _Restart("gap")
+        delivered[stream] = meta.sequence.consumer
+        seq = meta.sequence.stream
+        if seq <= last.get(stream, 0):
+            continue
+        last[stream] = seq
+        yield stream, seq, msg
+
+
+async def _control(nc: NatsClient, msg: Msg, delivered: Cursor) -> None:
+    """A status message of the replay's consumers. A flow-control request is answered (where
+    the gateway asks for flow control, the server sends no more until then: a large result's
+    parts come no faster than this client takes them), and so is a heartbeat saying the
+    consumer stalled on a lost answer. A heartbeat also names the consumer's last delivered
+    sequence: one dropped on the way (this client fell behind a burst) is a gap, even with
+    nothing after it to show it."""
+    headers = msg.headers or {}
+    if msg.reply:
+        await msg.respond(b"")
+        return
+    stalled = headers.get("Nats-Consumer-Stalled", "")
+    if stalled:
+        await nc.publish(stalled, b"")
+    sent = headers.get("Nats-Last-Consumer", "")
+    if sent.isdigit() and int(sent) > 0 and int(sent) not in delivered.values():
+        raise _Restart("gap before a heartbeat")
 
 
 def decode_result(event: ev.JobCompleted | bytes) -> Any:
@@ -180,39 +256,43 @@ class AsyncJob:
     async def events(
         self, *, follow: bool = True, until_terminal: bool = True
     ) -> AsyncGenerator[ev.AnyJobEvent, None]:
-        """Every event of the job from its first. With `follow`, live until the terminal event
-        (or forever, if not `until_terminal`); without, only those published so far."""
-        async with contextlib.aclosing(self._stream(follow)) as stream:
-            async for _, event in stream:
+        """Every event of the job from its first, its output (`JobLog`) among them. With
+        `follow`, live until the terminal event (or forever, if not `until_terminal`); without,
+        only those published so far. The end comes after every output line its worker
+        reported (waiting up to LOG_WAIT_S for lines still on their way)."""
+        async with contextlib.aclosing(self._stream(follow, logs=True)) as stream:
+            async for event in stream:
                 yield event
                 if until_terminal and isinstance(event, ev.Terminal):
                     return
 
-    async def _stream(self, follow: bool) -> AsyncGenerator[tuple[int, ev.AnyJobEvent], None]:
-        """(stream sequence, event) from the first; see `watch_messages`. An event whose
-        fields disagree with its subject is skipped, and so is an end (completed, failed, …)
-        from a worker other than the job's placement."""
+    async def _stream(self, follow: bool, logs: bool) -> AsyncGenerator[ev.AnyJobEvent, None]:
+        """The job's events (with `logs`, its output lines too, from the LOGS stream) from the
+        first; see `replay` and `_Ordered`."""
 
-        async def start(deliver: str, first: int) -> WatchReply:
-            body = {"job_id": self.job_id, "deliver": deliver, "from_seq": first}
-            return await self.client._call("watch", body, WatchReply)
+        async def start(deliver: str, last: Cursor) -> Cursor:
+            body: dict[str, Any] = {
+                "job_id": self.job_id,
+                "deliver": deliver,
+                "from_seq": last.get(subjects.JOBS_STREAM, 0) + 1,
+            }
+            if logs:
+                body.update(logs=True, from_log_seq=last.get(subjects.LOGS_STREAM, 0) + 1)
+            reply = await self.client._call("watch", body, WatchReply)
+            ends = {subjects.JOBS_STREAM: reply.last_seq}
+            if logs:
+                ends[subjects.LOGS_STREAM] = reply.last_log_seq
+            return ends
 
-        nc = self.client.nc
-        placed = ""
-        replay = watch_messages(nc, start, None, follow=follow)
-        async with contextlib.aclosing(replay) as messages:
-            async for seq, msg in messages:
-                try:
-                    event = ev.decode(msg.data)
-                except MalformedEvent:
-                    continue
-                if not isinstance(event, ev.JobEvent) or not _agrees(msg.subject, event):
-                    continue
-                if isinstance(event, ev.WorkerSelected):
-                    placed = event.worker_id
-                elif isinstance(event, ev.Terminal) and event.worker_id not in ("", placed):
-                    continue  # an end not from the job's placement is not believed
-                yield seq, event
+        order = _Ordered(wait_for_lines=logs)
+        items = replay(self.client.nc, start, follow=follow, ticks=logs)
+        async with contextlib.aclosing(items) as messages:
+            async for item in messages:
+                event = None if item is None else order.believe(item[2])
+                for out in order.take(event, time.monotonic()):
+                    yield out
+        for out in order.release():
+            yield out
 
     async def logs(self, follow: bool = False) -> AsyncGenerator[LogLine, None]:
         """The job's output lines from the first. With `follow`, live until the job ends;
@@ -225,23 +305,21 @@ class AsyncJob:
 
     async def result(self, timeout: float | None = None, logs: Logs = None) -> Any:
         """The function's value, or the job's typed error raised. Prints the job's output as
-        it comes if `logs` says where. `timeout` bounds the wait (TimeoutError), not the job."""
+        it comes if `logs` says where (every line before the value is returned). `timeout`
+        bounds the wait (TimeoutError), not the job."""
 
         async def follow() -> Any:
-            placed: str | None = None
-            parts: dict[int, bytes] = {}
+            placed, attempt = "", 0
             async with contextlib.aclosing(self.events()) as events:
                 async for event in events:
                     if isinstance(event, ev.WorkerSelected):
-                        placed, parts = event.worker_id, {}
+                        placed, attempt = event.worker_id, event.attempt
                     elif isinstance(event, ev.JobLog):
                         print_lines(event, logs)
-                    elif isinstance(event, ev.JobResultPart) and event.worker_id == placed:
-                        parts[event.index] = event.data
                     elif isinstance(event, ev.JobCompleted):
-                        if placed is None or placed != event.worker_id:
+                        if not placed or placed != event.worker_id:
                             continue  # not from the job's placement: never unpickled
-                        return _value(self.job_id, event, parts)
+                        return await self._value(event, attempt)
                     elif isinstance(event, ev.Terminal):
                         raise job_error(event)
             raise CumulusError.from_code("INTERNAL", f"job {self.job_id} ended without an outcome")
@@ -258,7 +336,7 @@ class AsyncJob:
         """Until the job ends; its final status (COMPLETED, FAILED, TIMED_OUT, CANCELLED)."""
 
         async def follow() -> JobStatus:
-            async with contextlib.aclosing(self.events()) as events:
+            async with contextlib.aclosing(self._stream(True, logs=False)) as events:
                 async for event in events:  # ends not from the placement are not among them
                     if isinstance(event, ev.Terminal):
                         return JobStatus(event.status)
@@ -270,18 +348,70 @@ class AsyncJob:
         """The value a JobCompleted event of this job carries (gathered from the job's result
         parts when it was too large to travel in the event). For code that follows
         `events()`."""
-        parts: dict[int, bytes] = {}
+        attempt = 0
         if "parts" in msgspec.json.decode(completed.result):
-            async with contextlib.aclosing(self.events(follow=False)) as events:
+            # the parts are the attempt's of the placement the completed event ended
+            async with contextlib.aclosing(self._stream(False, logs=False)) as events:
                 async for event in events:
                     if isinstance(event, ev.WorkerSelected):
-                        parts = {}
-                    elif (
-                        isinstance(event, ev.JobResultPart)
-                        and event.worker_id == completed.worker_id
-                    ):
-                        parts[event.index] = event.data
-        return _value(self.job_id, completed, parts)
+                        attempt = event.attempt
+                    elif event.event_id == completed.event_id:
+                        break
+        return await self._value(completed, attempt)
+
+    async def _value(self, completed: ev.JobCompleted, attempt: int) -> Any:
+        """The value of a JobCompleted; a large one is joined from its parts (published by the
+        same worker under its own subject, in the RESULTS stream) and checked against the
+        digest the event carries."""
+        envelope = msgspec.json.decode(completed.result)
+        if "parts" not in envelope:
+            return decode_result(completed)
+        count = int(envelope["parts"])
+        with contextlib.closing(_Gathered(count)) as parts:
+            await self._parts(completed, attempt, parts)
+            if parts.size != envelope.get("size") or parts.sha256() != envelope.get("sha256"):
+                raise CumulusError.from_code(
+                    "INTERNAL",
+                    f"the result of job {self.job_id} does not match the digest its worker "
+                    "reported; it was not decoded",
+                )
+            parts.file.seek(0)
+            if envelope.get("payload") == "pickle":  # the value's pickle (the result file's)
+                return await asyncio.to_thread(cloudpickle.load, parts.file)
+            return decode_result(parts.file.read())  # an envelope's JSON
+
+    async def _parts(self, completed: ev.JobCompleted, attempt: int, parts: _Gathered) -> None:
+        """Gather `attempt`'s result parts, replayed from the RESULTS stream (waiting for parts
+        still on their way); NOT_FOUND once they are no longer kept."""
+        count = parts.count
+        worker = completed.worker_id
+        subject = subjects.result(completed.user, self.job_id, worker, attempt)
+
+        async def start(deliver: str, last: Cursor) -> Cursor:
+            first = last.get(subjects.RESULTS_STREAM, 0) + 1
+            body = {"filter": subject, "deliver": deliver, "from_seq": first}
+            reply = await self.client._call("watch", body, WatchReply)
+            return {reply.stream: reply.last_seq}
+
+        heard = time.monotonic()
+        items = replay(self.client.nc, start, ticks=True)
+        async with contextlib.aclosing(items) as messages:
+            async for item in messages:
+                part = None if item is None else _part(item[2], worker, attempt, count)
+                if part is not None:
+                    parts.add(part.index, part.data)
+                    heard = time.monotonic()
+                if parts.complete:
+                    return
+                if time.monotonic() - heard > PART_WAIT_S:
+                    break
+        raise CumulusError.from_code(
+            "NOT_FOUND",
+            f"The result of job {self.job_id} is no longer kept ({parts.have} of {count} "
+            "parts left): large results are kept for retention.results_ttl_s; run the job "
+            "again",
+            {"job_id": self.job_id},
+        )
 
     async def status(self) -> JobInfo:
         """The gateway's view of the job: status, gpu, worker, devices, queue position and
@@ -293,31 +423,162 @@ class AsyncJob:
         return await self.client._call("cancel", {"job_id": self.job_id}, JobInfo)
 
 
-def _value(job_id: str, completed: ev.JobCompleted, parts: dict[int, bytes]) -> Any:
-    """The value of a JobCompleted; a large one is joined from its parts (published by the
-    same worker under its own subject) and checked against the digest the event carries."""
-    envelope = msgspec.json.decode(completed.result)
-    if "parts" not in envelope:
-        return decode_result(completed)
-    data = b"".join(parts.get(i, b"") for i in range(int(envelope["parts"])))
-    if len(data) != envelope.get("size") or hashlib.sha256(data).hexdigest() != envelope.get(
-        "sha256"
-    ):
-        raise CumulusError.from_code(
-            "INTERNAL",
-            f"the result of job {job_id} does not match the digest its worker reported; "
-            "it was not decoded",
-        )
-    return decode_result(data)
+SPOOL_BYTES = 16 * 1024 * 1024
+"""A large result's parts are gathered in memory up to this size, in a temporary file beyond."""
+
+
+class _Gathered:
+    """A large result's parts joined in order as they come, hashed as they go, into a
+    temporary file (in memory while small): the client never holds the parts and the joined
+    result at once, and unpickles from the file. A part that comes again is dropped."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115
+        self.size = 0
+        self._next = 0
+        self._early: dict[int, bytes] = {}
+        """Parts that came before one in front of them (out of order: rare)."""
+        self._digest = hashlib.sha256()
+
+    def add(self, index: int, data: bytes) -> None:
+        if index < self._next or index in self._early:
+            return
+        self._early[index] = data
+        while self._next in self._early:
+            piece = self._early.pop(self._next)
+            self.file.write(piece)
+            self._digest.update(piece)
+            self.size += len(piece)
+            self._next += 1
+
+    @property
+    def have(self) -> int:
+        return self._next + len(self._early)
+
+    @property
+    def complete(self) -> bool:
+        return self._next >= self.count
+
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+_End = ev.JobCompleted | ev.JobFailed | ev.JobTimedOut | ev.JobCancelled
+
+
+class _Ordered:
+    """A job's events and output lines, from two streams, in the order they happened.
+
+    An event whose fields disagree with its subject is dropped, and so is an end (completed,
+    failed, …) from a worker other than the job's placement. A worker's output lines come
+    after its `started` (a replay may deliver them first: they are kept back until it came).
+    With `wait_for_lines`, an end is held back until the output lines its worker reported
+    (`log_lines`) came, or LOG_WAIT_S passed; events that come meanwhile follow the end."""
+
+    def __init__(self, wait_for_lines: bool) -> None:
+        self.wait_for_lines = wait_for_lines
+        self.placed = ""
+        self.started: set[str] = set()
+        """Workers whose `started` was handed out: their lines go out as they come."""
+        self.early: list[ev.JobLog] = []
+        """Lines of a worker whose `started` has not come yet."""
+        self.lines: dict[str, int] = {}
+        """Per worker, the number of lines up to the newest of its `log` events."""
+        self.held: _End | None = None
+        self.until = 0.0
+        self.after: list[ev.AnyJobEvent] = []
+
+    def believe(self, msg: Msg) -> ev.AnyJobEvent | None:
+        try:
+            event = ev.decode(msg.data)
+        except MalformedEvent:
+            return None
+        if not isinstance(event, ev.JobEvent) or not _agrees(msg.subject, event):
+            return None
+        if isinstance(event, ev.WorkerSelected):
+            self.placed = event.worker_id
+        elif isinstance(event, ev.Terminal) and event.worker_id not in ("", self.placed):
+            return None  # an end not from the job's placement is not believed
+        return event
+
+    def _complete(self, end: ev.Terminal) -> bool:
+        return not self.wait_for_lines or self.lines.get(end.worker_id, 0) >= end.log_lines
+
+    def take(self, event: ev.AnyJobEvent | None, now: float) -> list[ev.AnyJobEvent]:
+        """What to hand out now that `event` came (None: time passed)."""
+        out: list[ev.AnyJobEvent] = []
+        if isinstance(event, ev.JobLog):
+            ended = event.seq + len(event.lines)
+            self.lines[event.worker_id] = max(self.lines.get(event.worker_id, 0), ended)
+            if event.worker_id in self.started:
+                out.append(event)
+            else:
+                self.early.append(event)
+        elif event is not None and self.held is not None:
+            self.after.append(event)
+        elif isinstance(event, ev.Terminal) and not self._complete(event):
+            self.held, self.until = event, now + LOG_WAIT_S
+        elif event is not None:
+            out += self._next(event)
+        if self.held is not None and (self._complete(self.held) or now >= self.until):
+            out += self.release()
+        return out
+
+    def _next(self, event: ev.AnyJobEvent) -> list[ev.AnyJobEvent]:
+        """`event`, with the lines kept back that go before or right after it."""
+        if isinstance(event, ev.JobStarted):
+            self.started.add(event.worker_id)
+            return [event, *self._early(event.worker_id)]
+        if isinstance(event, ev.Terminal):  # its worker's lines, even without a `started`
+            return [*self._early(event.worker_id), event]
+        return [event]
+
+    def _early(self, worker: str) -> list[ev.AnyJobEvent]:
+        mine = [e for e in self.early if e.worker_id == worker]
+        self.early = [e for e in self.early if e.worker_id != worker]
+        return list(mine)
+
+    def release(self) -> list[ev.AnyJobEvent]:
+        """Everything kept back: lines, the end held back, what came after it."""
+        out: list[ev.AnyJobEvent] = list(self.early)
+        if self.held is not None:
+            out.append(self.held)
+        out += self.after
+        self.early, self.held, self.after = [], None, []
+        return out
+
+
+def _part(msg: Msg, worker: str, attempt: int, count: int) -> ev.JobResultPart | None:
+    """A result part of `worker`'s `attempt` that says of itself what its subject says."""
+    try:
+        event = ev.decode(msg.data)
+    except MalformedEvent:
+        return None
+    if not isinstance(event, ev.JobResultPart) or not _agrees(msg.subject, event):
+        return None
+    if (event.worker_id, event.attempt) != (worker, attempt) or not 0 <= event.index < count:
+        return None
+    if msg.subject.rsplit(".", 1)[-1] != str(attempt):
+        return None
+    return event
 
 
 def _agrees(subject: str, event: ev.JobEvent) -> bool:
-    """The event says of itself what its subject says (user, job, worker)."""
+    """The event says of itself what its subject says (user, job, worker, kind)."""
     try:
-        user, job_id, worker_id, _ = subjects.parse_job_subject(subject)
+        user, job_id, worker_id, name = subjects.parse_job_subject(subject)
     except ValueError:
         return False
-    return (user, job_id, worker_id) == (event.user, event.job_id, event.worker_id)
+    return (user, job_id, worker_id, name) == (
+        event.user,
+        event.job_id,
+        event.worker_id,
+        event.name,
+    )
 
 
 class Runner:

@@ -56,13 +56,22 @@ class InvalidRequest(ChronosError, ValueError):
     code = "INVALID_ARGUMENT"
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    """A value as a message quotes it: whole if short, else cut with its length (the same
+    words as the orchestrator's `shared.errors.shown`, which this package does not import)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 class InvalidAmount(InvalidRequest):
     """A GPU amount outside 0.1-0.9 (steps of 0.1) or whole 1-8; `amount` is the input as given."""
 
     fields: ClassVar[tuple[str, ...]] = ("amount",)
 
     def __init__(self, amount: object) -> None:
-        super().__init__(f"Invalid GPU amount: {amount}. Must be 0.1-0.9 or whole number 1-8")
+        super().__init__(
+            f"Invalid GPU amount: {_shown(amount)}. Must be 0.1-0.9 or whole number 1-8"
+        )
         self.amount = amount
 
 

@@ -40,6 +40,7 @@ async def test_plain_subscriber_sees_the_whole_history_in_order(
 
     job_id = "e2e-order-1"
     await nc.subscribe(f"jobs.*.{job_id}.>", cb=collect)
+    await nc.subscribe(subjects.job_logs(job_id), cb=collect)  # its output: stream LOGS
     job = await client.submit_package(
         package_function(chatty), gpu=0.5, duration=600, job_id=job_id
     )
@@ -67,7 +68,7 @@ async def test_plain_subscriber_sees_the_whole_history_in_order(
         assert body["trace"].startswith("00-")
         if name != "submitted":
             assert worker == "worker-1"
-    log_lines = [line for s, b in seen if s.endswith(".log") for line in b["lines"]]
+    log_lines = [line for s, b in seen if s.startswith("logs.") for line in b["lines"]]
     assert [text for _, text in log_lines] == ["first line", "second line"]
 
 

@@ -55,19 +55,21 @@ async def _client(stack: Stack, user: str) -> AsyncClient:
 
 
 async def _raw_events(nc: NatsClient, job_id: str) -> list[bytes]:
-    """Every message of the job as the JOBS stream holds it (the operator's view)."""
+    """Every message of the job as the JOBS and LOGS streams hold it (the operator's view)."""
     js = nc.jetstream()
-    sub = await js.subscribe(subjects.job_all(job_id), ordered_consumer=True)
     out: list[bytes] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except nats.errors.TimeoutError:
-                return out
-            out.append(msg.data)
-    finally:
-        await sub.unsubscribe()
+    for subject in (subjects.job_all(job_id), subjects.job_logs(job_id)):
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except nats.errors.TimeoutError:
+                    break
+                out.append(msg.data)
+        finally:
+            await sub.unsubscribe()
+    return out
 
 
 async def _job_dirs_gone(stack: Stack, job_id: str, timeout: float = 20.0) -> None:

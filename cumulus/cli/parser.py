@@ -124,7 +124,9 @@ def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
     p = sub.add_parser("events", help="live tail of events, like `nats sub 'jobs.>'`")
-    p.add_argument("subject", nargs="?", default="jobs.>")
+    p.add_argument(
+        "subject", nargs="?", default="jobs.>", help="jobs.> (history), logs.> (output), results.>"
+    )
     p.add_argument("--replay", action="store_true", help="from the stream's first event")
     p.add_argument("--count", type=int, default=0, help="stop after this many")
     p.add_argument("--json", action="store_true", help="one JSON object per event")

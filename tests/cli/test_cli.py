@@ -225,7 +225,9 @@ def test_events_replays_a_jobs_history_readably(cli: Cli, project: Path) -> None
     lines = done.stdout.splitlines()
     assert f"jobs.default.{job_id}._.submitted submitted gpu 0.5, 3600 s, function" in lines[0]
     assert any(".started started process" in line for line in lines)
-    assert "  │ epoch 0 lr=3" in lines
+    output = cli("events", "--replay", "--count", "1", f"logs.default.{job_id}.>", timeout=60)
+    assert output.returncode == 0, output.stderr
+    assert "  │ epoch 0 lr=3" in output.stdout.splitlines()
     as_json = cli("events", "--replay", "--json", "--count", "1", subject).stdout
     first = json.loads(as_json)
     assert first["subject"].endswith(".submitted")

@@ -13,6 +13,7 @@ from cumulus import InvalidGpuAmount, JobOptions
 from cumulus._options import gpu_tenths
 from cumulus_core.amounts import parse_amount
 from cumulus_core.errors import InvalidAmount
+from shared.errors import shown
 
 
 def _core(value: object) -> int | None:
@@ -27,7 +28,8 @@ def _sdk(value: object) -> int | None:
         return gpu_tenths(value)
     except InvalidGpuAmount as exc:
         message = exc.message
-    assert message == f"Invalid GPU amount: {value}. Must be 0.1-0.9 or whole number 1-8"
+    # A long amount is quoted cut, with its length (issue 11, finding 8), by both.
+    assert message == f"Invalid GPU amount: {shown(value)}. Must be 0.1-0.9 or whole number 1-8"
     return None
 
 

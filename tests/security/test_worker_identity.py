@@ -60,7 +60,8 @@ def big_value(seconds: float) -> bytes:
 async def test_a_worker_cannot_replace_another_workers_large_result(
     stack: Stack, alice: AsyncClient, identity: Any, tmp_path: Path
 ) -> None:
-    """A result over 256 KiB travels as `result` parts under the placed worker's own subject.
+    """A result over 256 KiB travels as `result` parts under the placed worker's own subject
+    (`results.alice.<job>.worker-1.<attempt>`).
     `evil` (a worker identity) cannot publish under worker-1's token; the parts and the
     completed it may publish under its own token carry a pickle that would create a marker
     file, and alice's client never decodes them: it gets her real value."""
@@ -85,8 +86,13 @@ async def test_a_worker_cannot_replace_another_workers_large_result(
         done = ev.JobCompleted(
             worker_id=worker, result=msgspec.Raw(msgspec.json.encode(digest)), **common
         )
-        for event in (part, done):
-            subject = subjects.job("alice", job.job_id, worker, event.name)
+        # the part on the worker's result subject (stream RESULTS), and, since alice's SDK
+        # believes a subject only with the body that matches it, under `jobs.` as well
+        for subject, event in (
+            (subjects.result("alice", job.job_id, worker, 1), part),
+            (subjects.job("alice", job.job_id, worker, "result"), part),
+            (subjects.job("alice", job.job_id, worker, "completed"), done),
+        ):
             await evil.nc.publish(subject, ev.encode(event))
     await evil.nc.flush()
     assert any("worker-1" in str(e) for e in await evil.violations(1.0))

@@ -48,6 +48,12 @@ def matches(pattern: str, subject: str) -> bool:
 
 
 def example_subject(event_type: type[ev.Event]) -> str:
+    """Where an event of this type is published (shared/bus.py `subject_of`): a job's output
+    and result parts in streams of their own, the rest of its history under `jobs.`."""
+    if event_type is ev.JobLog:
+        return subjects.log("alice", "j1", WORKER)
+    if event_type is ev.JobResultPart:
+        return subjects.result("alice", "j1", WORKER, 1)
     if issubclass(event_type, ev.JobEvent):
         return subjects.job("alice", "j1", WORKER, event_type.name)
     return subjects.worker(WORKER, event_type.name)

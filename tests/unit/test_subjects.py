@@ -88,3 +88,47 @@ def test_valid_token_rejects(token: str) -> None:
 @pytest.mark.parametrize("token", ["alice\n", "j1\n"])
 def test_valid_token_rejects_trailing_newline(token: str) -> None:
     assert not subjects.valid_token(token)
+
+
+def test_output_and_result_parts_have_streams_of_their_own() -> None:
+    assert subjects.log("alice", "j1", "w1") == "logs.alice.j1.w1"
+    assert subjects.job_logs("j1", user="alice") == "logs.alice.j1.>"
+    assert subjects.result("alice", "j1", "w1", 2) == "results.alice.j1.w1.2"
+    assert subjects.stream_of("jobs.alice.j1.w1.started") == subjects.JOBS_STREAM
+    assert subjects.stream_of("logs.alice.>") == subjects.LOGS_STREAM
+    assert subjects.stream_of("results.*.j1.w1.1") == subjects.RESULTS_STREAM
+    assert subjects.stream_of("workers.w1.heartbeat") == ""
+
+
+def test_parse_job_subject_reads_every_layout_of_a_job() -> None:
+    assert subjects.parse_job_subject("logs.alice.j1.w1") == ("alice", "j1", "w1", "log")
+    assert subjects.parse_job_subject("results.alice.j1.w1.3") == ("alice", "j1", "w1", "result")
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "jobs.alice.j1.w1.log",  # output is not job history
+        "jobs.alice.j1.w1.result",
+        "logs.alice.j1.w1.log",
+        "results.alice.j1.w1",
+        "workers.w1.heartbeat",
+        "jobs.alice.j1.w1",
+    ],
+)
+def test_parse_job_subject_refuses_anything_else(subject: str) -> None:
+    with pytest.raises(ValueError, match="not a job subject"):
+        subjects.parse_job_subject(subject)
+
+
+def test_a_worker_publishes_output_and_result_parts_under_its_own_token() -> None:
+    from shared import auth
+
+    assert auth.worker_subject("w1", "log") == "logs.*.*.w1"
+    assert auth.worker_subject("w1", "result") == "results.*.*.w1.*"
+    assert auth.worker_subject("w1", "started") == "jobs.*.*.w1.started"
+    creds = auth.Credentials(name="w1", role="worker", workers=["w1"])
+    allowed = auth.permissions(creds)["publish"]["allow"]
+    assert "logs.*.*.w1" in allowed
+    assert "results.*.*.w1.*" in allowed
+    assert not any(s.startswith("jobs.") and s.endswith((".log", ".result")) for s in allowed)
