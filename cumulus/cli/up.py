@@ -163,7 +163,8 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
         except RuntimeError as exc:  # a process exited at start; its own line says why
             print(f"cumulus: {exc}", file=sys.stderr)
             return 1
-        _banner(stack.url, len(stack.workers), stack.devices, data_dir)
+        devices = stack.devices or (stack.config.worker.devices if stack.config else "")
+        _banner(stack.url, len(stack.workers), devices, data_dir)
         if demo:
             await _demo(stack.profile())
             return 0

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from job_image.runner import RESULT_FILE
+from services.runner import zygote as zygote_mod
 from services.runner.backend import Exit, FileOutput, Launch, Output
 from services.runner.jobdirs import JobDirs, requirements_key
 from services.runner.sandbox import Sandbox, warm_env
@@ -209,6 +210,14 @@ class ProcessBackend:
         if zygote is not None and zygote.poll() is None:
             zygote.terminate()
             await asyncio.to_thread(zygote.wait, 5)
+        if zygote is not None:
+            # Its spares see their socket close and remove what they made; a spare that died
+            # first (killed) cannot: its directory goes here, briefly waited for.
+            for _ in range(40):
+                if not any(self.root.glob(".spare-*")):
+                    break
+                await asyncio.sleep(0.05)
+            zygote_mod.sweep(self.root)
         if self._zygote_dir:
             shutil.rmtree(self._zygote_dir, ignore_errors=True)
 

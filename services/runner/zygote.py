@@ -323,7 +323,7 @@ class _Spare:
         return self.ready
 
 
-def _sweep(root: Path) -> None:
+def sweep(root: Path) -> None:
     """Remove spare directories left by a spare that was killed (not let go)."""
     for home in root.glob(".spare-*"):
         pid = home.name.rpartition("-")[2]
@@ -341,13 +341,16 @@ def serve(path: Path, parent: int, warm: dict[str, Any] | None = None) -> None:
     server.settimeout(POLL_S)
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
     spares = Spares(warm or {})
-    if warm:
-        _sweep(Path(warm["root"]))
+    root = Path(warm["root"]) if warm else None
+    if root is not None:
+        sweep(root)
     spares.fill([server])
     while os.getppid() == parent:
         try:
             conn, _ = server.accept()
         except (TimeoutError, InterruptedError):
+            if root is not None:  # a spare killed meanwhile leaves its directory behind
+                sweep(root)
             continue
         with conn:
             conn.settimeout(5)
@@ -365,6 +368,8 @@ def serve(path: Path, parent: int, warm: dict[str, Any] | None = None) -> None:
                 conn.sendall(f"error {exc}\n".encode())
         spares.fill([server])
     spares.close()
+    if root is not None:
+        sweep(root)
     server.close()
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

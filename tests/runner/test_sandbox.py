@@ -634,3 +634,25 @@ async def test_opting_out_runs_jobs_as_before_with_a_warning(
 def test_an_unknown_sandbox_kind_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Must be one of bwrap, none"):
         ProcessBackend(tmp_path / "jobs", sandbox="chroot")
+
+
+async def test_a_killed_spare_leaves_no_directory(backend: ProcessBackend) -> None:
+    """A spare launcher killed outright (kill -9: it cannot clean up) leaves its directory;
+    the zygote sweeps it within a poll or two, not only at its next start (chaos run)."""
+    first = await (await Job(backend).start(add, 1, 2)).follow()
+    assert first.value() == 3
+    homes: list[Path] = []
+    for _ in range(100):  # a spare up
+        homes = list(backend.root.glob(".spare-*"))
+        if homes:
+            break
+        await asyncio.sleep(0.05)
+    assert homes
+    victim = homes[0]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(int(victim.name.rpartition("-")[2]), signal.SIGKILL)
+    for _ in range(100):
+        if not victim.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert not victim.exists()
