@@ -12,7 +12,8 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import msgspec
 import nats
@@ -116,11 +117,19 @@ STREAMS = streams()
 configuration says)."""
 
 
-async def connect(url: str, name: str, timeout: float = 5.0, credentials: str = "") -> Client:
+async def connect(
+    url: str,
+    name: str,
+    timeout: float = 5.0,
+    credentials: str = "",
+    reconnected: Callable[[], Awaitable[None]] | None = None,
+) -> Client:
     """Connect with reconnects forever: a bus restart must not kill a service. With
     `credentials` (a file shared/auth.py wrote), as that identity, over TLS where it says.
-    A permission the server refuses is logged (nats-py does not raise it)."""
+    A permission the server refuses is logged (nats-py does not raise it). `reconnected` is
+    called after each reconnection."""
     creds = auth.load_credentials(credentials) if credentials else None
+    extra: dict[str, Any] = {"reconnected_cb": reconnected} if reconnected else {}
     return await nats.connect(
         servers=url.split(","),
         name=name,
@@ -129,6 +138,7 @@ async def connect(url: str, name: str, timeout: float = 5.0, credentials: str = 
         reconnect_time_wait=0.25,
         allow_reconnect=True,
         error_cb=_log_error,
+        **extra,
         **auth.connect_options(creds),
     )
 

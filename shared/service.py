@@ -309,6 +309,7 @@ class EventService(Generic[S]):
             f"cumulus-{self.name}",
             timeout=self.config.nats.connect_timeout,
             credentials=self.config.nats.credentials,
+            reconnected=self._reconnected,
         )
         self.js = self.nc.jetstream()
         if self.creates_streams:
@@ -537,6 +538,10 @@ class EventService(Generic[S]):
             await self._rebuild()
             return False
         return True
+
+    async def _reconnected(self) -> None:
+        """The bus is back: what was published meanwhile (heartbeats) could not reach us."""
+        self.hearing_since = time.time()
 
     async def _paused_wait(self) -> bool:
         """Wait before retrying a write the log refused; False if the service stops meanwhile."""

@@ -205,9 +205,19 @@ class Scheduler(EventService[SchedulerState]):
             lost = self.silent(time.time())
             if lost and not self.paused:
                 with contextlib.suppress(Unavailable):
-                    await self.emit(lost, wait=False)
+                    await self._declare(lost)
             interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
             await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
+
+    async def _declare(self, lost: list[ev.WorkerLost]) -> None:
+        """Take the `lost` decisions only if the bus stores them: a bus that cannot store
+        (its disk full, a restart) could not store the heartbeats either, and silence then says
+        nothing about the workers. Published first, then applied (the stream's copy comes back
+        as a repeat; the outbox's is a duplicate)."""
+        assert self.js is not None
+        for event in lost:
+            await bus.publish(self.js, event)
+        await self.emit(lost, wait=False)
 
     def silent(self, now: float) -> list[ev.WorkerLost]:
         """A `lost` for every live worker silent for heartbeat_misses intervals since the

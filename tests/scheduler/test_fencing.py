@@ -195,3 +195,14 @@ def test_silence_counts_only_from_when_the_scheduler_could_hear() -> None:
     assert [e.worker_id for e in d.scheduler.silent(later + 2.0)] == ["w1"]
     d.scheduler.hearing_since = 0.0
     assert [e.worker_id for e in d.scheduler.silent(later)] == ["w1"]
+
+
+async def test_a_bus_reconnection_restarts_the_silence_window() -> None:
+    """Heartbeats published while the bus was away never reached the scheduler."""
+    d = Driver()
+    d.add_worker("w1", 1)
+    d.scheduler.hearing_since = 0.0
+    await d.scheduler._reconnected()
+    assert d.scheduler.hearing_since > d.state.workers["w1"].last_seen - 1.0
+    window = d.config.scheduler.heartbeat_misses * d.state.workers["w1"].heartbeat_s
+    assert d.scheduler.silent(d.scheduler.hearing_since + window - 0.5) == []
