@@ -463,6 +463,9 @@ class EventService(Generic[S]):
         self.reset_state()
         self.position = self._snapshot_at = 0
         await self._replay()
+        # What was applied but never logged (heartbeats: `volatile`) is gone from the state:
+        # silence counts afresh, as after a restart.
+        self.hearing_since = time.time()
 
     # -- consuming -------------------------------------------------------------------------
 

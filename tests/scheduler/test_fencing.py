@@ -8,6 +8,9 @@ allocated until that worker reports its partition released, then is freed exactl
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import msgspec
 
 from shared import events as ev
@@ -206,3 +209,26 @@ async def test_a_bus_reconnection_restarts_the_silence_window() -> None:
     assert d.scheduler.hearing_since > d.state.workers["w1"].last_seen - 1.0
     window = d.config.scheduler.heartbeat_misses * d.state.workers["w1"].heartbeat_s
     assert d.scheduler.silent(d.scheduler.hearing_since + window - 0.5) == []
+
+
+async def test_an_in_process_rebuild_restarts_the_silence_window(tmp_path: Path) -> None:
+    """Heartbeats are never logged: a state rebuilt from the log (after a poison event or a
+    failed commit) has each worker's last beat from long ago. Its workers must not all be
+    declared lost for that (chaos finding C6)."""
+    from services.scheduler.app import Scheduler
+    from shared import config as config_mod
+    from shared.eventlog import EventLog
+
+    scheduler = Scheduler(config_mod.load(environ={"CUMULUS_DATA_DIR": str(tmp_path)}))
+    scheduler.eventlog = await EventLog.open(scheduler.db_path)
+    try:
+        registered = ev.WorkerRegistered(
+            worker_id="w1", hostname="w1", devices=[], ts=time.time() - 600
+        )
+        await scheduler.emit([registered])
+        scheduler.hearing_since = 0.0
+        assert [e.worker_id for e in scheduler.silent(time.time())] == ["w1"]
+        await scheduler._rebuild()
+        assert scheduler.silent(time.time()) == []
+    finally:
+        await scheduler.eventlog.close()
