@@ -431,9 +431,10 @@ class Stack:
         proc.start()
 
     def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            with contextlib.suppress(Exception):  # the processes stop whatever it says
+                watchdog.stop()
         for name, proc in reversed(list(self.procs.items())):
             if name != "nats":
                 proc.stop()
