@@ -506,6 +506,8 @@ class Chaos:
         self.faults_done = asyncio.Event()
         self._down: set[str] = set()
         """Processes this run has stopped on purpose (the monitor leaves them be)."""
+        self._dead: set[str] = set()
+        """Processes the monitor found dead at its last look."""
         self._restarted: dict[str, tuple[float, int]] = {}
         """Process -> when the monitor last restarted it, and how many times in a row."""
         tag = f"{os.getpid() % 100000}"
@@ -713,6 +715,12 @@ class Chaos:
         assert self.stack is not None
         for name, proc in self.stack.procs.items():
             if self.closing or name in self._down or proc.alive() or proc.popen is None:
+                self._dead.discard(name)
+                continue
+            if name not in self._dead:
+                # Seen dead twice in a row first: the stack's own watchdog restarts
+                # nats-server (stop, then start at once) and must not be raced.
+                self._dead.add(name)
                 continue
             last, count = self._restarted.get(name, (0.0, 0))
             if time.monotonic() - last < min(30.0, 2.0**count):
@@ -1400,6 +1408,9 @@ async def finish(chaos: Chaos, t0: float) -> Report:
         with contextlib.suppress(Exception):
             await chaos.nc.close()
     chaos.close_stack()
+    bus_restarts = getattr(chaos.stack, "bus_restarts", 0)  # the stack's bus watchdog, if any
+    if bus_restarts:
+        chaos.notes.append(f"nats-server restarts by the stack's bus watchdog: {bus_restarts}")
     leaked["processes"] = await chaos.processes_left(within=20)
     after = await chaos.job_dirs_left(within=10, spares=True)
     leaked["job_dirs"] += [d for d in after if d not in leaked["job_dirs"]]
