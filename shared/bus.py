@@ -165,6 +165,18 @@ async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
                 await asyncio.sleep(0.2)
 
 
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+"""nats-server's default max_payload, for a client not (yet) connected."""
+HEADER_ROOM = 4096
+"""Bytes of a message left for its headers (message id, trace) under max_payload."""
+
+
+def event_limit(nc: Client | None) -> int:
+    """The largest event body the bus carries: its max_payload, less room for the headers."""
+    payload = nc.max_payload if nc is not None else 0
+    return (payload or DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
+
+
 INSUFFICIENT_STORAGE = 10047
 """JetStream's error code when a stream's max_bytes exceeds what the server can reserve."""
 SMALLEST_STREAM_BYTES = 64 * 1024 * 1024

@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
-HEADER_ROOM = 4096
-"""As shared/service.py: the bus's limit less room for the headers."""
 
 
 class OutboxRelay:
@@ -81,7 +78,7 @@ class OutboxRelay:
         """Rows the bus can never take (over its max_payload, or a subject that is not one)
         go to the dead table with the reason, so they cannot hold up every row after them
         (the runtime never commits such rows; an outbox written by an older version may)."""
-        limit = (self._js._nc.max_payload or DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
+        limit = bus.event_limit(self._js._nc)
         good: list[OutboxRow] = []
         for row in rows:
             if len(row.data) > limit:

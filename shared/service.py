@@ -63,10 +63,6 @@ DRAIN_S = 2.0
 PAUSE_FIRST_S = 0.25
 PAUSE_MAX_S = 5.0
 """Retry interval bounds while the event log cannot be written (a full disk)."""
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
-"""nats-server's default max_payload, for a service not (yet) connected."""
-HEADER_ROOM = 4096
-"""Bytes of a message left for its headers (message id, trace) under max_payload."""
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -660,8 +656,7 @@ class EventService(Generic[S]):
     @property
     def max_event_bytes(self) -> int:
         """The largest event the bus carries (its max_payload, less room for headers)."""
-        payload = self.nc.max_payload if self.nc is not None else 0
-        return (payload or DEFAULT_MAX_PAYLOAD) - HEADER_ROOM
+        return bus.event_limit(self.nc)
 
     def _too_large(self, event: Event, size: int, limit: int) -> Event:
         """What this service records instead of `event`, which the bus would refuse: the
