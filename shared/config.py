@@ -58,6 +58,9 @@ class NatsConfig(_Section):
     credentials: str = ""
     """This process's credentials file (written by `cumulus up` / `cumulus users add`): its
     identity's nkey seed, inbox prefix and TLS files. Empty: connect without an identity."""
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    """Copies JetStream keeps of every stream, key-value bucket and object store the control
+    plane creates: 1 for one nats-server, 3 for a cluster of three (docs/deploy.md)."""
 
 
 class LimitsConfig(_Section):
