@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the local Python base image `cumulus-base:bookworm` without any registry:
 # Debian's mmdebstrap writes a minimal bookworm rootfs as a tar to stdout and
-# `docker import` turns it into an image.  Packages come from the Debian mirror
-# configured in this host's apt sources (the only network the build needs).
+# `docker import` turns it into an image.  Packages come from the Debian mirrors
+# configured in this host's apt sources (the only network the build needs): every
+# `deb` source for SUITE, SUITE-updates or SUITE-security in /etc/apt/sources.list
+# and /etc/apt/sources.list.d/ (one-line and deb822 formats) is handed to mmdebstrap.
 #
 # Usage: infra/images/build-base.sh [--force] [--tag NAME:TAG] [--suite SUITE]
 #   --force   rebuild even if the image already exists
-# Env: CUMULUS_BASE_MIRROR  Debian mirror URL (default: mmdebstrap's own default,
-#                           deb.debian.org with -updates and -security)
+# Env: CUMULUS_BASE_MIRROR  Debian mirror URL (default: this host's apt sources; if
+#                           they name none for SUITE, mmdebstrap's own default)
 # Prints the image ID on stdout (last line).  Needs root and a working engine
 # (infra/ci/setup-docker.sh).
 set -euo pipefail
@@ -45,12 +47,49 @@ if ! command -v mmdebstrap >/dev/null 2>&1; then
     say "mmdebstrap installed ($(took "$t"))"
 fi
 
-# No mirror argument: mmdebstrap then uses deb.debian.org with the suite plus its
-# -updates and -security suites.  CUMULUS_BASE_MIRROR overrides (e.g. a local proxy).
-MIRROR_ARGS=()
-[ -z "${CUMULUS_BASE_MIRROR:-}" ] || MIRROR_ARGS=("$CUMULUS_BASE_MIRROR")
+# The host's own apt sources for SUITE (one `deb URI SUITE COMPONENTS` line each).
+host_sources() {
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        awk -v s="$SUITE" '$1 == "deb" && $2 !~ /^\[/ && ($3 == s || $3 == s"-updates" || $3 == s"-security") {
+            line = "deb " $2 " " $3; for (i = 4; i <= NF; i++) line = line " " $i; print line }' "$f"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        # deb822 stanzas: Types, URIs, Suites, Components (blank line between stanzas).
+        awk -v s="$SUITE" '
+            function flush(  n, m, i, j, u, x) {
+                if (types ~ /(^| )deb( |$)/ && enabled != "no") {
+                    n = split(uris, u, " "); m = split(suites, x, " ")
+                    for (i = 1; i <= n; i++) for (j = 1; j <= m; j++)
+                        if (x[j] == s || x[j] == s"-updates" || x[j] == s"-security")
+                            print "deb " u[i] " " x[j] " " comps
+                }
+                types = uris = suites = comps = enabled = ""
+            }
+            /^[ \t]*#/ { next }
+            /^[ \t]*$/ { flush(); next }
+            tolower($1) == "types:" { $1 = ""; types = substr($0, 2) }
+            tolower($1) == "uris:" { $1 = ""; uris = substr($0, 2) }
+            tolower($1) == "suites:" { $1 = ""; suites = substr($0, 2) }
+            tolower($1) == "components:" { $1 = ""; comps = substr($0, 2) }
+            tolower($1) == "enabled:" { enabled = tolower($2) }
+            END { flush() }' "$f"
+    done
+}
 
-t=$(now); say "mmdebstrap $SUITE from ${CUMULUS_BASE_MIRROR:-deb.debian.org} | docker import -> $TAG"
+# CUMULUS_BASE_MIRROR overrides (e.g. a local proxy); else the host's sources; else
+# mmdebstrap's default (the suite plus its -updates and -security suites).
+MIRROR_ARGS=()
+if [ -n "${CUMULUS_BASE_MIRROR:-}" ]; then
+    MIRROR_ARGS=("$CUMULUS_BASE_MIRROR")
+else
+    mapfile -t MIRROR_ARGS < <(host_sources | awk '!seen[$0]++')
+fi
+[ "${#MIRROR_ARGS[@]}" -gt 0 ] && say "sources: ${MIRROR_ARGS[*]}" || say "sources: mmdebstrap's default"
+
+t=$(now); say "mmdebstrap $SUITE | docker import -> $TAG"
 # pipefail makes a failing mmdebstrap fail the pipeline even though docker import
 # would happily import a truncated tar.
 timeout 900 mmdebstrap --quiet --variant=minbase \
