@@ -189,6 +189,7 @@ def permissions(creds: Credentials) -> dict[str, Any]:
     elif creds.role == "gateway":
         publish = [f"jobs.*.*.{subjects.NO_WORKER}.{name}" for name in GATEWAY_JOB_EVENTS]
         publish += ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$O.>", "cumulus.dead.>"]
+        publish += ["$KV.cumulus-secrets.>"]  # users' secrets, ciphertext (gateway/secrets.py)
         publish += ["cumulus.scheduler.>", "$SRV.>"]
         subscribe = ["cumulus.api.*.*", "cumulus.observe.>", "cumulus.secrets.*.get"]
         subscribe += ["$SRV.>", inbox]

@@ -238,26 +238,38 @@ async def test_another_worker_cannot_fetch_a_jobs_secrets(stack: Stack) -> None:
 # -- the parts, without a stack --------------------------------------------------------------
 
 
-def test_the_store_keeps_values_encrypted_and_users_apart(tmp_path: Path) -> None:
-    store = SecretStore.open(tmp_path)
+async def test_the_store_keeps_values_encrypted_and_users_apart(
+    tmp_path: Path, nc: NatsClient, stack: Stack
+) -> None:
+    """Two gateways (two stores, one bucket) that share the key see the same secrets; the
+    bucket and every file hold ciphertext only."""
+    js = nc.jetstream()
+    first = await SecretStore.open(js, tmp_path / "g1")
+    (tmp_path / "g2").mkdir()
+    (tmp_path / "g2" / "secrets.key").write_bytes((tmp_path / "g1" / "secrets.key").read_bytes())
+    second = await SecretStore.open(js, tmp_path / "g2")
     value = f"plain-{secrets.token_hex(8)}"
-    assert store.put("alice", "TOKEN", value) is True
-    assert store.put("alice", "TOKEN", value) is False
-    assert store.names("alice") == ["TOKEN"]
-    assert store.names("bob") == []
-    assert store.values("alice", ["TOKEN"]) == {"TOKEN": value}
+    user = f"alice{secrets.token_hex(3)}"
+    assert await first.put(user, "TOKEN", value) is True
+    assert await second.put(user, "TOKEN", value) is False  # the other gateway sees it
+    assert await second.names(user) == ["TOKEN"]
+    assert await first.names(f"bob{secrets.token_hex(3)}") == []
+    assert await second.values(user, ["TOKEN"]) == {"TOKEN": value}
     with pytest.raises(NotFound):
-        store.values("bob", ["TOKEN"])
-    store.close()
+        await first.values(f"bob{secrets.token_hex(3)}", ["TOKEN"])
+    stored = await js.get_last_msg("KV_cumulus-secrets", f"$KV.cumulus-secrets.{user}.TOKEN")
+    assert value.encode() not in (stored.data or b"")
     assert _files_holding(tmp_path, value.encode()) == []
-    assert stat.S_IMODE((tmp_path / "secrets.key").stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "secrets.sqlite").stat().st_mode) == 0o600
-    reopened = SecretStore.open(tmp_path)  # the same key: the values still decrypt
-    assert reopened.values("alice", ["TOKEN"]) == {"TOKEN": value}
-    reopened.delete("alice", "TOKEN")
+    assert _files_holding(stack.data_dir, value.encode()) == []  # the bus's store included
+    assert stat.S_IMODE((tmp_path / "g1" / "secrets.key").stat().st_mode) == 0o600
+    # A gateway with another key cannot read them, and says why.
+    stranger = await SecretStore.open(js, tmp_path / "g3")
+    with pytest.raises(CumulusError, match="same secrets.key"):
+        await stranger.values(user, ["TOKEN"])
+    await second.delete(user, "TOKEN")
     with pytest.raises(NotFound):
-        reopened.delete("alice", "TOKEN")
-    reopened.close()
+        await first.delete(user, "TOKEN")
+    assert await first.names(user) == []
 
 
 def test_only_the_worker_a_running_job_is_placed_on_gets_its_secrets() -> None:

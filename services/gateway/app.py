@@ -10,7 +10,6 @@ to answer status queries.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -196,11 +195,13 @@ class Gateway(EventService[JobTable]):
 
     # -- secrets -------------------------------------------------------------------------------
 
-    @property
-    def secret_store(self) -> SecretStore:
+    async def secret_store(self) -> SecretStore:
         """The users' secrets (services/gateway/secrets.py), opened at first use."""
         if self._secrets is None:
-            self._secrets = SecretStore.open(self.config.data_path)
+            assert self.js is not None
+            self._secrets = await SecretStore.open(
+                self.js, self.config.data_path, self.config.nats.replicas
+            )
         return self._secrets
 
     async def _check_secrets(self, user: str, spec: ev.JobSpec) -> None:
@@ -208,7 +209,7 @@ class Gateway(EventService[JobTable]):
         environment with their values can start a process."""
         if not spec.secrets:
             return
-        sizes = await asyncio.to_thread(self.secret_store.sizes, user, spec.secrets)
+        sizes = await (await self.secret_store()).sizes(user, spec.secrets)
         missing = [name for name in spec.secrets if name not in sizes]
         if missing:
             raise InvalidArgument(
@@ -220,7 +221,7 @@ class Gateway(EventService[JobTable]):
 
     async def secret_put(self, user: str, data: bytes) -> Any:
         req = api.decode_request(data, api.SecretPut)
-        created = await asyncio.to_thread(self.secret_store.put, user, req.name, req.value)
+        created = await (await self.secret_store()).put(user, req.name, req.value)
         log.info(
             "secret stored",
             extra={"fields": {"user": user, "secret": req.name, "created": created}},
@@ -228,12 +229,12 @@ class Gateway(EventService[JobTable]):
         return {"name": req.name, "created": created}
 
     async def secret_list(self, user: str, data: bytes) -> Any:
-        return api.SecretNames(names=await asyncio.to_thread(self.secret_store.names, user))
+        return api.SecretNames(names=await (await self.secret_store()).names(user))
 
     async def secret_delete(self, user: str, data: bytes) -> Any:
         req = api.decode_request(data, api.SecretRef)
         check_name(req.name)
-        await asyncio.to_thread(self.secret_store.delete, user, req.name)
+        await (await self.secret_store()).delete(user, req.name)
         log.info("secret deleted", extra={"fields": {"user": user, "secret": req.name}})
         return {"name": req.name, "deleted": True}
 
@@ -244,7 +245,7 @@ class Gateway(EventService[JobTable]):
         async with self.reading() as table:
             job = secrets_holder(table, worker_id, req.job_id)
         names = await self._secret_names(job)
-        values = await asyncio.to_thread(self.secret_store.values, job.user, names)
+        values = await (await self.secret_store()).values(job.user, names)
         fields = {"job_id": job.job_id, "worker_id": worker_id, "secrets": names}
         log.info("secrets handed to the job's worker", extra={"fields": fields})
         return api.SecretsReply(secrets=values)

@@ -1,10 +1,15 @@
 """Users' secrets, encrypted at rest: what `--secret NAME` / `secrets=[...]` refer to.
 
-The gateway keeps them in a SQLite file of their own, `<data_dir>/secrets.sqlite` (table
-`secrets (user, name, ciphertext, updated)`), apart from its event log, each value encrypted
-with Fernet (AES-128-CBC and HMAC-SHA256) under the key in `<data_dir>/secrets.key` (made 0600
-on first use; keep it with the data, back it up with it, and never in the same place as a
-copy of the SQLite file you hand to someone). A secret's name is the environment variable
+The gateways keep them in the JetStream key-value bucket `cumulus-secrets` (key
+`<user>.<NAME>`, replicated like every bucket: `nats.replicas`), so every gateway replica sees
+the same secrets; each value is encrypted with Fernet (AES-128-CBC and HMAC-SHA256) under the
+key in `<data_dir>/secrets.key` before it leaves the gateway: the bus, its disk and whoever
+reads the bucket hold ciphertext only. The key is made (0600) on the first gateway's first use;
+copy it to every other gateway's data dir before starting them (docs/deploy.md), keep it with
+the gateways, back it up, and never in the same place as a copy of the bus's store. Only the
+gateway identity may touch the bucket (shared/auth.py).
+
+A secret's name is the environment variable
 the job gets (`[A-Z_][A-Z0-9_]*`, not one Cumulus owns); its value reaches only the jobs of
 its owner that name it, through `cumulus.secrets.<worker>.get` (services/gateway/app.py).
 
@@ -13,18 +18,32 @@ No value is ever logged; errors name the secret, never its value.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import re
 import sqlite3
-import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
+import nats.errors
 from cryptography.fernet import Fernet, InvalidToken
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
 
-from shared.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from shared.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shared.policy import env_refusal
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CALL_TIMEOUT_S = 10.0
+BUCKET = "cumulus-secrets"
+"""The JetStream key-value bucket of every user's secrets (ciphertext only)."""
 
 NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 """A secret's name: the job's environment variable (upper case, so it stands out)."""
@@ -33,16 +52,6 @@ MAX_VALUE_BYTES = 32 * 1024
 """The largest value (UTF-8 bytes): a token, a key, a small credentials file."""
 MAX_SECRETS = 100
 """Secrets one user may keep."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS secrets (
-    user TEXT NOT NULL,
-    name TEXT NOT NULL,
-    ciphertext BLOB NOT NULL,
-    updated REAL NOT NULL,
-    PRIMARY KEY (user, name)
-)
-"""
 
 
 def check_name(name: object) -> str:
@@ -103,114 +112,152 @@ def load_key(path: Path) -> bytes:
 
 
 class SecretStore:
-    """One gateway's secrets file. Thread-safe; each call is one short transaction."""
+    """The users' secrets in the bucket, encrypted under this gateway's key. Every method is one
+    or a few bus round trips; a bus that does not answer is UNAVAILABLE."""
 
-    def __init__(self, db: Path, key_file: Path) -> None:
-        self.db_path = db
+    def __init__(self, kv: KeyValue, key_file: Path) -> None:
+        self.kv = kv
         self.key_file = key_file
         self._fernet = Fernet(load_key(key_file))
-        db.parent.mkdir(parents=True, exist_ok=True)
-        if not db.exists():
-            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA secure_delete=ON")  # a deleted value's pages are zeroed
-        self._db.execute(_SCHEMA)
-        self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, data_dir: Path) -> SecretStore:
-        return cls(data_dir / "secrets.sqlite", data_dir / "secrets.key")
+    async def open(cls, js: JetStreamContext, data_dir: Path, replicas: int = 1) -> SecretStore:
+        """The bucket (made if missing, with `replicas` copies) and the key in
+        `<data_dir>/secrets.key`; secrets a gateway kept in its own `secrets.sqlite` before
+        (one gateway, older versions) are moved into the bucket once."""
+        try:
+            kv = await js.key_value(BUCKET)
+        except BucketNotFoundError:
+            config = KeyValueConfig(
+                bucket=BUCKET,
+                history=1,
+                storage=StorageType.FILE,
+                replicas=replicas,
+                description="Users' secrets, Fernet ciphertext (services/gateway/secrets.py)",
+            )
+            kv = await js.create_key_value(config=config)
+        store = cls(kv, data_dir / "secrets.key")
+        await store._migrate(data_dir / "secrets.sqlite")
+        return store
+
+    async def _migrate(self, old: Path) -> None:
+        rows = await asyncio.to_thread(_old_rows, old)
+        if rows is None:
+            return
+        for user, name, token in rows:
+            with contextlib.suppress(Exception):  # already there: the bucket's copy stays
+                await self.kv.create(_key(user, name), token)
+        await asyncio.to_thread(old.rename, old.with_name(old.name + ".migrated"))
+        log.info("secrets moved into the bucket", extra={"fields": {"secrets": len(rows)}})
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Nothing to release (the bucket lives on the bus)."""
 
-    def put(self, user: str, name: str, value: str) -> bool:
+    async def put(self, user: str, name: str, value: str) -> bool:
         """Store (or replace) `user`'s secret; True if it is new."""
         check_name(name)
         check_value(name, value)
         token = self._fernet.encrypt(value.encode())
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                exists = self._db.execute(
-                    "SELECT 1 FROM secrets WHERE user = ? AND name = ?", (user, name)
-                ).fetchone()
-                if not exists:
-                    (count,) = self._db.execute(
-                        "SELECT COUNT(*) FROM secrets WHERE user = ?", (user,)
-                    ).fetchone()
-                    if count >= MAX_SECRETS:
-                        raise ResourceExhausted(
-                            f"You have {count} secrets, the most one user may keep; delete one "
-                            "you no longer use (`cumulus secrets rm NAME`)"
-                        )
-                self._db.execute(
-                    "INSERT OR REPLACE INTO secrets (user, name, ciphertext, updated) "
-                    "VALUES (?, ?, ?, ?)",
-                    (user, name, token, time.time()),
+        exists = await self._token(user, name) is not None
+        if not exists:
+            count = len(await self.names(user))
+            if count >= MAX_SECRETS:
+                raise ResourceExhausted(
+                    f"You have {count} secrets, the most one user may keep; delete one "
+                    "you no longer use (`cumulus secrets rm NAME`)"
                 )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        await _call(self.kv.put(_key(user, name), token))
         return not exists
 
-    def names(self, user: str) -> list[str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT name FROM secrets WHERE user = ? ORDER BY name", (user,)
-            ).fetchall()
-        return [name for (name,) in rows]
+    async def names(self, user: str) -> list[str]:
+        return await _call(self._names(user))
 
-    def missing(self, user: str, names: Iterable[str]) -> list[str]:
+    async def _names(self, user: str) -> list[str]:
+        # A watch on `<user>.*` reads only this user's keys (the library's keys() scans all).
+        watcher = await self.kv.watch(f"{user}.*", ignore_deletes=True, meta_only=True)
+        names: list[str] = []
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of what is stored
+                    break
+                names.append(entry.key.split(".", 1)[1])
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        return sorted(names)
+
+    async def missing(self, user: str, names: Iterable[str]) -> list[str]:
         """Those of `names` that `user` has no secret of."""
-        have = set(self.names(user))
+        have = set(await self.names(user))
         return [name for name in names if name not in have]
 
-    def sizes(self, user: str, names: Iterable[str]) -> dict[str, int]:
+    async def sizes(self, user: str, names: Iterable[str]) -> dict[str, int]:
         """Bytes of the value of each of `user`'s secrets among `names` (a missing one is not
         in the answer): what the job's environment will hold."""
         out: dict[str, int] = {}
-        with self._lock:
-            for name in dict.fromkeys(names):
-                row = self._db.execute(
-                    "SELECT ciphertext FROM secrets WHERE user = ? AND name = ?", (user, name)
-                ).fetchone()
-                if row is not None:
-                    out[name] = len(self._decrypt(name, bytes(row[0])).encode())
+        for name in dict.fromkeys(names):
+            token = await self._token(user, name)
+            if token is not None:
+                out[name] = len(self._decrypt(name, token).encode())
         return out
 
-    def delete(self, user: str, name: str) -> None:
-        with self._lock:
-            gone = self._db.execute(
-                "DELETE FROM secrets WHERE user = ? AND name = ?", (user, name)
-            ).rowcount
-        if not gone:
+    async def delete(self, user: str, name: str) -> None:
+        if await self._token(user, name) is None:
             raise NotFound(f"You have no secret named {name}")
+        await _call(self.kv.purge(_key(user, name)))
 
-    def values(self, user: str, names: Iterable[str]) -> dict[str, str]:
+    async def values(self, user: str, names: Iterable[str]) -> dict[str, str]:
         """`user`'s secrets of these names, decrypted; NotFound names one that is gone."""
-        wanted = list(dict.fromkeys(names))
         out: dict[str, str] = {}
-        with self._lock:
-            for name in wanted:
-                row = self._db.execute(
-                    "SELECT ciphertext FROM secrets WHERE user = ? AND name = ?", (user, name)
-                ).fetchone()
-                if row is None:
-                    raise NotFound(
-                        f"Secret {name} no longer exists (deleted after the job was submitted)"
-                    )
-                out[name] = self._decrypt(name, bytes(row[0]))
+        for name in dict.fromkeys(names):
+            token = await self._token(user, name)
+            if token is None:
+                raise NotFound(
+                    f"Secret {name} no longer exists (deleted after the job was submitted)"
+                )
+            out[name] = self._decrypt(name, token)
         return out
+
+    async def _token(self, user: str, name: str) -> bytes | None:
+        if not NAME.fullmatch(name):
+            return None
+        try:
+            entry = await _call(self.kv.get(_key(user, name)))
+        except KeyNotFoundError:  # also a deleted or purged key
+            return None
+        return entry.value or None
 
     def _decrypt(self, name: str, token: bytes) -> str:
         try:
             return self._fernet.decrypt(token).decode()
         except InvalidToken:
             raise Internal(
-                f"Secret {name} cannot be decrypted with {self.key_file}: the key file "
-                "was replaced; set the secret again"
+                f"Secret {name} cannot be decrypted with {self.key_file}: every gateway must "
+                "have the same secrets.key (copy the first gateway's; docs/deploy.md), or the "
+                "key was replaced; then set the secret again"
             ) from None
+
+
+def _old_rows(old: Path) -> list[tuple[str, str, bytes]] | None:
+    """The rows of a gateway's own secrets file from before the bucket; None if it has none."""
+    if not old.exists():
+        return None
+    db = sqlite3.connect(old)
+    try:
+        rows = db.execute("SELECT user, name, ciphertext FROM secrets").fetchall()
+    except sqlite3.Error:
+        rows = []
+    finally:
+        db.close()
+    return [(str(u), str(n), bytes(t)) for u, n, t in rows]
+
+
+def _key(user: str, name: str) -> str:
+    return f"{user}.{name}"
+
+
+async def _call(call: Awaitable[T]) -> T:
+    """A bucket call, with the bus's silence as UNAVAILABLE."""
+    try:
+        return await asyncio.wait_for(call, CALL_TIMEOUT_S)
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        raise Unavailable("The secrets store (the bus) did not answer; retry shortly") from None
