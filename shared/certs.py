@@ -139,8 +139,9 @@ def issue(
 ) -> Issued:
     """A certificate for `name` signed by the CA in `directory`: `<out>/<name>.crt` and
     `<name>.key` (0600), `out` being `directory` unless given. A server certificate names
-    its `hosts` (DNS names or IP addresses) and is for server authentication; otherwise it is
-    a client certificate (mTLS)."""
+    its `hosts` (DNS names or IP addresses) and is for server authentication and for the
+    cluster routes it dials (nats-server routes are mutual TLS: the dialling server presents
+    its certificate as a client); otherwise it is a client certificate (mTLS)."""
     if not name or "/" in name or name.startswith("."):
         raise InvalidArgument(f"Invalid certificate name {name!r}")
     hosts = list(hosts)
@@ -149,7 +150,9 @@ def issue(
     ca_cert, ca_key = _load_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if server:
+        usage.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(name))
@@ -159,7 +162,7 @@ def issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
