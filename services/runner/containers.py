@@ -69,9 +69,17 @@ class Jobs:
         return held
 
     def image_id(self, client: docker.DockerClient) -> str:
-        """The job image's ID: Swarm then runs it without asking a registry first."""
+        """The job image's ID: Swarm then runs it without asking a registry first.
+
+        An image given by digest (`<registry>/<name>@sha256:...`) is used as is: it names one
+        image wherever it is pulled, so every node pulls exactly it and no tag is looked up.
+        It is pulled here too when missing (the claim's marker runs it on this engine).
+        """
         if not self._image_id:
             name = self.config.container.image
+            if by_digest(name):
+                self._image_id = _pulled(client, name)
+                return self._image_id
             try:
                 self._image_id = str(client.images.get(name).id)
             except docker.errors.ImageNotFound:
@@ -155,6 +163,27 @@ class Jobs:
             "environment prepared",
             extra={"fields": {"volume": volume, "seconds": round(time.monotonic() - started, 2)}},
         )
+
+
+def by_digest(image: str) -> bool:
+    """`repo@sha256:<hex>`: a reference to one image in a registry, not a tag or a local ID."""
+    return "@sha256:" in image
+
+
+def _pulled(client: docker.DockerClient, reference: str) -> str:
+    """`reference` (by digest), pulled onto this engine first when it is not there."""
+    try:
+        client.images.get(reference)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(reference)
+        except docker.errors.APIError as exc:
+            raise RuntimeError(
+                f"the job image {reference} could not be pulled: {exc.explanation or exc}; "
+                "the engine must reach the registry (a plain-HTTP one listed in its "
+                "insecure-registries: docs/deploy.md)"
+            ) from None
+    return reference
 
 
 def check_owner(owner: str, name: str, found: dict[str, str] | None) -> None:

@@ -1,7 +1,14 @@
 """The Docker Swarm backend (the seed's platform): each job one service pinned to the worker's node.
 
+The engine is the one `DOCKER_HOST` names (the local socket by default); services can only be
+made through a manager, so on a worker host DOCKER_HOST is a manager's engine and
+`container.swarm_node` names the worker's own node (ID or hostname; default: the node of the
+engine itself). The runner still runs on that node: the job's directory is bind-mounted from it.
+
 The service `cumulus-<job>-<attempt>` is created from the job image's ID (with a tag, Swarm
-asks a registry first), restart condition none, placement `node.id==<the worker's node>`, the
+asks a registry first), or, when `container.image` is `<registry>/<name>@sha256:<digest>`,
+from that reference as is (the node pulls it by digest; no tag is looked up), restart
+condition none, placement `node.id==<the worker's node>`, the
 partition's environment (NVIDIA_VISIBLE_DEVICES for the nvidia runtime), the job's labels
 (with its stack's owner: a runner touches only its own stack's services, `claim.py`) and
 the same isolation as the engine backend, except that Swarm has no `none` network: a job
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -41,6 +49,7 @@ from services.runner.backend import Exit, Launch, Output
 from services.runner.docker_engine import describe
 from services.runner.logstream import LogStream
 from shared.config import Config
+from shared.errors import ConfigError
 from shared.sizes import parse_size
 
 POLL_S = 0.05
@@ -55,13 +64,42 @@ class SwarmBackend:
         self.worker_id = worker_id
         self.client = sp.engine()
         self.jobs = ct.Jobs(config, root, worker_id)
-        self.node = config.container.swarm_node or str(self.client.info()["Swarm"]["NodeID"])
-        if not self.node:
-            raise RuntimeError("this engine is not part of a Swarm (docker swarm init or join)")
+        self.node = self._node()
+        self.remote = self.node != str(self.client.info()["Swarm"]["NodeID"])
+        """The engine is a manager on another host than the worker's node."""
         self.claim = self.jobs.claim(self.client)
         self._exits: dict[str, Exit] = {}
         self._pollers: dict[str, threading.Thread] = {}
         self._network_ready = False
+
+    def _node(self) -> str:
+        """The worker's node ID, checked with the manager: a ConfigError (exit status 2, one
+        line) when the engine cannot make services or the configured node does not exist."""
+        swarm = self.client.info()["Swarm"]
+        if swarm.get("LocalNodeState") != "active":
+            raise ConfigError(
+                f"the Docker engine at {_where()} is not part of a Swarm: run docker swarm "
+                "init (or join), or point DOCKER_HOST at a Swarm manager",
+                key="worker.backend",
+            )
+        if not swarm.get("ControlAvailable"):
+            raise ConfigError(
+                f"the Docker engine at {_where()} is a Swarm worker, and services are made "
+                "through a manager: set DOCKER_HOST to a manager's engine and "
+                "container.swarm_node to this node (docs/deploy.md)",
+                key="container.swarm_node",
+            )
+        wanted = self.config.container.swarm_node
+        if not wanted:
+            return str(swarm["NodeID"])
+        try:
+            return str(self.client.api.inspect_node(wanted)["ID"])
+        except docker.errors.NotFound:
+            raise ConfigError(
+                f"no Swarm node {wanted!r} (ID or hostname) in the Swarm of {_where()}; "
+                "docker node ls on a manager lists them",
+                key="container.swarm_node",
+            ) from None
 
     async def close(self) -> None:
         await asyncio.to_thread(self.claim.close)
@@ -75,6 +113,14 @@ class SwarmBackend:
         existing = self._service(name)
         if existing is not None:
             return existing
+        if launch.requirements and self.remote:
+            raise RuntimeError(
+                "jobs with requirements need the runner's Docker engine (DOCKER_HOST) on the "
+                "worker's own node: their environment volume is prepared on that engine, and "
+                f"this one is a manager on another host ({_where()}); submit the job without "
+                "requirements (install them into the job image) or run this worker with a "
+                "local manager"
+            )
         prepared = self.jobs.prepare(self.client, launch)
         limit = parse_size(self.config.container.memory)
         resources = Resources(mem_limit=limit)
@@ -200,8 +246,8 @@ class SwarmBackend:
         if handle:
             with contextlib.suppress(docker.errors.NotFound):
                 self.client.api.remove_service(handle)
-        # Swarm removes the task's container 1-2.5 s after the service; on our own node we
-        # don't wait for it.
+        # Swarm removes the task's container 1-2.5 s after the service, on whichever node
+        # it ran; on the engine's own node we don't wait for it.
         wanted = lb.label_filter(self.worker_id, job_id, attempt)
         for container in self._own(self.client.api.containers(all=True, filters=wanted)):
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
@@ -238,3 +284,8 @@ class SwarmBackend:
             return sorted({f for f in found if f is not None} | set(self.jobs.dirs.scan()))
 
         return await asyncio.to_thread(find)
+
+
+def _where() -> str:
+    """The engine the backend talks to, as the user configured it."""
+    return os.environ.get("DOCKER_HOST") or "the local socket"
