@@ -145,6 +145,10 @@ class Stack:
     tls_hosts: list[str] = field(default_factory=list)
     """More names or addresses the server certificate is valid for (those remote clients use);
     loopback, this host's name and `listen` are always in it."""
+    schedulers: int = 1
+    """Scheduler instances: the first (`scheduler`) takes the lease at start, the others
+    (`scheduler-b`, `scheduler-c`, …) stand by (docs/scheduler.md, high availability). With
+    more than one, each runs as config `instance` a, b, …"""
     config: Config | None = field(default=None, init=False)
     """The configuration a worker of this stack runs with; set by `start`."""
     _settings: dict[str, str] = field(default_factory=dict, init=False, repr=False)
@@ -341,7 +345,7 @@ class Stack:
         creds = self._identities()
         for name, path in creds.items():
             self.proc_env.setdefault(name, {})["CUMULUS_NATS_CREDENTIALS"] = path
-        services = {"scheduler": self._service("scheduler", "scheduler")}
+        services = {"scheduler": self._scheduler(0)}
         services["gateway"] = self._service("gateway", "gateway")
         if self.ssh_workers:
             served = ",".join(f"{w}={a}" for w, a in self.ssh_workers.items())
@@ -371,6 +375,62 @@ class Stack:
         self._watchdog = BusWatchdog(self)
         self._watchdog.start()
         await self.wait_ready(timeout)
+        # The standbys once the first leads, so which one leads is known.
+        standbys = {self.scheduler_names[i]: self._scheduler(i) for i in range(1, self.schedulers)}
+        self.procs.update(standbys)
+        for name, proc in standbys.items():
+            proc.start()
+            await self.wait_role(name, ("follower",), timeout)
+
+    @property
+    def scheduler_names(self) -> list[str]:
+        """The process names of the stack's schedulers: `scheduler`, `scheduler-b`, …"""
+        return ["scheduler"] + [f"scheduler-{chr(98 + i)}" for i in range(self.schedulers - 1)]
+
+    def instance_of(self, name: str) -> str:
+        """The config `instance` of scheduler process `name` ("" with one scheduler)."""
+        if self.schedulers <= 1:
+            return ""
+        return chr(97 + self.scheduler_names.index(name))
+
+    def _scheduler(self, index: int) -> Proc:
+        name = self.scheduler_names[index]
+        if self.schedulers <= 1:
+            return self._service(name, "scheduler")
+        extra = {"CUMULUS_INSTANCE": self.instance_of(name)}
+        self.proc_env.setdefault(name, {}).setdefault(
+            "CUMULUS_NATS_CREDENTIALS", self.credentials("scheduler", "scheduler")
+        )
+        return self._service(name, "scheduler", **extra)
+
+    async def role(self, name: str, timeout: float = 1.0) -> dict[str, object]:
+        """What scheduler process `name` says of its role (`cumulus.scheduler.role.<holder>`):
+        holder, role (leader, follower, electing, lapsed), epoch, known_epoch."""
+        instance = self.instance_of(name)
+        if not instance:
+            holder = (self.data_dir / "scheduler.holder").read_text().strip()
+        else:
+            holder = instance
+        nc = await self.connect()
+        try:
+            reply: dict[str, object] = await api.request(
+                nc, f"cumulus.scheduler.role.{holder}", {}, dict, timeout=timeout
+            )
+            return reply
+        finally:
+            await nc.close()
+
+    async def wait_role(self, name: str, roles: tuple[str, ...], timeout: float = 30.0) -> None:
+        """Until scheduler process `name` answers with one of `roles`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            with contextlib.suppress(Exception):
+                if (await self.role(name))["role"] in roles:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} is not {' or '.join(roles)} within {timeout} s")
+            await asyncio.sleep(0.1)
 
     async def _wait_port(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

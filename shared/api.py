@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.micro.request import Request
 
@@ -27,10 +28,19 @@ from shared.errors import (
     Internal,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
     shown,
 )
 
 log = logging.getLogger(__name__)
+
+BUS_AWAY = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""What a handler's own bus call raises while JetStream cannot answer: UNAVAILABLE (retried)."""
 
 
 class SubmitRequest(msgspec.Struct, kw_only=True):
@@ -268,6 +278,11 @@ def _dispatcher(
             body = bytes(reply if isinstance(reply, bytes | msgspec.Raw) else _json.encode(reply))
         except CumulusError as exc:
             await _respond_error(req, exc)
+            return
+        except BUS_AWAY as exc:
+            # JetStream away, or electing a stream leader (a cluster lost a server): not now.
+            away = f"The bus did not answer in time ({type(exc).__name__}); retry shortly"
+            await _respond_error(req, Unavailable(away))
             return
         except Exception as exc:
             log.exception("request failed", extra={"fields": {"subject": req.subject}})

@@ -12,7 +12,8 @@ publish and subscribe permissions made from its role:
 - `gateway`: answers `cumulus.api.*.*`; the only publisher of `submitted` and
   `cancel_requested`.
 - `scheduler`: the only publisher of placements (`queued`, `scheduled`, `cancel`, `revoked`)
-  and of `workers.*.lost` / `workers.*.node`.
+  and of `workers.*.lost` / `workers.*.node`, of the election marker `jobs._._._.elected`
+  and of its lease (`$KV.cumulus-scheduler.>`).
 - `worker` W (its partitioner and runner): publishes only the events of its own worker token
   (`jobs.*.*.W.<partition or run event>`, its jobs' output `logs.*.*.W` and result parts
   `results.*.*.W.*`, `workers.W.>`), uses only its own durable consumers, reads code.
@@ -197,6 +198,8 @@ def permissions(creds: Credentials) -> dict[str, Any]:
     else:  # scheduler
         publish = [f"jobs.*.*.*.{name}" for name in SCHEDULER_JOB_EVENTS]
         publish += [f"workers.*.{name}" for name in SCHEDULER_WORKER_EVENTS]
+        # The election marker and the lease (services/scheduler/lease.py).
+        publish += [subjects.ELECTED, f"$KV.{subjects.LEASE_BUCKET}.>"]
         publish += ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "cumulus.dead.>", "$SRV.>"]
         subscribe = ["cumulus.scheduler.>", "cumulus.consumers.*.create", "$SRV.>", inbox]
         responses = True

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -40,6 +41,7 @@ from shared.errors import ApiUnreachable, PermissionDenied, Unavailable
 from shared.events import Event, JobEvent, WorkerEvent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CODE_TTL_DAYS = 30
 """The default of `retention.code_ttl_s` in days (code packages are kept this long after their
@@ -47,6 +49,24 @@ upload, so each user's quota frees itself)."""
 
 DUPLICATE_WINDOW_S = 15 * 60.0
 """Long enough to cover a crashed service's restart and its outbox re-publish."""
+
+CLUSTER_API_TIMEOUT_S = 10.0
+"""How long a stream, bucket or consumer create waits for JetStream's answer: with replicas,
+the change goes through the meta leader's Raft group, and with a server down that takes
+seconds (measured > 2 s for an R3 consumer)."""
+CLUSTER_READY_S = 60.0
+"""How long creation is retried while the cluster has no meta leader yet (its servers just
+started: ~2.4 s for three on one host) or is electing a new one."""
+NOT_YET: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+"""What JetStream answers while it cannot take an API call yet (no meta leader, a stream
+electing its leader): worth another try, not a failure."""
+JETSTREAM_NOT_READY = (10008, 10009)
+"""JetStream error codes for "temporarily unavailable" / "no leader" (a cluster electing)."""
 
 
 def _limited(
@@ -66,16 +86,25 @@ def _limited(
     )
 
 
+MAX_JOB_CONSUMERS = 100_000
+"""Consumers the JOBS stream takes: two durables per worker (its partitioner's and runner's)
+plus a few for the control plane. nats-server's own default is 1,000 per stream (and a value
+<= 0 means that default), which stops a fleet at its 500th worker (bench/fleet_scale.py)."""
+
+
 def streams(retention: RetentionConfig | None = None) -> tuple[StreamConfig, ...]:
     """The streams, with the limits `retention` sets (docs/config.md, `retention`)."""
     r = retention or RetentionConfig()
     return (
-        _limited(
-            subjects.JOBS_STREAM,
-            "jobs.>",
-            r.jobs_max_age_s,
-            r.bytes_of("jobs_max_bytes"),
-            "Every job's history, replayable from the start (oldest dropped at the limits)",
+        dataclasses.replace(
+            _limited(
+                subjects.JOBS_STREAM,
+                "jobs.>",
+                r.jobs_max_age_s,
+                r.bytes_of("jobs_max_bytes"),
+                "Every job's history, replayable from the start (oldest dropped at the limits)",
+            ),
+            max_consumers=MAX_JOB_CONSUMERS,
         ),
         _limited(
             subjects.LOGS_STREAM,
@@ -149,7 +178,7 @@ async def _log_error(exc: Exception) -> None:
 
 async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
     """Until the streams and buckets exist (a worker may not create them: the control plane
-    does, shared/auth.py)."""
+    does, shared/auth.py). A cluster still electing its leaders answers 503 meanwhile."""
     names = [c.name for c in STREAMS if c.name] + [
         f"OBJ_{subjects.CODE_BUCKET}",
     ]
@@ -159,8 +188,9 @@ async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
             try:
                 await js.stream_info(name)
                 break
-            except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
-                if time.monotonic() > deadline:
+            except Exception as exc:
+                absent = isinstance(exc, nats.js.errors.NotFoundError)
+                if not (absent or not_yet(exc)) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
 
@@ -188,16 +218,18 @@ async def _fit_stream(js: JetStreamContext, config: StreamConfig) -> None:
     JetStream reserves every stream's max_bytes on its disk up front. A new stream whose
     configured limit does not fit (a small disk) gets the largest halving of it that does, and
     a warning names both, rather than no stream at all. An existing stream that cannot grow to
-    a new limit keeps its limits (shrinking it on its own would drop history), with a warning.
+    a new limit keeps its limits (shrinking it on its own would drop history), with a warning;
+    it keeps its replicas too (`_keep_replicas`).
     """
     wanted = config.max_bytes or -1
     while True:
         try:
-            await js.add_stream(config)
+            await until_ready(functools.partial(js.add_stream, config))
             break
         except nats.js.errors.BadRequestError:  # it exists, configured otherwise
+            config = await _keep_replicas(js, config)
             try:
-                await js.update_stream(config)
+                await until_ready(functools.partial(js.update_stream, config))
             except nats.js.errors.ServerError as exc:
                 if exc.err_code != INSUFFICIENT_STORAGE:
                     raise
@@ -229,25 +261,92 @@ async def _fit_stream(js: JetStreamContext, config: StreamConfig) -> None:
         )
 
 
-async def ensure_streams(js: JetStreamContext, retention: RetentionConfig | None = None) -> None:
-    """Create the streams and the code bucket, or bring existing ones to the limits
-    `retention` sets (the defaults if None): a changed configuration takes effect at the next
-    start of the control plane."""
+async def _keep_replicas(js: JetStreamContext, config: StreamConfig) -> StreamConfig:
+    """`config` with the replicas the existing stream has: changing them moves every message
+    between servers, an operator's decision (`nats stream edit --replicas`), not a side effect
+    of a service's start. A warning says when `nats.replicas` asks for another number."""
+    assert config.name is not None
+    info = await until_ready(lambda: js.stream_info(config.name or ""))
+    have = info.config.num_replicas or 1
+    if have != (config.num_replicas or 1):
+        log.warning(
+            "stream %s keeps its %d replica(s), not nats.replicas=%d: change an existing "
+            "stream's replicas with `nats stream edit %s --replicas %d` (docs/deploy.md)",
+            config.name,
+            have,
+            config.num_replicas or 1,
+            config.name,
+            config.num_replicas or 1,
+        )
+    return dataclasses.replace(config, num_replicas=have)
+
+
+async def until_ready(call: Callable[[], Awaitable[T]], within: float = CLUSTER_READY_S) -> T:
+    """`call()`, tried again while JetStream cannot take it yet (a cluster without a meta
+    leader, just started or electing one after losing a server), for up to `within` seconds.
+    For a JetStream API call whose failure would otherwise end something for good (a job's
+    start, a service's start)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not not_yet(exc) or time.monotonic() > deadline:
+                raise
+            log.info("JetStream not ready (%s); trying again", exc)
+            await asyncio.sleep(0.5)
+
+
+def not_yet(exc: Exception) -> bool:
+    """Whether `exc` is JetStream saying "not now" rather than "no"."""
+    if isinstance(exc, NOT_YET):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in JETSTREAM_NOT_READY
+
+
+def cluster_js(js: JetStreamContext) -> JetStreamContext:
+    """`js` with CLUSTER_API_TIMEOUT_S for its API calls: creating or changing a replicated
+    stream or consumer takes seconds when a server of the cluster is down."""
+    return js._nc.jetstream(timeout=CLUSTER_API_TIMEOUT_S)
+
+
+async def ensure_streams(
+    js: JetStreamContext, retention: RetentionConfig | None = None, replicas: int = 1
+) -> None:
+    """Create the streams and the code bucket with `replicas` copies each (`nats.replicas`),
+    or bring existing ones to the limits `retention` sets (the defaults if None): a changed
+    configuration takes effect at the next start of the control plane. Existing streams keep
+    their replicas. On a cluster just started, waits for its meta leader."""
     r = retention or RetentionConfig()
+    js = cluster_js(js)
     for stream in streams(r):
-        await _fit_stream(js, stream)
+        await _fit_stream(js, dataclasses.replace(stream, num_replicas=replicas))
+    await _ensure_code_bucket(js, r, replicas)
+
+
+async def _ensure_code_bucket(js: JetStreamContext, r: RetentionConfig, replicas: int) -> None:
     bucket = subjects.CODE_BUCKET
     try:
-        await js.object_store(bucket)
+        await until_ready(lambda: js.object_store(bucket))
     except nats.js.errors.BucketNotFoundError:
         config = ObjectStoreConfig(
-            description="Code packages, named <user>.<sha256>", ttl=r.code_ttl_s
+            description="Code packages, named <user>.<sha256>",
+            ttl=r.code_ttl_s,
+            replicas=replicas,
         )
-        await js.create_object_store(bucket, config=config)
+        await until_ready(lambda: js.create_object_store(bucket, config=config))
         return
-    info = await js.stream_info(f"OBJ_{bucket}")
+    info = await until_ready(lambda: js.stream_info(f"OBJ_{bucket}"))
+    if (info.config.num_replicas or 1) != replicas:
+        log.warning(
+            "object store %s keeps its %d replica(s), not nats.replicas=%d (docs/deploy.md)",
+            bucket,
+            info.config.num_replicas or 1,
+            replicas,
+        )
     if abs((info.config.max_age or 0.0) - r.code_ttl_s) > 1e-3:
-        await js.update_stream(dataclasses.replace(info.config, max_age=r.code_ttl_s))
+        stream = dataclasses.replace(info.config, max_age=r.code_ttl_s)
+        await until_ready(lambda: js.update_stream(stream))
 
 
 async def durable(
@@ -262,8 +361,9 @@ async def durable(
     message the new process acks, and would be lost (also when the crash came in the very
     first batch, with nothing tracked yet).
     """
+    js = cluster_js(js)  # a replicated consumer takes seconds with a server down
     with contextlib.suppress(nats.js.errors.NotFoundError):
-        await js.delete_consumer(stream, name)
+        await until_ready(functools.partial(js.delete_consumer, stream, name))
     config = ConsumerConfig(
         durable_name=name,
         name=name,
@@ -275,7 +375,7 @@ async def durable(
         filter_subjects=list(filters) if len(filters) > 1 else None,
         filter_subject=filters[0] if len(filters) == 1 else None,
     )
-    await js.add_consumer(stream, config=config)
+    await until_ready(functools.partial(js.add_consumer, stream, config=config))
 
 
 class ConsumerRequest(msgspec.Struct, kw_only=True):
@@ -290,7 +390,8 @@ class ConsumerRequest(msgspec.Struct, kw_only=True):
 def consumer_refusal(worker_id: str, req: ConsumerRequest) -> str:
     """Why a worker may not have this consumer ("" if it may): only its own durables
     (`partitioner-<W>`, `runner-<W>`) on the job stream, filtered to events under its own
-    worker token, so a worker reads no other worker's or user's traffic."""
+    worker token, so a worker reads no other worker's or user's traffic, and the scheduler's
+    election marker (`jobs._._._.elected`), which fences stale placements."""
     if req.stream != subjects.JOBS_STREAM:
         return f"stream {req.stream!r}: a worker consumes only {subjects.JOBS_STREAM}"
     if req.durable not in (f"partitioner-{worker_id}", f"runner-{worker_id}"):
@@ -298,6 +399,8 @@ def consumer_refusal(worker_id: str, req: ConsumerRequest) -> str:
     if not req.filters:
         return "a worker's consumer needs filters"
     for subject in req.filters:
+        if subject == subjects.ELECTED:
+            continue
         tokens = subject.split(".")
         if len(tokens) != 5 or tokens[:3] != ["jobs", "*", "*"] or tokens[3] != worker_id:
             return f"filter {subject!r} is not under jobs.*.*.{worker_id}.<event>"
@@ -414,6 +517,8 @@ def subject_of(event: Event) -> str:
         return subjects.job(event.user, event.job_id, event.worker_id, event.name)
     if isinstance(event, WorkerEvent):
         return subjects.worker(event.worker_id, event.name)
+    if isinstance(event, events.SchedulerElected):
+        return subjects.ELECTED
     raise TypeError(f"no subject for {type(event).__name__}")
 
 
@@ -427,27 +532,43 @@ def headers(msg_id: str, trace: str) -> dict[str, str]:
 
 PUBLISH_TIMEOUT_S = 3.0
 """How long a direct publish waits for JetStream's ack (an API call answers within it)."""
+PUBLISH_BUDGET_S = 4.0
+"""How long a direct publish keeps trying (the same message id each time: JetStream stores it
+once) while the stream has no leader, e.g. a cluster electing a new one after losing a server
+(5-7 s measured): less than a client's 5 s API timeout, so the caller hears UNAVAILABLE and
+retries rather than timing out."""
+PUBLISH_RETRY_S = 0.25
 
 
 async def publish(js: JetStreamContext, event: Event) -> None:
-    """Publish one event and wait for JetStream to store it; Unavailable if it does not (the
-    bus is away, or its store refuses writes: a full disk), so a caller can answer that."""
-    try:
-        await js.publish(
-            subject_of(event),
-            events.encode(event),
-            headers=headers(event.event_id, event.trace),
-            timeout=PUBLISH_TIMEOUT_S,
-        )
-    except (
-        nats.errors.TimeoutError,
-        nats.errors.NoRespondersError,
-        nats.js.errors.ServerError,
-    ) as exc:
-        raise Unavailable(
-            f"The bus did not store the {event.name} event ({type(exc).__name__}): it is away or "
-            "its disk is full; retry shortly"
-        ) from exc
+    """Publish one event and wait for JetStream to store it; Unavailable if it does not within
+    PUBLISH_BUDGET_S (the bus is away, its stream is electing a leader, or its store refuses
+    writes: a full disk), so a caller can answer that."""
+    deadline = time.monotonic() + PUBLISH_BUDGET_S
+    while True:
+        try:
+            await js.publish(
+                subject_of(event),
+                events.encode(event),
+                headers=headers(event.event_id, event.trace),
+                timeout=min(PUBLISH_TIMEOUT_S, max(0.1, deadline - time.monotonic())),
+            )
+            return
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+            nats.js.errors.ServiceUnavailableError,
+            nats.js.errors.ServerError,
+        ) as exc:
+            leaderless = not isinstance(exc, nats.js.errors.ServerError)
+            if leaderless and time.monotonic() + PUBLISH_RETRY_S < deadline:
+                await asyncio.sleep(PUBLISH_RETRY_S)
+                continue
+            raise Unavailable(
+                f"The bus did not store the {event.name} event ({type(exc).__name__}): it is "
+                "away, electing a leader, or its disk is full; retry shortly"
+            ) from exc
 
 
 async def publish_many(

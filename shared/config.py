@@ -91,6 +91,9 @@ class SchedulerConfig(_Section):
     swarm_poll_s: Seconds = 5.0
     reserve_after_s: SecondsOrOff = 10.0
     """How long the head of the queue may be overtaken by backfill before it gets a reservation."""
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=1.0, le=300.0)] = 6.0
+    """The active scheduler's lease (services/scheduler/lease.py): a standby takes over once
+    the lease went unrenewed this long, so within about this much after the active one died."""
 
 
 class WorkerConfig(_Section):
@@ -155,7 +158,9 @@ class SshConfig(_Section):
 
 class ContainerConfig(_Section):
     image: str = "cumulus-job:latest"
-    """The job image (infra/images/build-images.sh); Swarm services are created from its ID."""
+    """The job image (infra/images/build-images.sh); Swarm services are created from its ID.
+    Given as `<registry>/<name>@sha256:<digest>` it is used as is: every node pulls exactly
+    that image from the registry (docs/deploy.md), no tag is looked up."""
     wheelhouse: str = ""
     """Host directory of wheels mounted read-only at /wheelhouse: requirements install from it
     with no index; empty means from the index (only the install step gets a network)."""
@@ -165,7 +170,16 @@ class ContainerConfig(_Section):
     tmp_size: str = "1g"
     """Size of the job's writable /tmp (tmpfs)."""
     swarm_node: str = ""
-    """Swarm node id the worker's jobs are pinned to; empty means this engine's own node."""
+    """Swarm node (ID or hostname) the worker's jobs are pinned to; empty means the node of
+    the runner's own engine (DOCKER_HOST, else the local socket)."""
+    swarm_manager: str = ""
+    """Docker API of a Swarm manager (`tcp://10.0.0.1:2376`) that the Swarm backend makes
+    its services through, when the runner's own engine is a worker node (which cannot make
+    services); empty: the runner's own engine is a manager. Everything else (the job's
+    directory, requirement volumes, the claim, the image) stays on the runner's own engine."""
+    swarm_manager_tls: str = ""
+    """Directory with `ca.pem`, `cert.pem`, `key.pem` (Docker's names) for the manager's API
+    over TLS (dockerd --tlsverify); empty: plain TCP, only for a private test network."""
     swarm_network: str = "cumulus-isolated"
     """Internal overlay network for Swarm jobs without network (Swarm has no `none`)."""
 
@@ -229,9 +243,16 @@ class LoggingConfig(_Section):
     """json: one JSON object a line; text: a plain line for a person."""
 
 
+Instance = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,32}$")]
+
+
 class Config(_Section):
     data_dir: str = "~/.cumulus"
     """Root of every service's SQLite files, the job directories and nats-server's store."""
+    instance: Instance = ""
+    """This process's name among replicas of one service (a gateway, a standby scheduler):
+    its durable consumers and SQLite file carry `-<instance>`, and a scheduler holds the lease
+    under it. Empty: one copy (a scheduler then names itself `<hostname>-<random>`)."""
     metrics_port: Port = 0
     """Prometheus /metrics port for a service; 0 turns it off."""
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)

@@ -73,6 +73,8 @@ class JobQueued(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.queued"
     name = "queued"
     position: int
     reason: str
+    epoch: int = 0
+    """The scheduler's epoch that decided it (`SchedulerElected`); 0: not stamped."""
 
 
 class WorkerSelected(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.scheduled"):
@@ -83,6 +85,9 @@ class WorkerSelected(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.sc
     devices: list[int]
     tenths: int
     attempt: int = 1
+    epoch: int = 0
+    """The scheduler's epoch that decided it: a consumer that has seen a later epoch's
+    `SchedulerElected` takes it as stale (fenced); 0: not stamped (written before epochs)."""
 
 
 class PartitionReady(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.partition_ready"):
@@ -122,6 +127,8 @@ class CancelOrdered(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.can
 
     name = "cancel"
     reason: str = "cancelled by user"
+    epoch: int = 0
+    """The scheduler's epoch that decided it; 0: not stamped."""
 
 
 class PlacementRevoked(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.revoked"):
@@ -134,6 +141,8 @@ class PlacementRevoked(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.
     name = "revoked"
     attempt: int
     reason: str
+    epoch: int = 0
+    """The scheduler's epoch that decided it; 0: not stamped."""
 
 
 class JobStarted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.started"):
@@ -183,6 +192,9 @@ class Terminal(JobEvent, frozen=True, kw_only=True):
     """Output lines the job's worker published for this attempt (its `log` events, numbered
     from 0), set by the runner: they travel in another stream, so a reader waits for them
     before it hands out the end. 0: none, or an end not from the runner."""
+    epoch: int = 0
+    """The scheduler's epoch, on an end the scheduler decided (a refusal, a cancel before
+    placement, a failure after the last attempt or a lost worker); 0 on a worker's own."""
 
 
 class JobCompleted(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.completed"):
@@ -290,12 +302,27 @@ class WorkerLost(WorkerEvent, frozen=True, kw_only=True, tag="cumulus.worker.v1.
 
     name = "lost"
     reason: str
+    epoch: int = 0
+    """The scheduler's epoch that decided it; 0: not stamped."""
+
+
+class SchedulerElected(Event, frozen=True, kw_only=True, tag="cumulus.scheduler.v1.elected"):
+    """The election marker: a scheduler took the lease (services/scheduler/lease.py) with
+    this epoch. Published into the job stream on `jobs._._._.elected`, which every
+    consumer of decisions also reads, so that in stream order everything before the marker
+    is fact for everyone and any later decision stamped with a smaller epoch is stale."""
+
+    name = "elected"
+    epoch: int
+    holder: str
+    """The scheduler instance that leads from here on (config `instance`, or its persisted
+    `<hostname>-<random>` name)."""
 
 
 AnyWorkerEvent = (
     WorkerRegistered | WorkerHeartbeat | WorkerDeregistered | WorkerNodeObserved | WorkerLost
 )
-AnyEvent = AnyJobEvent | AnyWorkerEvent
+AnyEvent = AnyJobEvent | AnyWorkerEvent | SchedulerElected
 
 TERMINAL_NAMES = ("completed", "failed", "timed_out", "cancelled")
 JOB_EVENT_TYPES: tuple[type[JobEvent], ...] = AnyJobEvent.__args__
@@ -330,6 +357,55 @@ def encode(event: Event) -> bytes:
 def decode(data: bytes) -> AnyEvent:
     """Decode one event; anything that is not a known, well-formed event is MalformedEvent."""
     event: AnyEvent = _decode(data)
+    return event
+
+
+STAMPED: tuple[type[Event], ...] = (
+    JobQueued,
+    WorkerSelected,
+    PlacementRevoked,
+    CancelOrdered,
+    Terminal,
+    WorkerLost,
+)
+"""Event types the scheduler stamps with its epoch when it decides them."""
+SCHEDULER_ONLY: tuple[type[Event], ...] = (
+    JobQueued,
+    WorkerSelected,
+    PlacementRevoked,
+    CancelOrdered,
+    WorkerLost,
+)
+"""Stamped types only a scheduler publishes (shared/auth.py); a worker's own ends are
+Terminal too, so their epoch is not taken as news of an election."""
+
+
+def epoch_of(event: Any) -> int:
+    """The scheduler epoch `event` carries: a marker's, a stamped decision's; 0 otherwise."""
+    if isinstance(event, (SchedulerElected, *STAMPED)):
+        return int(event.epoch)  # type: ignore[attr-defined]
+    return 0
+
+
+def stale(event: Any, known: int) -> bool:
+    """The fencing rule every consumer keeps, in stream order: a decision stamped with an
+    epoch smaller than the largest it has seen is a superseded scheduler's, never acted on.
+    Unstamped events (0: written before epochs, or not the scheduler's) are not fenced."""
+    return isinstance(event, STAMPED) and 0 < epoch_of(event) < known
+
+
+def epoch_after(known: int, event: Any) -> int:
+    """The largest epoch seen once `event` is applied: raised by markers and by decisions
+    only a scheduler publishes (a worker cannot move it, so cannot fence the scheduler)."""
+    if isinstance(event, (SchedulerElected, *SCHEDULER_ONLY)):
+        return max(known, epoch_of(event))
+    return known
+
+
+def stamped(event: Event, epoch: int) -> Event:
+    """`event` carrying `epoch` if it is a type the scheduler stamps (else unchanged)."""
+    if isinstance(event, STAMPED) and epoch:
+        return msgspec.structs.replace(event, epoch=epoch)
     return event
 
 

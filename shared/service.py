@@ -25,8 +25,14 @@ same way everywhere (DESIGN.md rules 2 and 3):
    it `spawn`s, which look at state and are idempotent, so a crash before or after an effect
    replays safely. Their outcomes come back as events through `emit`.
 
+Every consumer keeps the scheduler's epoch fence (shared/events.py `stale`): a consumed
+decision stamped with an epoch older than its state's `fence()` is neither applied nor logged,
+only counted (`cumulus_fenced_events_total`) and logged as "fenced". A control-plane replica
+(config `instance`) has its own SQLite file and durable consumers (`-<instance>`).
+
 Public surface for subclasses: the hooks under "what a service defines", `step` (pure; what
-tests drive), `emit`, `spawn`, `reading`, `wake`, `caught_up`, `state`, `position`, `ready`.
+tests drive), `emit`, `emit_decided`, `spawn`, `reading`, `wake`, `caught_up`, `published`,
+`end`, `set_log_aside`, `state`, `position`, `ready`.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -52,7 +58,14 @@ from shared.errors import EventLogError, MalformedEvent, ResourceExhausted, Unav
 from shared.eventlog import Batch, EventLog, OutboxRow
 from shared.events import Event
 from shared.outbox import OutboxRelay
-from shared.telemetry import CONSUMPTION_PAUSED, DEAD_LETTERS, EVENTS_APPLIED, SNAPSHOTS, span
+from shared.telemetry import (
+    CONSUMPTION_PAUSED,
+    DEAD_LETTERS,
+    EVENTS_APPLIED,
+    FENCED,
+    SNAPSHOTS,
+    span,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +142,8 @@ class EventService(Generic[S]):
         self._pause_backoff = PAUSE_FIRST_S
         self.failure: BaseException | None = None
         """What stopped a consumer unexpectedly; `run_forever` then exits non-zero."""
+        self.exit_message = ""
+        """Why the service ended itself (`end`): `run_forever` exits 1 with this line."""
         self._snapshot_at = 0
         """Position of the latest snapshot (0: none)."""
         self.state = self.new_state()
@@ -156,6 +171,21 @@ class EventService(Generic[S]):
     def volatile(self, event: Any) -> bool:
         """True for events applied but not logged (heartbeats): replay does without them."""
         return False
+
+    def fence(self) -> int:
+        """The largest scheduler epoch this service's state has seen (shared/events.py
+        `stale`): a consumed decision stamped with a smaller one is neither applied nor
+        logged. 0: this service keeps no fence."""
+        return 0
+
+    def skip(self, event: Any) -> bool:
+        """True for a consumed event this service applied already when it decided it (a
+        leading scheduler's own decisions coming back): neither applied nor logged again."""
+        return False
+
+    async def after_connect(self) -> None:
+        """Once connected, before the outbox is published: a service may find here that its
+        log must not be published (`set_log_aside`)."""
 
     def decode(self, data: bytes) -> Any:
         return events.decode(data)
@@ -194,8 +224,17 @@ class EventService(Generic[S]):
 
     @property
     def db_path(self) -> Path:
-        """The service's SQLite file; one writer at a time (see shared/eventlog.py)."""
-        return self.config.data_path / f"{self.name}.sqlite"
+        """The service's SQLite file; one writer at a time (see shared/eventlog.py). A named
+        replica (config `instance`) has its own."""
+        suffix = f"-{self.config.instance}" if self.config.instance else ""
+        return self.config.data_path / f"{self.name}{suffix}.sqlite"
+
+    def consumer_name(self, spec: ConsumerSpec) -> str:
+        """The server's name of `spec`'s durable consumer: a control-plane replica's carries
+        its `instance`, so replicas never share a cursor. The log tracks `spec.durable`."""
+        if self.creates_streams and self.config.instance:
+            return f"{spec.durable}-{self.config.instance}"
+        return spec.durable
 
     # -- the public runtime ------------------------------------------------------------------
 
@@ -250,6 +289,36 @@ class EventService(Generic[S]):
                 raise Unavailable(f"Cumulus {self.name} is stopping; retry shortly")
         self._resumed()
         self._reconcile_wanted.set()
+
+    async def emit_decided(self, decide: Callable[[], Iterable[Event]]) -> None:
+        """`emit` what `decide()` returns, computed under the write lock: against the state
+        as it is when applied (no batch between the reading and the applying)."""
+        while True:
+            async with self._write:
+                batch = Batch()
+                try:
+                    self._stage(self._chain(decide()), batch)
+                except Exception:
+                    await self._rebuild()
+                    raise
+                if not batch or await self._try_commit(batch):
+                    await self._maybe_snapshot()
+                    break
+            if not await self._paused_wait():
+                raise Unavailable(f"Cumulus {self.name} is stopping; retry shortly")
+        self._resumed()
+        self._reconcile_wanted.set()
+
+    async def published(self, timeout: float) -> bool:
+        """Wait until everything committed so far is published (the outbox is empty); False
+        if that took longer than `timeout`."""
+        if self._relay is None:
+            return True
+        try:
+            await asyncio.wait_for(self._relay.drained(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[S]:
@@ -309,17 +378,19 @@ class EventService(Generic[S]):
         )
         self.js = self.nc.jetstream()
         if self.creates_streams:
-            await bus.ensure_streams(self.js, self.config.retention)
+            await bus.ensure_streams(self.js, self.config.retention, self.config.nats.replicas)
         else:
             await bus.wait_streams(self.js)
+        await self.after_connect()
         self._relay = OutboxRelay(self.js, self.eventlog, self.name)
         self._relay.put(await self.eventlog.pending_outbox())
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-publish")
         await self.on_start()
         for spec in self.consumers():
             after = self._tracked.get(spec.durable, 0)
+            name = self.consumer_name(spec)
             if self.creates_streams:
-                await bus.durable(self.js, spec.stream, spec.durable, spec.filters, after)
+                await bus.durable(self.js, spec.stream, name, spec.filters, after)
             else:  # a worker's: the control plane makes it, within the worker's own subjects
                 request = bus.ConsumerRequest(
                     stream=spec.stream,
@@ -329,7 +400,7 @@ class EventService(Generic[S]):
                 )
                 worker_id = spec.durable.split("-", 1)[1]
                 await bus.request_durable(self.nc, worker_id, request)
-            puller = bus.Puller(self.nc, spec.stream, spec.durable)
+            puller = bus.Puller(self.nc, spec.stream, name)
             await puller.start()
             self._pullers.append(puller)
             self._loops.append(
@@ -415,10 +486,37 @@ class EventService(Generic[S]):
             raise SystemExit(f"cumulus {self.name}: {exc.message}") from None
         await self._stopping.wait()
         await self.stop()
+        if self.exit_message:
+            raise SystemExit(f"cumulus {self.name}: {self.exit_message}")
         if self.failure is not None:
             raise SystemExit(
                 f"cumulus {self.name}: stopped after an unexpected error: {self.failure!r}"
             )
+
+    def end(self, message: str) -> None:
+        """Stop this service for good, now (a superseded scheduler): `run_forever` exits 1
+        with `message`, and a supervisor's restart comes back the safe way (replay)."""
+        if not self.exit_message:
+            log.error(message, extra={"fields": {"service": self.name}})
+            self.exit_message = message
+        self._stopping.set()
+
+    async def set_log_aside(self, suffix: str) -> Path:
+        """Move this service's SQLite file (and its WAL) aside as `<file>.<suffix>` and start
+        from an empty log: the state afresh, nothing tracked (consumers from the stream's
+        start), no outbox. Only before the outbox is published (`after_connect`)."""
+        assert self.eventlog is not None
+        await self.eventlog.close()
+        aside = self.db_path.with_name(f"{self.db_path.name}.{suffix}")
+        for ending in ("", "-wal", "-shm"):
+            source = self.db_path.with_name(self.db_path.name + ending)
+            if source.exists():
+                source.rename(aside.with_name(aside.name + ending))
+        self.eventlog = await EventLog.open(self.db_path)
+        self.reset_state()
+        self.position = self._snapshot_at = 0
+        await self._replay()
+        return aside
 
     def _spawned_done(self, task: asyncio.Task[Any]) -> None:
         self._spawned.discard(task)
@@ -603,6 +701,22 @@ class EventService(Generic[S]):
             return
         if reason := trust.disagreement(msg.subject, event):
             self._set_aside(batch, consumer, seq, msg, f"not believed: {reason}")
+            return
+        if events.stale(event, self.fence()):
+            FENCED.labels(self.name).inc()
+            log.warning(
+                "fenced: a decision of a superseded scheduler",
+                extra={
+                    "fields": {
+                        "service": self.name,
+                        "subject": msg.subject,
+                        "epoch": events.epoch_of(event),
+                        "known_epoch": self.fence(),
+                    }
+                },
+            )
+            return
+        if self.skip(event):
             return
         if not self.volatile(event):
             batch.log.append(msg.data)

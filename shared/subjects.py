@@ -8,6 +8,8 @@ Request/reply  cumulus.api.<user>.<operation>               NATS micro service "
 Observers      cumulus.observe.<operation>                  the same service, every user's jobs
 Secrets        cumulus.secrets.<worker_id>.get              a worker asks for its job's secrets
 Consumers      cumulus.consumers.<worker_id>.create         a worker asks for its durable consumers
+Election       jobs._._._.elected                     stream JOBS (`SchedulerElected`)
+Lease          $KV.cumulus-scheduler.leader                 KV bucket: the active scheduler
 Dead letters   cumulus.dead.<service>                       stream DEAD
 
 The user is the second token so that a NATS permission on `jobs.<user>.>` lets a user read
@@ -30,6 +32,9 @@ RESULTS_STREAM = "RESULTS"
 WORKERS_STREAM = "WORKERS"
 DEAD_STREAM = "DEAD"
 CODE_BUCKET = "cumulus-code"
+LEASE_BUCKET = "cumulus-scheduler"
+"""The scheduler's key-value bucket: key `leader` holds the lease (services/scheduler/lease.py)."""
+LEASE_KEY = "leader"
 
 NO_WORKER = "_"
 API_PREFIX = "cumulus.api"
@@ -40,6 +45,12 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def valid_token(value: str) -> bool:
     """True if `value` can stand as one subject token (user, job or worker id)."""
     return bool(_TOKEN.fullmatch(value)) and value != NO_WORKER
+
+
+ELECTED = "jobs._._._.elected"
+"""Where a scheduler that took the lease publishes its election marker (`SchedulerElected`):
+in the job stream, so it takes its place among the decisions, and under `_`, which is no
+user's token, so no user's `jobs.<user>.>` reads it. Every consumer of decisions filters it."""
 
 
 def job(user: str, job_id: str, worker_id: str, event: str) -> str:

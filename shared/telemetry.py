@@ -46,6 +46,11 @@ DEAD_LETTERS = Counter(
     "Messages a service could not decode, believe or apply, and set aside",
     ["service"],
 )
+FENCED = Counter(
+    "cumulus_fenced_events_total",
+    "Decisions of a superseded scheduler (stamped with an older epoch) a service did not act on",
+    ["service"],
+)
 CONSUMPTION_PAUSED = Gauge(
     "cumulus_consumption_paused",
     "1 while a service cannot write its event log (a full disk) and waits, else 0",

@@ -6,7 +6,8 @@ NATS permissions (shared/auth.py) decide who may publish on which subject: only 
 identity; the body is whatever the publisher wrote. A consumer sets aside (dead-letters) an
 event whose body disagrees with its subject (another job, user or worker, another event type,
 a user or job id that is no subject token), or an event a worker alone publishes that arrived
-without a worker token.
+without a worker token. A scheduler's election marker is believed on its own subject only
+(`jobs._._._.elected`, which only a scheduler may publish on), and nothing else there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def disagreement(subject: str, event: Any) -> str:
     """Why `event` may not be believed on `subject`; "" when subject and body agree."""
     if isinstance(event, events.JobEvent):
         return _job(subject, event)
+    if isinstance(event, events.SchedulerElected) != (subject == subjects.ELECTED):
+        return f"a {type(event).__name__} on {subject}: a marker goes on {subjects.ELECTED} alone"
     tokens = subject.split(".")
     if isinstance(event, events.WorkerEvent):
         if len(tokens) != 3 or tokens[0] != "workers":

@@ -83,6 +83,10 @@ class Gateway(EventService[JobTable]):
     def ignore(self, subject: str) -> bool:
         return subject.endswith(".cancel")  # worker-directed; the table tracks none of it
 
+    def fence(self) -> int:
+        """The newest scheduler epoch seen: the table ignores older stamped decisions."""
+        return self.state.epoch
+
     def apply(self, event: Any) -> None:
         self.state.apply(event)
         if isinstance(event, ev.JobStarted) and self.ready.is_set():  # live, not replayed

@@ -23,13 +23,15 @@ class GatewaySnapshot(
 
     jobs: list[JobInfo] = []
     """Every job in memory, in the table's order."""
+    epoch: int = 0
+    """The largest scheduler epoch seen (the fence)."""
 
 
 _decoder = msgspec.json.Decoder(GatewaySnapshot)
 
 
 def encode(table: JobTable) -> bytes:
-    return msgspec.json.encode(GatewaySnapshot(jobs=list(table.jobs.values())))
+    return msgspec.json.encode(GatewaySnapshot(jobs=list(table.jobs.values()), epoch=table.epoch))
 
 
 def decode(data: bytes) -> JobTable:
@@ -41,7 +43,7 @@ def decode(data: bytes) -> JobTable:
             f"The gateway's snapshot cannot be read ({exc}): it was written by another "
             "version of Cumulus or is damaged; run the version that wrote it"
         ) from None
-    return JobTable(snap.jobs)
+    return JobTable(snap.jobs, snap.epoch)
 
 
 def compact(table: JobTable, now: float, forget_after_s: float) -> list[str]:

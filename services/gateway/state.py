@@ -4,6 +4,10 @@ It holds every job that is not over and the jobs that ended recently: `forget` d
 ended longer ago (config retention.forget_after_s, just before a snapshot); the gateway answers
 for them from the job stream (services/gateway/history.py), folding their events with this
 same `apply`.
+
+The scheduler's decisions are fenced by its epoch (docs/scheduler.md, high availability):
+`epoch` is the largest seen in the job stream (election markers, placements), and a decision
+stamped with a smaller one is a superseded scheduler's: the job a user sees does not move on it.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ TERMINAL = views.TERMINAL
 
 
 class JobTable:
-    def __init__(self, jobs: Iterable[JobView] = ()) -> None:
+    def __init__(self, jobs: Iterable[JobView] = (), epoch: int = 0) -> None:
         self.jobs: dict[str, JobView] = {}
+        self.epoch = epoch
+        """The largest scheduler epoch seen (ev.epoch_after)."""
         self._waiting: dict[str, set[str]] = {}
         """user -> ids of its SUBMITTED or QUEUED jobs (policy.max_queued)."""
         for job in jobs:  # a table restored from a snapshot: the waiting sets follow the jobs
@@ -37,6 +43,9 @@ class JobTable:
         return self.jobs.get(job_id)
 
     def apply(self, event: Any) -> None:
+        if ev.stale(event, self.epoch):
+            return
+        self.epoch = ev.epoch_after(self.epoch, event)
         self._apply(event)
         job = self.jobs.get(getattr(event, "job_id", ""))
         if job is not None:

@@ -129,15 +129,24 @@ class Partitioner(EventService[States]):
                 [
                     *subjects.job_events("scheduled", "revoked", worker_id=worker_id),
                     *subjects.terminal_events(worker_id),
+                    subjects.ELECTED,
                 ],
             )
             for worker_id in self.agents
         ]
 
     def apply(self, event: Any) -> None:
+        if isinstance(event, ev.SchedulerElected):  # every served worker's fence moves
+            for each in self.state.values():
+                each.apply(event)
+            return
         state = self.state.get(getattr(event, "worker_id", ""))
         if state is not None:
             state.apply(event)
+
+    def fence(self) -> int:
+        # The fences of the served workers move together (one stream, the same markers).
+        return max((state.epoch for state in self.state.values()), default=0)
 
     async def on_start(self) -> None:
         for agent in self.agents.values():

@@ -40,6 +40,8 @@ class WorkerPlacements(msgspec.Struct, kw_only=True):
     older: list[PartitionJob] = []
     ended: dict[str, float] = {}
     """Placement label -> when a compaction first found it done."""
+    epoch: int = 0
+    """The largest scheduler epoch seen (the fence)."""
 
 
 class PartitionerSnapshot(
@@ -66,6 +68,7 @@ def encode(states: Mapping[str, PartitionerState], ended: Ended) -> bytes:
                     jobs=list(state.jobs.values()),
                     older=list(state.older.values()),
                     ended=ended.get(worker_id, {}),
+                    epoch=state.epoch,
                 )
                 for worker_id, state in states.items()
             ]
@@ -89,6 +92,7 @@ def restore(states: Mapping[str, PartitionerState], data: bytes) -> Ended:
         saved = stored.get(worker_id, WorkerPlacements(worker_id=worker_id))
         state.jobs = {j.job_id: _shared_spec(j) for j in saved.jobs}
         state.older = {j.label: j for j in saved.older}
+        state.epoch = saved.epoch
         if saved.ended:
             ended[worker_id] = dict(saved.ended)
     return ended

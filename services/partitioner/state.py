@@ -9,6 +9,11 @@ in: only a job's newest attempt is ever created; an older one still to be releas
 placement is remembered as a placement known only by it, so the placement is never created
 when it comes, and the revoked attempt is reported released all the same (the scheduler holds
 its share until then).
+
+Placements are fenced by the scheduler's epoch too (docs/scheduler.md, high availability):
+`epoch` is the largest seen in this worker's stream (election markers, placements), and a
+placement, revocation or end stamped with a smaller one is a superseded scheduler's: it changes
+nothing (`ev.stale`), so a job is never partitioned on two schedulers' word.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class PartitionerState:
         self.older: dict[str, PartitionJob] = {}
         """Placements a newer attempt of their job superseded before they were released, by
         label: revoked, released and reported once, never created."""
+        self.epoch = 0
+        """The largest scheduler epoch seen (ev.epoch_after)."""
 
     def placements(self) -> list[PartitionJob]:
         """Every placement held: the older ones first (their releases go first)."""
@@ -85,11 +92,18 @@ class PartitionerState:
             if old.needs_release:
                 self.older[old.label] = old
 
-    @singledispatchmethod
     def apply(self, event: Any) -> None:
+        """Change the state by one event: a stale decision (ev.stale) changes nothing."""
+        if ev.stale(event, self.epoch):
+            return
+        self.epoch = ev.epoch_after(self.epoch, event)
+        self._apply(event)
+
+    @singledispatchmethod
+    def _apply(self, event: Any) -> None:
         pass
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.WorkerSelected) -> None:
         job = self.jobs.get(event.job_id)
         if event.worker_id != self.worker_id or (job is not None and job.attempt >= event.attempt):
@@ -105,25 +119,25 @@ class PartitionerState:
             trace=event.trace,
         )
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionReady) -> None:
         if (job := self.find(event.job_id, event.attempt)) and job.status == "wanted":
             job.status = "ready"
             job.partition_ids = list(event.partition_ids)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionFailed) -> None:
         if (job := self.find(event.job_id, event.attempt)) and job.status == "wanted":
             job.status = "failed"
             self.older.pop(job.label, None)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionReleased) -> None:
         if job := self.find(event.job_id, event.attempt):
             job.status = "released"
             self.older.pop(job.label, None)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
         if event.worker_id != self.worker_id:
             return
@@ -152,19 +166,19 @@ class PartitionerState:
         if job is not None:
             job.terminal = True
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobCompleted) -> None:
         self._terminal(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobFailed) -> None:
         self._terminal(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobTimedOut) -> None:
         self._terminal(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._terminal(event)
 

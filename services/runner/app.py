@@ -99,14 +99,20 @@ class Runner(EventService[st.RunnerState]):
             ConsumerSpec(
                 subjects.JOBS_STREAM,
                 f"runner-{self.worker_id}",
-                subjects.job_events(
-                    "partition_ready", "cancel", "revoked", worker_id=self.worker_id
-                ),
+                [
+                    *subjects.job_events(
+                        "partition_ready", "cancel", "revoked", worker_id=self.worker_id
+                    ),
+                    subjects.ELECTED,
+                ],
             )
         ]
 
     def apply(self, event: Any) -> None:
         self.state.apply(event)
+
+    def fence(self) -> int:
+        return self.state.epoch
 
     def decode(self, data: bytes) -> Any:
         return st.decode(data)
@@ -221,9 +227,14 @@ class Runner(EventService[st.RunnerState]):
         if (cached := self._packages.get(code_ref)) is not None:
             self._packages.move_to_end(code_ref)
             return cached
+        # A cluster electing a leader (it lost a server) answers "not yet": wait, not fail.
+        js = self.js
         if self._store is None:
-            self._store = await self.js.object_store(subjects.CODE_BUCKET)
-        result = await self._store.get(code_ref)
+            self._store = await bus.until_ready(
+                lambda: js.object_store(subjects.CODE_BUCKET), within=30.0
+            )
+        store = self._store
+        result = await bus.until_ready(lambda: store.get(code_ref), within=30.0)
         data = result.data or b""
         self._packages[code_ref] = data
         self._package_bytes += len(data)

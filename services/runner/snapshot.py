@@ -43,6 +43,8 @@ class RunnerSnapshot(
     ended: dict[str, float] = {}
     """`<job id>.<attempt>` (or `cancel:<job id>`) -> when a compaction first found that
     attempt over (or the cancel waiting)."""
+    epoch: int = 0
+    """The largest scheduler epoch seen (the fence)."""
 
 
 _decoder = msgspec.json.Decoder(RunnerSnapshot)
@@ -56,6 +58,7 @@ def encode(state: RunnerState, ended: dict[str, float]) -> bytes:
             cancelled_early=state.cancelled_early,
             discarding=list(state.discarding.values()),
             ended=ended,
+            epoch=state.epoch,
         )
     )
 
@@ -82,6 +85,7 @@ def decode(data: bytes, worker_id: str) -> tuple[RunnerState, dict[str, float]]:
             job.spec = NO_SPEC
     state.cancelled_early = dict(snap.cancelled_early)
     state.discarding = {j.job_id: j for j in snap.discarding}
+    state.epoch = snap.epoch
     return state, dict(snap.ended)
 
 

@@ -5,6 +5,10 @@ a job's newest attempt alone may run. A revocation that comes before its attempt
 is remembered (the job is then known by its revoked attempt, over), so that partition, when it
 comes, starts nothing; an attempt revoked or superseded while it may run is killed and cleaned
 up (`Discarded` records that) before a newer attempt of its job starts, and reports nothing.
+
+Revocations and cancels are fenced by the scheduler's epoch too (docs/scheduler.md): `epoch` is
+the largest seen in this worker's stream (election markers, decisions), and one stamped with a
+smaller epoch is a superseded scheduler's: it changes nothing (`ev.stale`).
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ class RunnerState:
         self.discarding: dict[str, RunJob] = {}
         """Attempts a newer attempt of their job replaced in `jobs` while they may still run
         (by job id): killed and cleaned up before the newer one starts."""
+        self.epoch = 0
+        """The largest scheduler epoch seen (ev.epoch_after)."""
 
     def active(self) -> list[RunJob]:
         return [j for j in self.jobs.values() if j.status != "done"]
@@ -121,11 +127,19 @@ class RunnerState:
         if job.status != "done":
             self.discarding[job.job_id] = job
 
-    @singledispatchmethod
     def apply(self, event: Any) -> None:
+        """Change the state by one event or record: a stale decision (ev.stale) changes
+        nothing."""
+        if ev.stale(event, self.epoch):
+            return
+        self.epoch = ev.epoch_after(self.epoch, event)
+        self._apply(event)
+
+    @singledispatchmethod
+    def _apply(self, event: Any) -> None:
         pass
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionReady) -> None:
         job = self.jobs.get(event.job_id)
         if event.worker_id != self.worker_id or (job is not None and job.attempt >= event.attempt):
@@ -144,7 +158,7 @@ class RunnerState:
             cancel_reason=reason or "",
         )
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.CancelOrdered) -> None:
         job = self.jobs.get(event.job_id)
         if job is None or job.revoked:
@@ -154,7 +168,7 @@ class RunnerState:
             job.cancel = True
             job.cancel_reason = event.reason
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
         if event.worker_id != self.worker_id:
             return
@@ -175,14 +189,14 @@ class RunnerState:
             revoked=True,
         )
 
-    @apply.register
+    @_apply.register
     def _(self, event: Launching) -> None:
         job = self.jobs.get(event.job_id)
         if job is not None and job.attempt == event.attempt and job.status == "ready":
             job.status = "launching"
             job.nonce = event.nonce
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobStarted) -> None:
         # Applied to a revoked attempt too: discarding it kills it by this handle.
         job = self.attempt_of(event.job_id, event.attempt)
@@ -192,7 +206,7 @@ class RunnerState:
             job.backend = event.backend
             job.started_at = event.ts
 
-    @apply.register
+    @_apply.register
     def _(self, event: Discarded) -> None:
         if job := self.attempt_of(event.job_id, event.attempt):
             job.status = "done"
@@ -200,7 +214,7 @@ class RunnerState:
         if old is not None and old.attempt == event.attempt:
             del self.discarding[event.job_id]
 
-    @apply.register
+    @_apply.register
     def _(self, event: LogCursor) -> None:
         if job := self.jobs.get(event.job_id):
             job.seq = event.seq
@@ -217,18 +231,18 @@ class RunnerState:
             job.status = "done"
         self.cancelled_early.pop(event.job_id, None)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobCompleted) -> None:
         self._finish(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobFailed) -> None:
         self._finish(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobTimedOut) -> None:
         self._finish(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._finish(event)

@@ -1,17 +1,36 @@
 """The scheduler: worker inventory, fractional placement, the queue, retries, freeing capacity.
 
-One active scheduler. It consumes job events that change capacity and the WORKERS stream,
-decides placements (services/scheduler/handlers.py, pure), and answers four requests on the
-`cumulus-scheduler` micro service: `cumulus.scheduler.admit` (can this ever fit?),
-`cumulus.scheduler.workers` (devices with allocated and free share),
-`cumulus.scheduler.state` (the allocation state and the log position it was read at) and
-`cumulus.scheduler.queue` (a waiting job's live position and reason).
+One active scheduler, any number of standbys (docs/scheduler.md, high availability). Every
+instance consumes the job events that change capacity, the WORKERS stream and the decisions
+themselves (`queued`, `scheduled`, `revoked`, the election markers), so a standby's state
+follows the active one's. Only the holder of the lease (lease.py) decides (handlers.py, pure):
+
+1. A standby campaigns for the lease. Once it holds it (epoch N) and its own outbox is
+   published, it publishes its election marker (`SchedulerElected`, `jobs._._._.elected`)
+   and follows the stream until it has applied that marker: whatever came before is fact.
+2. Then it leads: it logs `Leading(N)`, takes the decisions its predecessor may have owed
+   (handlers.promotion, then `schedule`), starts liveness and the Swarm watch and serves
+   `cumulus.scheduler.admit` (can this ever fit?), `.workers` (devices with allocated and free
+   share), `.state` (the allocation state and the log position it was read at) and `.queue`
+   (a waiting job's live position and reason). Every decision carries the epoch N; its own
+   decisions coming back from the stream are skipped (applied when taken).
+3. It decides only while its lease is valid; a lapsed lease is resumed only by renewing it
+   unchanged (then the owed decisions are taken). Finding another holder (the lease, a later
+   marker or decision) it stops deciding at once and ends with exit status 1; a restart follows.
+
+Every instance serves `cumulus.consumers.<W>.create` (workers' consumers) and
+`cumulus.scheduler.role.<holder>` (which role it has now). A scheduler whose log shows it led
+an epoch older than the lease's sets that log aside at start and rebuilds from the streams:
+it may hold decisions the others never saw.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,10 +40,20 @@ import nats.micro
 from cumulus_core.amounts import format_amount
 from services.scheduler import snapshot as snapshots
 from services.scheduler import swarm
-from services.scheduler.handlers import Policy, admission_error, decide, waiting_reason
-from services.scheduler.state import SchedulerState
+from services.scheduler.handlers import (
+    Policy,
+    admission_error,
+    decide,
+    promotion,
+    schedule,
+    waiting_reason,
+)
+from services.scheduler.lease import Lease, LeaseValue, Superseded
+from services.scheduler.state import Leading, SchedulerState
+from services.scheduler.state import decode as decode_record
 from shared import api, bus, subjects
 from shared import events as ev
+from shared.config import Config
 from shared.errors import NotFound, Unavailable
 from shared.policy import share_limits
 from shared.service import ConsumerSpec, EventService
@@ -38,6 +67,8 @@ from shared.telemetry import (
 )
 from shared.views import DeviceUsage, SwarmNode, WorkerInfo, WorkerList
 
+log = logging.getLogger(__name__)
+
 Handler = Callable[[bytes], Awaitable[Any]]
 
 JOB_EVENTS = [
@@ -49,6 +80,11 @@ JOB_EVENTS = [
     "partition_released",
     *ev.TERMINAL_NAMES,
 ]
+DECISIONS = ["queued", "scheduled", "revoked"]
+"""The leader's decisions a standby follows (its `failed`/`cancelled` are among JOB_EVENTS,
+its `lost` and `node` on the WORKERS stream)."""
+MARKER_WAIT_S = 30.0
+"""How long a new leader waits to read its own election marker back before it gives up."""
 
 
 class Scheduler(EventService[SchedulerState]):
@@ -61,6 +97,14 @@ class Scheduler(EventService[SchedulerState]):
         self.ended: dict[str, float] = {}
         """Job id -> when a compaction first found it over (services/scheduler/snapshot.py)."""
         self._micro: Any = None
+        self._group: Any = None
+        self._holder = ""
+        self.lease: Lease | None = None
+        self.leading = 0
+        """The epoch this instance leads with (its marker applied); 0: it follows."""
+        self._electing = 0
+        self._elected = asyncio.Event()
+        self._loops_started = False
         sched = self.config.scheduler
         max_share, user_max_share = share_limits(self.config)
         self.policy = Policy(
@@ -72,6 +116,13 @@ class Scheduler(EventService[SchedulerState]):
             max_share=max_share,
             user_max_share=user_max_share,
         )
+
+    @property
+    def holder(self) -> str:
+        """This instance's name in the lease (config `instance`, else made once and kept)."""
+        if not self._holder:
+            self._holder = holder_name(self.config)
+        return self._holder
 
     def new_state(self) -> SchedulerState:
         return SchedulerState()
@@ -87,12 +138,42 @@ class Scheduler(EventService[SchedulerState]):
         snapshots.compact(self.state, self.ended, now, self.config.retention.forget_after_s)
 
     def consumers(self) -> list[ConsumerSpec]:
+        jobs = [*subjects.job_events(*JOB_EVENTS, *DECISIONS), subjects.ELECTED]
         return [
             ConsumerSpec(subjects.WORKERS_STREAM, "scheduler-workers", ["workers.>"]),
-            ConsumerSpec(subjects.JOBS_STREAM, "scheduler-jobs", subjects.job_events(*JOB_EVENTS)),
+            ConsumerSpec(subjects.JOBS_STREAM, "scheduler-jobs", jobs),
         ]
 
+    def decode(self, data: bytes) -> Any:
+        return decode_record(data)
+
+    def fence(self) -> int:
+        return self.state.epoch
+
+    def skip(self, event: Any) -> bool:
+        """Its own decisions, applied when taken: a repeat could undo what came after them
+        (a `queued` arriving after the job was placed)."""
+        return isinstance(event, ev.SCHEDULER_ONLY) and ev.epoch_of(event) in self.state.led
+
+    @property
+    def deciding(self) -> bool:
+        """This instance leads and its lease is valid now. One never connected (tests that
+        drive `step` without a bus) decides as a lone leader would."""
+        if self.exit_message:
+            return False
+        if self.lease is None:
+            return True
+        return self.leading > 0 and self.lease.valid()
+
+    def role(self) -> str:
+        if self.exit_message:
+            return "superseded"
+        if self.leading:
+            return "leader" if self.deciding else "lapsed"
+        return "electing" if self._electing else "follower"
+
     def apply(self, event: Any) -> None:
+        self._notice(event)
         # A terminal event may come from the scheduler itself ("_"): read the job's worker first.
         job = self.state.jobs.get(getattr(event, "job_id", ""))
         worker_id = job.worker_id if job is not None else ""
@@ -109,9 +190,37 @@ class Scheduler(EventService[SchedulerState]):
         ):
             self._gauge_memory(worker_id)
 
+    def _notice(self, event: Any) -> None:
+        """What an event says of the election, before it is applied: our own marker read
+        back (we may lead), or a later epoch than ours (we are superseded)."""
+        mine = self.leading or self._electing
+        if isinstance(event, ev.SchedulerElected):
+            if event.holder == self.holder and event.epoch == self._electing:
+                self._elected.set()
+            elif mine and event.epoch > mine:
+                self._superseded(LeaseValue(holder=event.holder, epoch=event.epoch))
+        elif mine and isinstance(event, ev.SCHEDULER_ONLY) and ev.epoch_of(event) > mine:
+            self._superseded(LeaseValue(holder="?", epoch=ev.epoch_of(event)))
+
+    def _superseded(self, now: LeaseValue) -> None:
+        """Stop deciding at once, and the process (exit 1): a restart comes back a follower."""
+        mine = self.leading or self._electing
+        self.leading = self._electing = 0
+        self.end(
+            f"superseded: scheduler {now.holder} holds the lease at epoch {now.epoch} "
+            f"(this one, {self.holder}, had epoch {mine}); stopping, so that a restart "
+            "follows it"
+        )
+
+    def stamp(self, out: list[ev.Event]) -> list[ev.Event]:
+        """Every decision carries the epoch it was taken in (the fence)."""
+        return [ev.stamped(new, self.leading) for new in out]
+
     def decide(self, event: Any) -> list[ev.Event]:
+        if not self.deciding or ev.stale(event, self.state.epoch):
+            return []
         started = time.perf_counter()
-        out = decide(event, self.state, self.policy)
+        out = self.stamp(decide(event, self.state, self.policy))
         for new in out:
             if isinstance(new, ev.WorkerSelected):
                 WORKER_ASSIGNMENTS.labels("success").inc()
@@ -126,7 +235,7 @@ class Scheduler(EventService[SchedulerState]):
             elif isinstance(new, ev.JobFailed) and new.code == "RESOURCE_EXHAUSTED":
                 WORKER_ASSIGNMENTS.labels("insufficient_resources").inc()
         if isinstance(event, ev.WorkerEvent):
-            ACTIVE_WORKERS.set(len(self.state.live_workers()))
+            ACTIVE_WORKERS.set(len(self.state.capacity.run_of))  # O(1): per heartbeat
         return out
 
     def _gauge_memory(self, worker_id: str) -> None:
@@ -143,10 +252,142 @@ class Scheduler(EventService[SchedulerState]):
         worker = self.state.workers.get(event.worker_id)
         return worker is None or worker.alive
 
+    async def after_connect(self) -> None:
+        """Open the lease; a log that led an epoch older than the lease's is set aside."""
+        assert self.js is not None
+        self.lease = Lease(
+            self.js, self.holder, self.config.scheduler.lease_ttl_s, self.config.nats.replicas
+        )
+        await self.lease.open()
+        _, current = await self.lease.read()
+        led = max(self.state.led, default=0)
+        if led and current is not None and current.epoch > led:
+            aside = await self.set_log_aside(f"superseded-{int(time.time())}")
+            log.warning(
+                "this scheduler's log led an epoch another scheduler's superseded: set aside, "
+                "rebuilding from the streams",
+                extra={"fields": {"led": led, "lease": current.epoch, "aside": str(aside)}},
+            )
+
     async def on_start(self) -> None:
         assert self.nc is not None
         self.startup_allocation = self.state.allocation()
         self.startup_position = self.position
+        self._micro = await nats.micro.add_service(
+            self.nc,
+            name="cumulus-scheduler",
+            version="0.1.0",
+            description="Placement and worker inventory",
+        )
+        self._group = self._micro.add_group(name="cumulus.scheduler")
+        await self._micro.add_endpoint(
+            name="consumers",
+            subject=subjects.consumer_request("*"),
+            handler=api.worker_endpoint(self.worker_consumer),
+        )
+        if subjects.valid_token(self.holder):
+            await self._micro.add_endpoint(
+                name="role",
+                subject=f"cumulus.scheduler.role.{self.holder}",
+                handler=api.endpoint(self.role_info),
+            )
+        self.spawn(self._lead(), name="lead")
+
+    async def role_info(self, data: bytes) -> Any:
+        """Which role this instance has now, and the epochs it knows."""
+        return {
+            "holder": self.holder,
+            "role": self.role(),
+            "epoch": self.leading or self._electing,
+            "known_epoch": self.state.epoch,
+        }
+
+    async def _lead(self) -> None:
+        """Campaign, publish the marker, follow the stream up to it, then lead. Anything
+        that goes wrong on the way ends the process (a restart takes its own lease back)."""
+        try:
+            await self._take_the_lead()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("could not take the lead")
+            self.end(f"could not take the lead: {type(exc).__name__}: {exc}; restarting")
+
+    async def _publish_marker(self, marker: ev.SchedulerElected) -> None:
+        """Publish the election marker, retrying while the bus is away (bounded)."""
+        assert self.js is not None
+        deadline = time.monotonic() + MARKER_WAIT_S
+        while True:
+            try:
+                await bus.publish(self.js, marker)
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _take_the_lead(self) -> None:
+        assert self.lease is not None
+        epoch = await self.lease.campaign(lambda: self.state.epoch)
+        self.spawn(self._keep(), name="lease")
+        # What this log decided before must reach the stream before the new epoch's marker,
+        # or everyone would fence it (an earlier epoch's, behind the marker).
+        while not await self.published(self.lease.ttl_s):
+            log.warning("waiting for the outbox to be published before the election marker")
+        self._electing = epoch
+        await self._publish_marker(ev.SchedulerElected(epoch=epoch, holder=self.holder))
+        try:
+            await asyncio.wait_for(self._elected.wait(), MARKER_WAIT_S)
+        except TimeoutError:
+            self.end(
+                f"the election marker of epoch {epoch} did not come back within "
+                f"{MARKER_WAIT_S:g} s; restarting"
+            )
+            return
+        await self.emit([], [Leading(epoch=epoch, holder=self.holder)])
+        self.leading, self._electing = epoch, 0
+        self.hearing_since = time.time()
+        await self._catch_up()
+        await self._start_leading()
+        log.info(
+            "scheduler leading",
+            extra={"fields": {"holder": self.holder, "epoch": epoch}},
+        )
+
+    async def _keep(self) -> None:
+        assert self.lease is not None
+        try:
+            await self.lease.keep(self._regained)
+        except Superseded as exc:
+            self._superseded(exc.value)
+
+    def _regained(self) -> None:
+        if self.leading:
+            self.spawn(self._catch_up(), name="catch-up")
+
+    async def _catch_up(self) -> None:
+        """The decisions owed to what was applied while nobody (or not we) decided."""
+        if not self.deciding:
+            return
+        now = time.time()
+        await self.emit_decided(
+            lambda: (
+                self.stamp(promotion(self.state, self.policy, now, self.holder))
+                if self.deciding
+                else []
+            )
+        )
+        await self.emit_decided(
+            lambda: (
+                self.stamp(schedule(self.state, self.policy, time.time())) if self.deciding else []
+            )
+        )
+
+    async def _start_leading(self) -> None:
+        """Liveness, the Swarm watch and the leader's requests (once)."""
+        if self._loops_started:
+            return
+        self._loops_started = True
         # Heartbeats are not logged: after a restart every live worker gets a full grace period.
         now = time.time()
         for worker in self.state.workers.values():
@@ -154,25 +395,13 @@ class Scheduler(EventService[SchedulerState]):
         self.spawn(self._liveness(), name="liveness")
         if self.config.scheduler.swarm_nodes:
             self.spawn(self._swarm(), name="swarm")
-        self._micro = await nats.micro.add_service(
-            self.nc,
-            name="cumulus-scheduler",
-            version="0.1.0",
-            description="Placement and worker inventory",
-        )
-        group = self._micro.add_group(name="cumulus.scheduler")
         for op, handler in (
             ("admit", self.admit),
             ("workers", self.workers),
             ("state", self.allocation),
             ("queue", self.queue_position),
         ):
-            await group.add_endpoint(name=op, handler=api.endpoint(self._reading(handler)))
-        await self._micro.add_endpoint(
-            name="consumers",
-            subject=subjects.consumer_request("*"),
-            handler=api.worker_endpoint(self.worker_consumer),
-        )
+            await self._group.add_endpoint(name=op, handler=api.endpoint(self._reading(handler)))
 
     async def worker_consumer(self, worker_id: str, data: bytes) -> Any:
         """Create a worker's durable consumer for it, under its own subjects only (a worker's
@@ -194,6 +423,10 @@ class Scheduler(EventService[SchedulerState]):
     async def on_stop(self) -> None:
         if self._micro is not None:
             await self._micro.stop()
+        if self.lease is not None and self.leading and not self.exit_message:
+            # Our decisions first, then the lease: a standby takes over at once.
+            await self.published(2.0)
+            await self.lease.release()
 
     async def _liveness(self) -> None:
         """Declare lost every worker silent for heartbeat_misses intervals.
@@ -202,14 +435,14 @@ class Scheduler(EventService[SchedulerState]):
         last pause (a full disk: the heartbeats it could not record are not the workers'
         fault). A decision the log refuses is dropped, and taken afresh on the next tick."""
         while True:
-            lost = self.silent(time.time())
-            if lost and not self.paused:
+            lost = [ev.stamped(e, self.leading) for e in self.silent(time.time())]
+            if lost and not self.paused and self.deciding:
                 with contextlib.suppress(Unavailable):
                     await self._declare(lost)
             interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
             await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
 
-    async def _declare(self, lost: list[ev.WorkerLost]) -> None:
+    async def _declare(self, lost: list[ev.Event]) -> None:
         """Take the `lost` decisions only if the bus stores them: a bus that cannot store
         (its disk full, a restart) could not store the heartbeats either, and silence then says
         nothing about the workers. Published first, then applied (the stream's copy comes back
@@ -237,7 +470,7 @@ class Scheduler(EventService[SchedulerState]):
         """Follow the Swarm nodes' state, availability and labels (events on change)."""
         while True:
             observed = swarm.observations(await list_nodes(), self.state)
-            if observed:
+            if observed and self.deciding:
                 await self.emit(observed)
             await asyncio.sleep(self.config.scheduler.swarm_poll_s)
 
@@ -309,3 +542,21 @@ class Scheduler(EventService[SchedulerState]):
             "startup_position": self.startup_position,
             "startup_allocation": self.startup_allocation,
         }
+
+
+def holder_name(config: Config) -> str:
+    """This scheduler's name in the lease: config `instance`, else `<hostname>-<random>`,
+    made once and kept in the data directory (`scheduler.holder`), so a restart is the same
+    holder and takes its own lease back at once."""
+    if config.instance:
+        return str(config.instance)
+    path = config.data_path / "scheduler.holder"
+    with contextlib.suppress(OSError):
+        name = path.read_text().strip()
+        if subjects.valid_token(name):
+            return str(name)
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    name = f"{host.split('.')[0][:40] or 'scheduler'}-{os.urandom(3).hex()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(name + "\n")
+    return name

@@ -393,3 +393,73 @@ def _queued(
         reason=f"{reason}; {why}" if reason else why,
         trace=child_trace(job.trace),
     )
+
+
+def promotion(
+    state: SchedulerState, policy: Policy = DEFAULT, now: float = 0.0, holder: str = ""
+) -> list[ev.Event]:
+    """What a scheduler that has just taken over (or got its lease back) decides on what it
+    followed without deciding: the decisions the scheduler before it may not have taken.
+
+    In order: the jobs of a worker declared lost that are still placed there are revoked
+    (and failed where they may run), as on the `lost` itself; a live worker whose Swarm node
+    is down is declared lost; a placed job whose user asked to cancel is ordered cancelled
+    (a repeat does no harm); every job still pending (submitted, or its attempt failed or was
+    revoked) is decided as then, except that one that would be placed is queued: `schedule`
+    places from the queue afterwards, against up-to-date capacity (the caller asks for it).
+    Each result is applied by the caller before the next is read, so call it once per batch:
+    it looks at state as it is now and returns only what is missing.
+    """
+    out: list[ev.Event] = []
+    for worker in state.workers.values():
+        if worker.declared_lost and not worker.alive and state.jobs_on(worker.worker_id):
+            lost = ev.WorkerLost(worker_id=worker.worker_id, ts=now, reason=worker.lost_reason)
+            out += decide(lost, state, policy)
+        elif worker.alive and worker.node_state in ("down", "disconnected"):
+            reason = f"Swarm node {worker.node_id} is {worker.node_state}"
+            out.append(ev.WorkerLost(worker_id=worker.worker_id, ts=now, reason=reason))
+    for job in state.jobs.values():
+        if job.status == "placed" and job.cancel_requested:
+            out.append(
+                ev.CancelOrdered(
+                    job_id=job.job_id,
+                    user=job.user,
+                    worker_id=job.worker_id,
+                    reason="cancelled by user",
+                    trace=child_trace(job.trace),
+                )
+            )
+        elif job.status == "pending" and not any(
+            getattr(e, "job_id", "") == job.job_id for e in out
+        ):
+            out.append(_pending(state, job, policy, now, holder))
+    return out
+
+
+def _pending(
+    state: SchedulerState, job: JobState, policy: Policy, now: float, holder: str
+) -> ev.Event:
+    """The decision a pending job is owed, where a placement is queued instead."""
+    if job.cancel_requested:
+        return _cancelled(job)
+    if not job.attempt:
+        error = share_error(job, policy)
+        fits = placement.fits_ever(state, job.spec.gpu_tenths)
+        if error is None and state.has_live_workers() and not fits:
+            error = resources_exhausted(
+                str(GpuRequest(job.spec.gpu_tenths)), placement.largest_pool_request(state)
+            )
+        if error is not None:
+            return ev.failure_of(error, _as_event(job))
+    elif job.revoked != job.attempt and job.attempt >= policy.max_attempts:
+        return ev.JobFailed(
+            job_id=job.job_id,
+            user=job.user,
+            worker_id=job.tried[-1] if job.tried else "",
+            code=job.failed_code or "INTERNAL",
+            message=f"{job.failed_message or 'partition failed'} (after {job.attempt} attempts)",
+            attempt=job.attempt,
+            trace=job.trace,
+        )
+    reason = f"scheduler {holder} took over" if holder else "a new scheduler took over"
+    return _queued(state, job, now, reason, policy)

@@ -39,6 +39,9 @@ class WorkerState(msgspec.Struct, kw_only=True):
     heartbeat_s: float = 5.0
     alive: bool = True
     lost_reason: str = ""
+    declared_lost: bool = False
+    """A scheduler declared it lost (`WorkerLost`), as opposed to its own deregistration:
+    a scheduler taking over revokes what such a worker still holds (handlers.promotion)."""
     revived_at: float = 0.0
     node_id: str = ""
     node_state: str = ""

@@ -38,6 +38,10 @@ class SchedulerSnapshot(
     """Worker ids in the order the capacity indexes last took them."""
     ended: dict[str, float] = {}
     """Job id -> when a compaction first found it over."""
+    epoch: int = 0
+    """The largest scheduler epoch seen (the fence)."""
+    led: list[int] = []
+    """Epochs this log's scheduler led."""
 
 
 _decoder = msgspec.json.Decoder(SchedulerSnapshot)
@@ -51,6 +55,8 @@ def encode(state: SchedulerState, ended: dict[str, float]) -> bytes:
             submitted=state.submitted,
             indexed=list(state.capacity.run_of),
             ended=ended,
+            epoch=state.epoch,
+            led=list(state.led),
         )
     )
 
@@ -69,6 +75,8 @@ def decode(data: bytes) -> tuple[SchedulerState, dict[str, float]]:
     state.workers = {w.worker_id: w for w in snap.workers}
     state.jobs = {j.job_id: j for j in snap.jobs}
     state.submitted = snap.submitted
+    state.epoch = snap.epoch
+    state.led = list(snap.led)
     for job in state.jobs.values():
         if job.status == "queued":
             state.queue.push(

@@ -11,6 +11,12 @@ nothing. A revoked attempt's share stays allocated on its devices, under the key
 `<job>.<attempt>` (its partitions' label), until its worker reports that partition released:
 the worker may still hold it (a paused partitioner, a runner that has not yet killed the
 attempt), so nothing else is placed there meanwhile, and the release frees it exactly once.
+
+Decisions are fenced by epoch too (scheduler high availability, docs/scheduler.md): `epoch` is
+the largest scheduler epoch seen in stream order (election markers, and decisions only a
+scheduler publishes), and a decision stamped with a smaller one is a superseded scheduler's:
+it changes nothing (`ev.stale`). `led` lists the epochs in which this log's own scheduler led
+(its internal `Leading` records): its decisions of those epochs were applied when it took them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,21 @@ from services.scheduler.inventory import WorkerState as WorkerState
 from services.scheduler.queue import JobQueue
 from shared import events as ev
 from shared.eventlog import read_log
+
+
+class Leading(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="cumulus.scheduler.v1.leading"
+):
+    """Internal: from here on this log's scheduler leads with `epoch` (its election marker
+    was applied); logged, never published."""
+
+    epoch: int
+    holder: str
+
+
+Record = ev.AnyEvent | Leading
+decode = ev.decoder(Record)
+"""Decode one event or internal record of the scheduler's log (MalformedEvent otherwise)."""
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -54,6 +75,10 @@ class JobState(msgspec.Struct, kw_only=True):
     queued_at: float = 0.0
     order: int = 0
     """Submission order, for FIFO within a priority."""
+    failed_code: str = ""
+    failed_message: str = ""
+    """The current attempt's partition failure, for a scheduler that takes over before the
+    failure was decided on (handlers.promotion)."""
 
 
 class SchedulerState:
@@ -65,6 +90,10 @@ class SchedulerState:
         self.submitted = 0
         self.placed: dict[str, dict[str, int]] = {}
         """user -> {job id: tenths it holds}, for every placed job: the users' shares."""
+        self.epoch = 0
+        """The largest scheduler epoch seen (ev.epoch_after)."""
+        self.led: list[int] = []
+        """Epochs this log's scheduler led (its `Leading` records)."""
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -130,14 +159,27 @@ class SchedulerState:
 
     # -- apply -----------------------------------------------------------------------------
 
-    @singledispatchmethod
     def apply(self, event: Any) -> None:
+        """Change the state by one event: a stale decision (ev.stale) changes nothing."""
+        if ev.stale(event, self.epoch):
+            return
+        self.epoch = ev.epoch_after(self.epoch, event)
+        self._apply(event)
+
+    @singledispatchmethod
+    def _apply(self, event: Any) -> None:
         """Events the scheduler does not track change nothing."""
 
-    @apply.register
+    @_apply.register
+    def _(self, event: Leading) -> None:
+        if event.epoch not in self.led:
+            self.led.append(event.epoch)
+        self.epoch = max(self.epoch, event.epoch)
+
+    @_apply.register
     def _(self, event: ev.WorkerRegistered) -> None:
         old = self.workers.get(event.worker_id)
-        held = {d.index: d.allocated for d in old.devices} if old else {}
+        held = {d.index: d.allocated for d in old.devices} if old else self._placed_on(event)
         node = (
             (old.node_id, old.node_state, old.node_availability, dict(old.node_labels))
             if old
@@ -170,7 +212,18 @@ class SchedulerState:
         self.workers[event.worker_id] = worker
         self.capacity.index(worker)
 
-    @apply.register
+    def _placed_on(self, event: ev.WorkerRegistered) -> dict[int, dict[str, int]]:
+        """What jobs placed on a worker not known yet hold of its devices: a scheduler that
+        follows another's decisions may read a placement before the registration it was
+        made against (two streams, two consumers)."""
+        held: dict[int, dict[str, int]] = {}
+        for job in self.jobs.values():
+            if job.status == "placed" and job.worker_id == event.worker_id:
+                for index in job.devices:
+                    held.setdefault(index, {})[job.job_id] = job.tenths
+        return held
+
+    @_apply.register
     def _(self, event: ev.WorkerHeartbeat) -> None:
         worker = self.workers.get(event.worker_id)
         if worker is None:
@@ -180,6 +233,7 @@ class SchedulerState:
         if not worker.alive:
             worker.alive = True
             worker.lost_reason = ""
+            worker.declared_lost = False
             worker.revived_at = event.ts
             self.capacity.index(worker)
 
@@ -189,7 +243,7 @@ class SchedulerState:
             worker.lost_reason = reason
             self.capacity.drop(worker_id)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.WorkerNodeObserved) -> None:
         if worker := self.workers.get(event.worker_id):
             worker.node_id = event.node_id
@@ -198,15 +252,17 @@ class SchedulerState:
             worker.node_labels = dict(event.labels)
             self.capacity.index(worker)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.WorkerDeregistered) -> None:
         self._gone(event.worker_id, event.reason or "deregistered")
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.WorkerLost) -> None:
         self._gone(event.worker_id, event.reason)
+        if worker := self.workers.get(event.worker_id):
+            worker.declared_lost = True
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobSubmitted) -> None:
         if event.job_id in self.jobs:
             return
@@ -220,7 +276,7 @@ class SchedulerState:
             order=self.submitted,
         )
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobQueued) -> None:
         job = self.jobs.get(event.job_id)
         if job is not None and job.status == "pending":
@@ -229,7 +285,7 @@ class SchedulerState:
             job.queued_at = event.ts
             self.queue.push(job.job_id, job.spec.priority, job.spec.gpu_tenths, job.order, job.user)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.WorkerSelected) -> None:
         job = self.jobs.get(event.job_id)
         if job is None or job.status == "done" or event.attempt <= job.attempt:
@@ -242,6 +298,7 @@ class SchedulerState:
         job.attempt = event.attempt
         job.started = False
         job.partitioned = False
+        job.failed_code = job.failed_message = ""
         job.tried = [*job.tried, event.worker_id]
         self._hold(job)
 
@@ -253,30 +310,31 @@ class SchedulerState:
             return None
         return job
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobStarted) -> None:
         if job := self._current(event, event.attempt):
             job.started = True
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionReady) -> None:
         if job := self._current(event, event.attempt):
             job.partitioned = True
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionFailed) -> None:
         if job := self._current(event, event.attempt):
             self._free(job)
             job.status = "pending"
+            job.failed_code, job.failed_message = event.code, event.message
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
         if job := self._current(event, event.attempt):
             self._free(job, keep_as=retained_key(job.job_id, job.attempt))
             job.revoked = job.attempt
             job.status = "pending"
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.PartitionReleased) -> None:
         # Only a revoked attempt's share is still held at its release (any other was freed
         # by its job's terminal event); a repeated release finds nothing left to free.
@@ -287,7 +345,7 @@ class SchedulerState:
                 device.allocated.pop(key, None)
             self.capacity.index(worker)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.CancelRequested) -> None:
         if job := self.jobs.get(event.job_id):
             job.cancel_requested = True
@@ -305,19 +363,19 @@ class SchedulerState:
         self.queue.remove(job.job_id)
         job.status = "done"
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobCompleted) -> None:
         self._finish(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobFailed) -> None:
         self._finish(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobTimedOut) -> None:
         self._finish(event)
 
-    @apply.register
+    @_apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._finish(event)
 
@@ -332,5 +390,5 @@ def rebuild(path: Path, upto: int | None = None) -> SchedulerState:
     """The state a scheduler log file holds at position `upto` (for tools and tests)."""
     state = SchedulerState()
     for _, data in read_log(path, upto):
-        state.apply(ev.decode(data))
+        state.apply(decode(data))
     return state

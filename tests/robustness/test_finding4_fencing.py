@@ -97,10 +97,14 @@ async def history(nc: Client) -> list[tuple[int, ev.JobEvent]]:
     info = await js.stream_info(subjects.JOBS_STREAM)
     sub = await js.subscribe("jobs.>", ordered_consumer=True)
     out: list[tuple[int, ev.JobEvent]] = []
+    got = 0
     try:
-        while len(out) < (info.state.messages or 0):
+        while got < (info.state.messages or 0):
             msg = await sub.next_msg(timeout=10)
+            got += 1
             event = ev.decode(msg.data)
+            if isinstance(event, ev.SchedulerElected):
+                continue  # the scheduler's election marker: no job's
             assert isinstance(event, ev.JobEvent)
             out.append((msg.metadata.sequence.stream, event))
     finally:

@@ -429,10 +429,10 @@ def _no_clocks(job: Any) -> dict[str, Any]:
 # -- pure tests ------------------------------------------------------------------------------
 
 CARRIED: dict[type, set[str]] = {
-    JobTable: {"jobs", "_waiting"},
-    SchedulerState: {"workers", "jobs", "queue", "capacity", "submitted", "placed"},
-    PartitionerState: {"worker_id", "jobs", "older"},
-    runner_state.RunnerState: {"worker_id", "jobs", "cancelled_early", "discarding"},
+    JobTable: {"jobs", "_waiting", "epoch"},
+    SchedulerState: {"workers", "jobs", "queue", "capacity", "submitted", "placed", "epoch", "led"},
+    PartitionerState: {"worker_id", "jobs", "older", "epoch"},
+    runner_state.RunnerState: {"worker_id", "jobs", "cancelled_early", "discarding", "epoch"},
 }
 """Each state class's attributes, every one stored in its snapshot or rebuilt from what is."""
 
