@@ -241,8 +241,11 @@ class LogStream:
     def _close_responses(self) -> None:
         for response in list(self._responses.values()):
             with contextlib.suppress(Exception):
+                # Unblocks the reader thread: response.close() alone would wait for it (the
+                # buffered reader's lock). Over TLS (https) docker-py hands the SSLSocket
+                # itself, over plain HTTP a SocketIO around the socket.
                 sock = self.client.api._get_raw_response_socket(response)
-                sock._sock.shutdown(socket.SHUT_RDWR)
+                getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(Exception):
                 response.close()
         self._responses.clear()

@@ -8,12 +8,16 @@ unless the job asks for it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
+import docker.tls
 
 from services.runner.backend import Launch
 from shared.config import Config
+from shared.errors import ConfigError, Unavailable
 from shared.sizes import parse_size
 
 JOB_USER = "65534:65534"
@@ -44,7 +48,55 @@ def nvidia_devices(env: dict[str, str]) -> list[str]:
 
 
 def engine(timeout: int = 60) -> docker.DockerClient:
+    """The runner's own engine: `DOCKER_HOST` (with Docker's `DOCKER_TLS_VERIFY` and
+    `DOCKER_CERT_PATH`), else the local socket. Jobs, volumes and the claim live here."""
     return docker.from_env(timeout=timeout)
+
+
+TLS_FILES = ("ca.pem", "cert.pem", "key.pem")
+"""What `container.swarm_manager_tls` holds: Docker's own names (`docker --tlsverify`)."""
+
+
+def manager(config: Config, timeout: int = 60) -> docker.DockerClient | None:
+    """A client of `container.swarm_manager` (the Swarm manager services are made through),
+    or None when it is empty (the runner's own engine is the manager). ConfigError (exit
+    status 2) for TLS files that are missing; Unavailable when the manager does not answer."""
+    url = config.container.swarm_manager
+    if not url:
+        return None
+    tls = manager_tls(config.container.swarm_manager_tls)
+    try:
+        client = docker.DockerClient(base_url=url, tls=tls, timeout=timeout)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise Unavailable(
+            f"the Swarm manager at {url} (container.swarm_manager) does not answer: {exc}; "
+            "check that its dockerd listens there"
+            + (" with --tlsverify" if tls else "")
+            + " and that this host reaches it (docs/deploy.md)"
+        ) from None
+    return client
+
+
+def manager_tls(directory: str) -> docker.tls.TLSConfig | None:
+    """TLS for the manager's API from a directory of `ca.pem`, `cert.pem`, `key.pem`: the
+    manager's certificate is checked against `ca.pem` and this runner shows its own."""
+    if not directory:
+        return None
+    where = Path(directory).expanduser()
+    missing = [name for name in TLS_FILES if not (where / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"container.swarm_manager_tls {where} lacks {', '.join(missing)}: it needs the "
+            "CA (ca.pem) and this host's client certificate and key (cert.pem, key.pem) that "
+            "the manager's dockerd --tlsverify accepts (docs/deploy.md)",
+            key="container.swarm_manager_tls",
+        )
+    return docker.tls.TLSConfig(
+        client_cert=(str(where / "cert.pem"), str(where / "key.pem")),
+        ca_cert=str(where / "ca.pem"),
+        verify=True,
+    )
 
 
 def reachable(timeout: float = 2.0) -> bool:

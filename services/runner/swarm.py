@@ -1,9 +1,20 @@
 """The Docker Swarm backend (the seed's platform): each job one service pinned to the worker's node.
 
-The engine is the one `DOCKER_HOST` names (the local socket by default); services can only be
-made through a manager, so on a worker host DOCKER_HOST is a manager's engine and
-`container.swarm_node` names the worker's own node (ID or hostname; default: the node of the
-engine itself). The runner still runs on that node: the job's directory is bind-mounted from it.
+Two engines, which are one on a single host:
+
+- the runner's own engine (`DOCKER_HOST`, else the local socket), a node of the Swarm: the
+  job's directory is bind-mounted from this host, its requirements volume is prepared here
+  (a named local volume, which the task on this node mounts by name), the worker id's claim
+  marker runs here, the job image is pulled here;
+- the manager (`container.swarm_manager`, with TLS from `container.swarm_manager_tls`; empty:
+  the own engine, which must then be a manager), through which services are created,
+  inspected, followed, listed and removed, and nodes looked up: a worker node's engine
+  cannot make services.
+
+The job is pinned to `container.swarm_node` (ID or hostname; default: the own engine's
+node). Setting `DOCKER_HOST` itself to a manager on another host (the older way) still runs
+jobs without requirements on the configured node, but a job with requirements is refused
+there: its volume would be prepared on the manager's engine, not on the node that runs it.
 
 The service `cumulus-<job>-<attempt>` is created from the job image's ID (with a tag, Swarm
 asks a registry first), or, when `container.image` is `<registry>/<name>@sha256:<digest>`,
@@ -63,46 +74,67 @@ class SwarmBackend:
         self.config = config
         self.worker_id = worker_id
         self.client = sp.engine()
+        """The runner's own engine: job directories, volumes, the claim, the image."""
+        try:
+            self.manager = sp.manager(config) or self.client
+            """Where services are made and followed (`container.swarm_manager`)."""
+        except BaseException:
+            self.client.close()
+            raise
         self.jobs = ct.Jobs(config, root, worker_id)
-        self.node = self._node()
-        self.remote = self.node != str(self.client.info()["Swarm"]["NodeID"])
-        """The engine is a manager on another host than the worker's node."""
+        own = self.client.info()["Swarm"]
+        self.node = self._node(own)
+        self.remote = self.node != str(own.get("NodeID", ""))
+        """The jobs run on another node than the runner's own engine's (DOCKER_HOST is a
+        manager on another host): nothing prepared on the own engine reaches them."""
         self.claim = self.jobs.claim(self.client)
         self._exits: dict[str, Exit] = {}
         self._pollers: dict[str, threading.Thread] = {}
         self._network_ready = False
 
-    def _node(self) -> str:
+    def _node(self, own: dict[str, Any]) -> str:
         """The worker's node ID, checked with the manager: a ConfigError (exit status 2, one
-        line) when the engine cannot make services or the configured node does not exist."""
-        swarm = self.client.info()["Swarm"]
-        if swarm.get("LocalNodeState") != "active":
+        line) when the own engine is in no Swarm, the manager cannot make services, or the
+        node does not exist there."""
+        separate = self.manager is not self.client
+        if own.get("LocalNodeState") != "active":
             raise ConfigError(
                 f"the Docker engine at {_where()} is not part of a Swarm: run docker swarm "
-                "init (or join), or point DOCKER_HOST at a Swarm manager",
+                "join on this host (docker swarm join-token worker on a manager prints the "
+                "command)" + ("" if separate else ", or docker swarm init"),
                 key="worker.backend",
             )
-        if not swarm.get("ControlAvailable"):
+        if not self.manager.info()["Swarm"].get("ControlAvailable"):
+            if separate:
+                raise ConfigError(
+                    f"container.swarm_manager {self.config.container.swarm_manager} is not a "
+                    "Swarm manager (docker node ls there lists the managers)",
+                    key="container.swarm_manager",
+                )
             raise ConfigError(
                 f"the Docker engine at {_where()} is a Swarm worker, and services are made "
-                "through a manager: set DOCKER_HOST to a manager's engine and "
-                "container.swarm_node to this node (docs/deploy.md)",
-                key="container.swarm_node",
+                "through a manager: set container.swarm_manager to a manager's Docker API "
+                "(with container.swarm_manager_tls; docs/deploy.md)",
+                key="container.swarm_manager",
             )
-        wanted = self.config.container.swarm_node
-        if not wanted:
-            return str(swarm["NodeID"])
+        wanted = self.config.container.swarm_node or str(own["NodeID"])
         try:
-            return str(self.client.api.inspect_node(wanted)["ID"])
+            return str(self.manager.api.inspect_node(wanted)["ID"])
         except docker.errors.NotFound:
             raise ConfigError(
-                f"no Swarm node {wanted!r} (ID or hostname) in the Swarm of {_where()}; "
+                f"no Swarm node {wanted!r} (ID or hostname) in the Swarm of {self._managed()}; "
                 "docker node ls on a manager lists them",
                 key="container.swarm_node",
             ) from None
 
+    def _managed(self) -> str:
+        """The manager the backend makes services through, as the user configured it."""
+        return self.config.container.swarm_manager or _where()
+
     async def close(self) -> None:
         await asyncio.to_thread(self.claim.close)
+        if self.manager is not self.client:
+            self.manager.close()
         self.client.close()
 
     async def start(self, launch: Launch) -> str:
@@ -115,11 +147,10 @@ class SwarmBackend:
             return existing
         if launch.requirements and self.remote:
             raise RuntimeError(
-                "jobs with requirements need the runner's Docker engine (DOCKER_HOST) on the "
-                "worker's own node: their environment volume is prepared on that engine, and "
-                f"this one is a manager on another host ({_where()}); submit the job without "
-                "requirements (install them into the job image) or run this worker with a "
-                "local manager"
+                "jobs with requirements need the runner's own Docker engine (DOCKER_HOST) on "
+                "the node its jobs run on: their environment volume is prepared on that "
+                f"engine, and {_where()} is not that node's; point DOCKER_HOST at this host's "
+                "engine and container.swarm_manager at the manager (docs/deploy.md)"
             )
         prepared = self.jobs.prepare(self.client, launch)
         limit = parse_size(self.config.container.memory)
@@ -149,7 +180,7 @@ class SwarmBackend:
             networks=networks,
         )
         try:
-            created = self.client.api.create_service(
+            created = self.manager.api.create_service(
                 template,
                 name=name,
                 labels=self._labels(launch),
@@ -165,7 +196,7 @@ class SwarmBackend:
         return lb.labels(self.worker_id, launch.job_id, launch.attempt, self.jobs.owner)
 
     def _service(self, name: str) -> str | None:
-        for service in self.client.api.services(filters={"name": name}):
+        for service in self.manager.api.services(filters={"name": name}):
             if service["Spec"]["Name"] == name:
                 ct.check_owner(self.jobs.owner, name, service["Spec"].get("Labels"))
                 return str(service["ID"])
@@ -174,9 +205,9 @@ class SwarmBackend:
     def _isolated_network(self) -> str:
         name = self.config.container.swarm_network
         if not self._network_ready:
-            if not self.client.networks.list(names=[name]):
+            if not self.manager.networks.list(names=[name]):
                 with contextlib.suppress(docker.errors.APIError):  # made concurrently
-                    self.client.networks.create(
+                    self.manager.networks.create(
                         name,
                         driver="overlay",
                         internal=True,
@@ -189,7 +220,7 @@ class SwarmBackend:
     def output(
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
-        return LogStream(self.client, f"/services/{handle}/logs", nonce, cursor)
+        return LogStream(self.manager, f"/services/{handle}/logs", nonce, cursor)
 
     def result_path(self, job_id: str, attempt: int) -> Path:
         # The job's directory is bind-mounted from this host: the service runs on its node.
@@ -206,7 +237,7 @@ class SwarmBackend:
         """Watch the service's task until it ends (the log stream never says so)."""
         while handle in self._pollers:
             try:
-                tasks = self.client.api.tasks(filters={"service": handle})
+                tasks = self.manager.api.tasks(filters={"service": handle})
             except docker.errors.NotFound:
                 tasks = None
             except Exception:
@@ -224,7 +255,7 @@ class SwarmBackend:
 
     def _service_gone(self, handle: str) -> bool:
         try:
-            self.client.api.inspect_service(handle)
+            self.manager.api.inspect_service(handle)
         except docker.errors.NotFound:
             return True
         return False
@@ -245,9 +276,9 @@ class SwarmBackend:
     def _remove(self, job_id: str, attempt: int, handle: str | None) -> None:
         if handle:
             with contextlib.suppress(docker.errors.NotFound):
-                self.client.api.remove_service(handle)
-        # Swarm removes the task's container 1-2.5 s after the service, on whichever node
-        # it ran; on the engine's own node we don't wait for it.
+                self.manager.api.remove_service(handle)
+        # Swarm removes the task's container 1-2.5 s after the service, on the node it ran
+        # on; on the own engine (that node) we don't wait for it.
         wanted = lb.label_filter(self.worker_id, job_id, attempt)
         for container in self._own(self.client.api.containers(all=True, filters=wanted)):
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
@@ -267,7 +298,7 @@ class SwarmBackend:
 
     def _services(self, job_id: str | None = None, attempt: int | None = None) -> list[Any]:
         wanted = lb.label_filter(self.worker_id, job_id, attempt)
-        found = self.client.api.services(filters=wanted)
+        found = self.manager.api.services(filters=wanted)
         return [s for s in found if lb.owned(s["Spec"].get("Labels"), self.jobs.owner)]
 
     def _own(self, containers: list[Any]) -> list[Any]:

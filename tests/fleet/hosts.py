@@ -15,7 +15,14 @@
   digest, which Swarm pulls on whichever node runs the service;
 - per host, a directory of this VM (`host_dir(i)`) bind-mounted into that host at the same
   path: a worker agent "on" host i keeps its data directory there, so the job directories it
-  bind-mounts into its jobs' containers exist on the node that runs them.
+  bind-mounts into its jobs' containers exist on the node that runs them;
+- the repository (and the interpreter its `.venv` was made from, when that is not the
+  system's: pyenv's prefix here) bind-mounted read-only into every host at the same paths, so
+  `.venv/bin/python` runs there: the node image is the same Debian 12 as this VM, so its
+  compiled wheels load. `spawn(i, argv, env, log)` starts a process inside host i (detached,
+  its output in a file under `host_dir(i)`), `signal` and `alive` follow it by pid, and
+  `gateway_ip` is this VM's address on the bridge: a server the hosts' processes reach
+  listens there (never on 0.0.0.0).
 
 Hosts are numbered from 1. Host 1 is the manager: stop only the others. Everything made
 carries the label `cumulus.fleet=<prefix>` (and the prefix in its name), so `cleanup()` removes
@@ -28,7 +35,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import shutil
+import signal as signals
+import sys
 import tempfile
 import threading
 import time
@@ -62,7 +72,25 @@ DOCKER_CAPS = {
 }
 UNMASKED: dict[str, list[str]] = {"MaskedPaths": [], "ReadonlyPaths": []}
 """What the CLI's `--security-opt systempaths=unconfined` sends (the API has no such option)."""
+REPO = Path(__file__).resolve().parents[2]
+"""The repository root: mounted read-only into every host at the same path."""
+SYSTEM_PREFIXES = {"/", "/usr", "/usr/local"}
 T = TypeVar("T")
+
+
+def shared_paths() -> list[Path]:
+    """What a host needs of this VM to run the repository's `.venv/bin/python`: the repository
+    and, when the venv was made from an interpreter outside the system's directories (pyenv),
+    that interpreter's prefix; the system libraries it links (libssl, libffi) are the node
+    image's own Debian 12 ones."""
+    paths = [REPO]
+    for prefix in (sys.prefix, sys.base_prefix):
+        where = Path(prefix).resolve()
+        if str(where) in SYSTEM_PREFIXES or where.is_relative_to(REPO):
+            continue
+        if not any(where.is_relative_to(p) for p in paths):
+            paths.append(where)
+    return paths
 
 
 class FleetError(RuntimeError):
@@ -164,8 +192,12 @@ class Hosts:
         """The registry's address as the nodes see it: `<ip>:5000`."""
         self._registry_local = ""
         """The registry's address as this VM's engine sees it (127.0.0.1:<published port>)."""
+        self.gateway_ip = ""
+        """This VM's address on the bridge: where servers the hosts' processes reach listen."""
         self._hosts: dict[int, Host] = {}
         self._clients: dict[int, docker.DockerClient] = {}
+        self._spawned: dict[tuple[int, int], Path] = {}
+        """(host, pid) -> the file its exit status is written to."""
         self._lock = threading.Lock()
         self.timings = Timings()
 
@@ -229,6 +261,8 @@ class Hosts:
                     continue
                 raise
             self.subnet = subnet
+            config = self.outer.api.inspect_network(self.network)["IPAM"]["Config"] or [{}]
+            self.gateway_ip = str(config[0].get("Gateway") or self._address(1))
             return
         raise FleetError(f"no free subnet under {SUBNET_BASE}.0.0/16 for {self.network}")
 
@@ -264,6 +298,10 @@ class Hosts:
         mounts = [
             docker.types.Mount("/var/lib/docker", volume, type="volume"),
             docker.types.Mount(str(host.directory), str(host.directory), type="bind"),
+        ]
+        mounts += [
+            docker.types.Mount(str(path), str(path), type="bind", read_only=True)
+            for path in shared_paths()
         ]
         self._create(
             name,
@@ -403,6 +441,83 @@ class Hosts:
         if code != 0:
             raise FleetError(f"on host {index}: {script!r} failed ({code}): {text.strip()}")
         return text
+
+    # -- processes on a host --------------------------------------------------------------
+
+    def spawn(
+        self,
+        index: int,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> int:
+        """Start `argv` inside host `index`, detached, in the repository's directory; its pid
+        there. Its output goes to `log` (default `host_dir(index)/<program>-<n>.log`, readable
+        from this VM too) and its exit status, once it ends, to `<log>.status`.
+
+        A shell started by `docker exec` waits for it and records the status: the host's
+        PID 1 is dockerd, which reaps no processes it did not start, so an ended process
+        would otherwise stay a zombie that `kill -0` still finds.
+        """
+        where = self.host_dir(index)
+        if log is None:
+            stem = Path(argv[0]).name if len(argv) < 3 or argv[1] != "-m" else argv[2]
+            log = where / f"{stem}-{len(self._spawned) + 1}.log"
+        status, pidfile = Path(f"{log}.status"), Path(f"{log}.pid")
+        for path in (status, pidfile):
+            path.unlink(missing_ok=True)
+        script = (
+            "log=$1 status=$2 pidfile=$3; shift 3; "
+            '( "$@" >"$log" 2>&1 </dev/null & echo $! >"$pidfile.tmp"; '
+            'mv "$pidfile.tmp" "$pidfile"; wait $!; echo $? >"$status" ) '
+            ">/dev/null 2>&1 </dev/null & "
+            'for _ in $(seq 500); do [ -s "$pidfile" ] && exec cat "$pidfile"; sleep 0.01; done; '
+            "exit 1"
+        )
+        container = self.outer.containers.get(self.host(index).name)
+        code, out = container.exec_run(
+            ["sh", "-c", script, "spawn", str(log), str(status), str(pidfile), *argv],
+            environment=env or {},
+            workdir=str(REPO),
+        )
+        text = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+        if code != 0 or not text.strip().isdigit():
+            raise FleetError(f"on host {index}: could not start {shlex.join(argv)}: {text}")
+        pid = int(text.strip())
+        self._spawned[(index, pid)] = status
+        return pid
+
+    def signal(self, index: int, pid: int, sig: int = signals.SIGTERM) -> None:
+        """Send `sig` to process `pid` inside host `index` (quietly none if it is gone).
+        A process `spawn` started ignores SIGINT (sh starts background commands so): stop it
+        with SIGTERM, as a supervisor does."""
+        container = self.outer.containers.get(self.host(index).name)
+        container.exec_run(["kill", f"-{int(sig)}", str(pid)])
+
+    def alive(self, index: int, pid: int) -> bool:
+        """Whether process `pid` inside host `index` still runs (a zombie does not)."""
+        check = f"grep -q '^State:[[:space:]]*[^Z]' /proc/{int(pid)}/status 2>/dev/null"
+        container = self.outer.containers.get(self.host(index).name)
+        code, _ = container.exec_run(["sh", "-c", check])
+        return bool(code == 0)
+
+    def exit_status(self, index: int, pid: int) -> int | None:
+        """The exit status of a process `spawn` started, once it ended; None before."""
+        status = self._spawned.get((index, pid))
+        if status is None:
+            raise FleetError(f"process {pid} on host {index} was not started by spawn")
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(status.read_text().strip())
+        return None
+
+    def wait_exit(self, index: int, pid: int, timeout: float) -> int:
+        """Wait (bounded) for a spawned process to end; its exit status."""
+        deadline = time.monotonic() + timeout
+        while (code := self.exit_status(index, pid)) is None:
+            if time.monotonic() > deadline:
+                raise FleetError(f"process {pid} on host {index} did not end in {timeout:.0f} s")
+            time.sleep(0.1)
+        return code
 
     # -- images --------------------------------------------------------------------------
 

@@ -150,10 +150,12 @@ async def ended_of(backend: Backend, run: Run, within: float = 15) -> Exit:
     raise AssertionError(f"the backend did not report the end of {run.job_id} in {within} s")
 
 
-async def test_a_job_with_requirements_is_refused_clearly_through_a_remote_manager(
+async def test_a_job_with_requirements_is_refused_clearly_when_docker_host_is_the_manager(
     hosts: Hosts, job_image: str, on_manager: str
 ) -> None:
-    """Its environment volume would be made on the manager, not on the node the job runs on."""
+    """The older way (DOCKER_HOST = a manager on another host): its environment volume would
+    be made on the manager, not on the node the job runs on. The fix the message names,
+    container.swarm_manager, runs it: tests/fleet/test_agent_on_host.py."""
     root = hosts.host_dir(3) / "runner"
     config = load(
         environ={
@@ -173,7 +175,7 @@ async def test_a_job_with_requirements_is_refused_clearly_through_a_remote_manag
             env={},
             requirements=["cumulus_probe"],
         )
-        with pytest.raises(RuntimeError, match="worker's own node"):
+        with pytest.raises(RuntimeError, match="container.swarm_manager at the manager"):
             await backend.start(launch)
     finally:
         await backend.close()  # type: ignore[attr-defined]
@@ -183,13 +185,23 @@ async def test_a_job_with_requirements_is_refused_clearly_through_a_remote_manag
 def test_a_worker_engine_or_an_unknown_node_is_a_config_error(
     hosts: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What an operator who set DOCKER_HOST or container.swarm_node wrong is told at start."""
+    """What an operator who set DOCKER_HOST, container.swarm_manager(_tls) or
+    container.swarm_node wrong is told at start."""
     root = hosts.host_dir(2) / "runner-bad"
     environ = {"CUMULUS_WORKER_BACKEND": "swarm", "CUMULUS_WORKER_ID": "fleet-bad"}
     monkeypatch.setenv("DOCKER_HOST", hosts.docker_url(2))  # a Swarm worker's engine
     with pytest.raises(ConfigError, match="is a Swarm worker") as worker:
         make_backend(load(environ=environ), root, root / "launches.log")
-    assert worker.value.key == "container.swarm_node"
+    assert worker.value.key == "container.swarm_manager"
+    environ["CUMULUS_CONTAINER_SWARM_MANAGER"] = hosts.docker_url(3)  # not a manager either
+    with pytest.raises(ConfigError, match="is not a Swarm manager") as worker:
+        make_backend(load(environ=environ), root, root / "launches.log")
+    assert worker.value.key == "container.swarm_manager"
+    environ["CUMULUS_CONTAINER_SWARM_MANAGER_TLS"] = str(root / "no-certs")
+    with pytest.raises(ConfigError, match="lacks ca.pem, cert.pem, key.pem") as worker:
+        make_backend(load(environ=environ), root, root / "launches.log")
+    assert worker.value.key == "container.swarm_manager_tls"
+    del environ["CUMULUS_CONTAINER_SWARM_MANAGER"], environ["CUMULUS_CONTAINER_SWARM_MANAGER_TLS"]
     monkeypatch.setenv("DOCKER_HOST", hosts.docker_url(1))
     environ["CUMULUS_CONTAINER_SWARM_NODE"] = "no-such-node"
     with pytest.raises(ConfigError, match="no Swarm node 'no-such-node'"):
