@@ -3,6 +3,7 @@
     cumulus up [--config F] [--devices 2x16GiB] [--workers N] [--port 4222]   until Ctrl-C
     cumulus demo                                                 up, run an example job, stop
     cumulus gateway|scheduler|partitioner|runner [--config F]    one service (deployments)
+    cumulus worker [--config F]                  a worker host's agent: partitioner + runner
     cumulus run [OPTIONS] script.py|dir|module:function [ARGS…]  run, stream logs, exit as the job
     cumulus submit [OPTIONS] TARGET [ARGS…]                      the same, detached: prints the id
     cumulus status JOB | logs JOB [-f] | cancel JOB
@@ -10,6 +11,8 @@
     cumulus events [SUBJECT]                                     live tail, like `nats sub 'jobs.>'`
     cumulus users add NAME | users list                          identities (operator)
     cumulus certs init DIR | certs issue DIR NAME [--server --host H]   CA and certificates
+    cumulus nats-config --name N --peer H:P ... --store-dir D --auth-dir A --cert/--key/--ca
+                                                       one cluster nats-server's config (operator)
     cumulus secrets set NAME | secrets list | secrets rm NAME    your secrets (`run --secret`)
 
 Every command takes `--profile NAME|PATH` (default `$CUMULUS_PROFILE`, else `default`, which
@@ -64,6 +67,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(up(args, demo=args.command == "demo"))
     if args.command in SERVICES:
         return _service(args)
+    if args.command == "worker":
+        from services.worker import main as worker
+
+        return worker(["--config", args.config] if args.config else [])
     if args.command in ("run", "submit"):
         from cumulus.cli.run import run, target_of
 
@@ -72,6 +79,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cumulus.cli import access
 
         return access.users(args) if args.command == "users" else access.certs(args)
+    if args.command == "nats-config":
+        from cumulus.cli.natsconfig import nats_config
+
+        return nats_config(args)
     if args.command == "secrets":
         from cumulus.cli.access import secrets
 

@@ -148,10 +148,34 @@ def _bundle(source: Path, out: Path) -> Path:
     return out
 
 
+def _fleet_auth_dir(args: argparse.Namespace) -> auth.AuthDir:
+    """A fleet's identities (`--auth-dir`), kept apart from any running stack: whoever can
+    write that directory is its operator."""
+    root = Path(args.auth_dir).absolute()
+    url = getattr(args, "url", None) or ""
+    ca = getattr(args, "ca_dir", None)
+    if args.verb == "add" and not url:
+        raise UsageError("--url is needed with --auth-dir (the bus's servers, comma-separated)")
+    if ca is None:
+        return auth.AuthDir(root, url=url)
+    ca_dir = Path(ca).absolute()
+    if not (ca_dir / "ca.key").exists():
+        raise UsageError(f"no CA in {ca_dir} (ca.crt, ca.key): `cumulus certs init {ca_dir}`")
+    return auth.AuthDir(root, url=url, tls=auth.TlsFiles(ca=str(ca_dir / "ca.crt")), ca_dir=ca_dir)
+
+
 def users(args: argparse.Namespace) -> int:
-    record = running()
-    identities = _auth_dir(record)
-    _operator(args, identities)
+    record: StackRecord | None = None
+    if args.auth_dir:
+        identities = _fleet_auth_dir(args)
+    else:
+        if args.verb == "add" and args.role not in ("user", "observer"):
+            raise UsageError(
+                f"--role {args.role} is for a fleet's identities: give --auth-dir (docs/deploy.md)"
+            )
+        record = running()
+        identities = _auth_dir(record)
+        _operator(args, identities)
     if args.verb == "list":
         rows = [
             {"name": c.name, "role": c.role, "file": str(identities.path(c.role, c.name))}
@@ -162,8 +186,15 @@ def users(args: argparse.Namespace) -> int:
         for row in [] if args.json else rows:
             print(f"{row['role']:<10} {row['name']:<24} {row['file']}")
         return EXIT_OK
-    path = identities.ensure(args.role, args.name)
-    reload_server(record, identities)
+    path = identities.ensure(args.role, args.name, [args.name] if args.role == "worker" else [])
+    if record is not None:
+        reload_server(record, identities)
+    else:
+        print(
+            "  the bus accepts it once every server's config is written again "
+            "(`cumulus nats-config … --auth-dir`) and reloaded (SIGHUP)",
+            file=sys.stderr,
+        )
     if args.out:
         path = _bundle(path, Path(args.out).absolute())
     print(f"{args.role} {args.name}: credentials in {path} (0600)")

@@ -136,16 +136,24 @@ def access_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """`cumulus users`, `cumulus certs`, `cumulus secrets` (docs/cli.md, docs/security.md)."""
     users = sub.add_parser("users", help="identities of the running stack (operator)")
     verbs = users.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = verbs.add_parser("add", help="make a user's identity and have the bus accept it")
+    p = verbs.add_parser("add", help="make an identity and have the bus accept it")
     p.add_argument("name")
-    p.add_argument("--role", choices=("user", "observer"), default="user")
+    p.add_argument(
+        "--role",
+        choices=("user", "observer", "worker", "gateway", "scheduler", "admin"),
+        default="user",
+        help="user (default), observer; with --auth-dir also the fleet's own: worker (its "
+        "worker id is NAME), gateway, scheduler, admin",
+    )
     p.add_argument(
         "--out",
         metavar="FILE",
         help="also write the credentials here (0600), TLS files beside it: a bundle to hand over",
     )
+    _fleet_identity_options(p)
     p = verbs.add_parser("list", help="the identities and their credentials files")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--auth-dir", metavar="DIR", help="a fleet's identities (as for `add`)")
     certs = sub.add_parser("certs", help="a CA and certificates for TLS (operator)")
     verbs = certs.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("init", help="make a CA in DIR (ca.crt, ca.key 0600)")
@@ -166,6 +174,28 @@ def access_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verbs.add_parser("list", help="the names of your secrets (never their values)")
     p = verbs.add_parser("rm", help="delete a secret")
     p.add_argument("name")
+
+
+def _fleet_identity_options(p: argparse.ArgumentParser) -> None:
+    """`users add` for a fleet (docs/deploy.md): its identities in a directory of their own,
+    not `cumulus up`'s running stack; the bus's servers take them from `cumulus nats-config`."""
+    p.add_argument(
+        "--auth-dir",
+        metavar="DIR",
+        help="a fleet's identities (creds/*.json; made if missing) instead of the running "
+        "stack's; then write the servers' configs again (`cumulus nats-config`) and reload them",
+    )
+    p.add_argument(
+        "--url",
+        metavar="URLS",
+        help="with --auth-dir: the bus the credentials name (every server, comma-separated)",
+    )
+    p.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help="with --auth-dir: the CA (`cumulus certs init`) that issues the identity's client "
+        "certificate (mTLS); without it, no TLS",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     _job_commands(sub)
     _view_commands(sub)
     access_commands(sub)
+    from cumulus.cli import natsconfig
+
+    natsconfig.add_parser(sub)
     for name in SERVICES:
         p = sub.add_parser(name, help=f"run the {name} service")
         p.add_argument("--config")
+    p = sub.add_parser(
+        "worker", help="run a worker host's agent: its partitioner and runner in one process"
+    )
+    p.add_argument("--config", help="YAML config file (default: $CUMULUS_CONFIG)")
     return parser

@@ -144,6 +144,45 @@ def test_certs_init_and_issue(tmp_path: Path) -> None:
         certs.issue(ca_dir, "nats2", server=True)
 
 
+def test_users_add_for_a_fleet_makes_every_role_in_an_auth_dir(tmp_path: Path) -> None:
+    """A fleet has no `cumulus up`: the operator keeps its identities in a directory, a
+    worker's bundle names its worker id and its TLS files beside it; the fleet's own roles are
+    refused without --auth-dir (they would bypass the stack's admin check)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ca, authdir = tmp_path / "ca", tmp_path / "auth"
+    assert _cli("certs", "init", str(ca), env=env, cwd=tmp_path).returncode == 0
+    urls = "tls://10.0.0.11:4222,tls://10.0.0.12:4222"
+    made = _cli(
+        "users", "add", "gpu-7", "--role", "worker", "--auth-dir", str(authdir), "--url", urls,
+        "--ca-dir", str(ca), "--out", str(tmp_path / "bundle" / "gpu-7.json"), env=env,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "cumulus nats-config" in made.stderr  # what to do for the bus to accept it
+    bundle = json.loads((tmp_path / "bundle" / "gpu-7.json").read_text())
+    assert (bundle["role"], bundle["workers"], bundle["url"]) == ("worker", ["gpu-7"], urls)
+    assert bundle["tls"] == {"ca": "gpu-7-ca.crt", "cert": "gpu-7.crt", "key": "gpu-7.key"}
+    assert (tmp_path / "bundle" / "gpu-7.key").stat().st_mode & 0o777 == 0o600
+    for role in ("gateway", "scheduler"):
+        done = _cli(
+            "users", "add", role, "--role", role, "--auth-dir", str(authdir), "--url", urls,
+            "--ca-dir", str(ca), env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    listed = _cli("users", "list", "--auth-dir", str(authdir), "--json", env=env, cwd=tmp_path)
+    rows = {(r["role"], r["name"]) for r in json.loads(listed.stdout)}
+    assert rows == {("worker", "gpu-7"), ("gateway", "gateway"), ("scheduler", "scheduler")}
+    users = auth.AuthDir(authdir).authorization()["users"]
+    assert len(users) == 3
+    assert all("nkey" in u for u in users)
+    no_dir = _cli("users", "add", "gpu-8", "--role", "worker", env=env, cwd=tmp_path)
+    assert no_dir.returncode == 2
+    assert "--auth-dir" in no_dir.stderr
+    no_url = _cli("users", "add", "x", "--auth-dir", str(authdir), env=env, cwd=tmp_path)
+    assert no_url.returncode == 2
+    assert "--url" in no_url.stderr
+
+
 def test_listening_beyond_loopback_needs_tls(tmp_path: Path) -> None:
     env = {**os.environ, "CUMULUS_HOME": str(tmp_path / "home")}
     for extra in ((), ("--tls", "--insecure")):
