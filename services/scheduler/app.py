@@ -433,12 +433,21 @@ class Scheduler(EventService[SchedulerState]):
 
         Silence counts only from when this scheduler could hear: its start, and the end of its
         last pause (a full disk: the heartbeats it could not record are not the workers'
-        fault). A decision the log refuses is dropped, and taken afresh on the next tick."""
+        fault). A decision the bus or the log refuses is dropped, and silence counts afresh from
+        then: a bus that could not store the verdict (a NATS cluster electing a stream leader,
+        a restart) could not store the heartbeats either."""
         while True:
             lost = [ev.stamped(e, self.leading) for e in self.silent(time.time())]
             if lost and not self.paused and self.deciding:
-                with contextlib.suppress(Unavailable):
+                try:
                     await self._declare(lost)
+                except Unavailable:
+                    self.hearing_since = time.time()
+                    log.warning(
+                        "could not declare silent workers lost: the bus did not store it; "
+                        "their silence counts afresh",
+                        extra={"fields": {"workers": [getattr(e, "worker_id", "") for e in lost]}},
+                    )
             interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
             await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
 

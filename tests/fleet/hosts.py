@@ -318,7 +318,13 @@ class Hosts:
 
     def _wait_engine(self, index: int, timeout: float = 60) -> None:
         def up() -> bool:
-            return bool(self.client(index).ping())
+            # A short-lived client with a short timeout: one attempt that hangs (an engine
+            # still starting under load) must not use up the whole wait.
+            probe = docker.DockerClient(base_url=self.docker_url(index), version="1.41", timeout=5)
+            try:
+                return bool(probe.ping())
+            finally:
+                probe.close()
 
         wait_for(f"the engine of host {index} ({self.docker_url(index)})", up, timeout)
 
