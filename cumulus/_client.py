@@ -46,6 +46,9 @@ from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
 
 UPLOAD_CHUNK = 256 * 1024
 """Bytes of a package sent in one upload request (the gateway's limit)."""
+UPLOAD_RESTARTS = 3
+"""Times an upload starts again from its first chunk when the gateway replica holding the
+first chunks is gone."""
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 CONNECT_TIMEOUT_S = 5.0
@@ -261,17 +264,34 @@ class AsyncClient:
         """Hand a code package to the gateway (once per content: a package it holds is not
         sent again); returns its code_ref. The gateway checks it before storing it."""
         ref = code_ref(data)
-        offset = 0
+        offset, here, restarts = 0, "", 0
         while True:
             chunk = data[offset : offset + UPLOAD_CHUNK]
             body = {"code_ref": ref, "size": len(data), "offset": offset, "data": chunk}
-            # a full quota is no "not now": only a gateway that is away is worth retrying
-            reply = await self._call("upload", body, _Uploaded, self._upload_retry)
+            try:
+                reply = await self._upload_chunk(body, here)
+            except CumulusError as exc:
+                # The replica holding the first chunks is gone (or forgot them): start again
+                # on any gateway, a few times at most.
+                if not here or restarts >= UPLOAD_RESTARTS or not _start_again(exc):
+                    raise
+                log.info("upload of %s restarts: %s", ref, exc.message)
+                offset, here, restarts = 0, "", restarts + 1
+                continue
             if reply.stored:
                 return ref
-            offset = reply.received
+            offset, here = reply.received, reply.gateway
             if not chunk:
                 raise CumulusError.from_code("INTERNAL", f"upload of {ref} made no progress")
+
+    async def _upload_chunk(self, body: dict[str, Any], here: str) -> _Uploaded:
+        """One chunk: the first to any gateway, the next to the replica that holds the first
+        (`here`; its chunks are assembled in its memory)."""
+        if not here:
+            # a full quota is no "not now": only a gateway that is away is worth retrying
+            return await self._call("upload", body, _Uploaded, self._upload_retry)
+        subject = subjects.api(f"upload.{here}", self.user)
+        return await api.request(self.nc, subject, body, _Uploaded, user=self.user)
 
     async def submit_package(
         self,
@@ -474,9 +494,18 @@ class _JobList(msgspec.Struct):
     jobs: list[JobInfo] = []
 
 
+def _start_again(exc: CumulusError) -> bool:
+    """Whether a chunk's answer from the replica holding the upload means "start again": it
+    is away (no answer), or no longer holds the upload (restarted: the chunk is out of order)."""
+    if exc.code == "UNAVAILABLE":
+        return True
+    return isinstance(exc, InvalidArgument) and exc.field == "offset"
+
+
 class _Uploaded(msgspec.Struct):
     stored: bool
     received: int = 0
+    gateway: str = ""
 
 
 def _own_jobs(subject: str, user: str) -> str:

@@ -149,6 +149,9 @@ class Stack:
     """Scheduler instances: the first (`scheduler`) takes the lease at start, the others
     (`scheduler-b`, `scheduler-c`, …) stand by (docs/scheduler.md, high availability). With
     more than one, each runs as config `instance` a, b, …"""
+    gateways: int = 1
+    """Gateway replicas (`gateway`, `gateway-2`, …) behind the API's queue group; with more
+    than one, each runs as config `instance` g1, g2, … (docs/deploy.md)."""
     config: Config | None = field(default=None, init=False)
     """The configuration a worker of this stack runs with; set by `start`."""
     _settings: dict[str, str] = field(default_factory=dict, init=False, repr=False)
@@ -346,7 +349,7 @@ class Stack:
         for name, path in creds.items():
             self.proc_env.setdefault(name, {})["CUMULUS_NATS_CREDENTIALS"] = path
         services = {"scheduler": self._scheduler(0)}
-        services["gateway"] = self._service("gateway", "gateway")
+        services.update(self._gateways())
         if self.ssh_workers:
             served = ",".join(f"{w}={a}" for w, a in self.ssh_workers.items())
             services["partitioner-ssh"] = self._service(
@@ -381,6 +384,20 @@ class Stack:
         for name, proc in standbys.items():
             proc.start()
             await self.wait_role(name, ("follower",), timeout)
+
+    def _gateways(self) -> dict[str, Proc]:
+        """The gateway processes: one, or replicas named by `instance` g1, g2, …"""
+        if self.gateways <= 1:
+            return {"gateway": self._service("gateway", "gateway")}
+        creds = self.proc_env.get("gateway", {}).get("CUMULUS_NATS_CREDENTIALS", "")
+        out: dict[str, Proc] = {}
+        for i in range(1, self.gateways + 1):
+            name = "gateway" if i == 1 else f"gateway-{i}"
+            extra = {"CUMULUS_INSTANCE": f"g{i}"}
+            if creds:
+                extra["CUMULUS_NATS_CREDENTIALS"] = creds
+            out[name] = self._service(name, "gateway", **extra)
+        return out
 
     @property
     def scheduler_names(self) -> list[str]:

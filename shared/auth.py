@@ -192,7 +192,8 @@ def permissions(creds: Credentials) -> dict[str, Any]:
         publish += ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$O.>", "cumulus.dead.>"]
         publish += ["$KV.cumulus-secrets.>"]  # users' secrets, ciphertext (gateway/secrets.py)
         publish += ["cumulus.scheduler.>", "$SRV.>"]
-        subscribe = ["cumulus.api.*.*", "cumulus.observe.>", "cumulus.secrets.*.get"]
+        subscribe = ["cumulus.api.*.*", "cumulus.api.*.upload.*", "cumulus.observe.>"]
+        subscribe += ["cumulus.secrets.*.get"]
         subscribe += ["$SRV.>", inbox]
         responses = True
     else:  # scheduler

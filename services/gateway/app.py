@@ -103,7 +103,9 @@ class Gateway(EventService[JobTable]):
             description="Cumulus job API: submit, status, cancel, jobs, workers, health",
         )
         assert self.js is not None
-        self._code = CodeStore(self.js, self.config.limits, self.config.retention.code_ttl_s)
+        self._code = CodeStore(
+            self.js, self.config.limits, self.config.retention.code_ttl_s, self.config.instance
+        )
         for op, handler in (
             ("submit", self.submit),
             ("status", self.status),
@@ -119,6 +121,14 @@ class Gateway(EventService[JobTable]):
         ):
             await self._micro.add_endpoint(
                 name=op, subject=subjects.api(op, "*"), handler=api.user_endpoint(handler)
+            )
+        if self.config.instance:
+            # A replica assembles an upload's chunks in its memory: the uploader sends the
+            # chunks after the first to this replica's own subject (objects.UploadReply).
+            await self._micro.add_endpoint(
+                name="upload-here",
+                subject=subjects.api(f"upload.{self.config.instance}", "*"),
+                handler=api.user_endpoint(self.upload),
             )
         await self._micro.add_endpoint(
             name="observe-watch",

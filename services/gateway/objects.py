@@ -50,6 +50,10 @@ class UploadReply(msgspec.Struct, kw_only=True):
     stored: bool
     received: int = 0
     kind: str = ""
+    gateway: str = ""
+    """The gateway replica holding this unfinished upload (config `instance`): the next chunks
+    go to `cumulus.api.<user>.upload.<gateway>`, since the chunks are assembled in its memory.
+    Empty: one gateway, any subject."""
 
 
 @dataclass
@@ -63,9 +67,15 @@ class CodeStore:
     """The gateway's side of the code bucket: uploads, checks, quotas."""
 
     def __init__(
-        self, js: JetStreamContext, limits: LimitsConfig, code_ttl_s: float = CODE_TTL_DAYS * 86400
+        self,
+        js: JetStreamContext,
+        limits: LimitsConfig,
+        code_ttl_s: float = CODE_TTL_DAYS * 86400,
+        instance: str = "",
     ) -> None:
         self.js = js
+        self.instance = instance
+        """This gateway replica's name (config `instance`), told to the uploader."""
         self.limits = limits
         self.code_ttl_s = code_ttl_s
         """How long a package is kept after its upload (retention.code_ttl_s)."""
@@ -99,7 +109,7 @@ class CodeStore:
             await self._check_quota(user, req, quota)
         upload = self._assemble(user, req)
         if len(upload.data) < upload.size:
-            return UploadReply(stored=False, received=len(upload.data))
+            return UploadReply(stored=False, received=len(upload.data), gateway=self.instance)
         del self._uploads[(user, req.code_ref)]
         kind = await self._keep(user, name, bytes(upload.data), quota)
         return UploadReply(stored=True, received=upload.size, kind=kind)
