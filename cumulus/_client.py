@@ -46,6 +46,8 @@ from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
 
 UPLOAD_CHUNK = 256 * 1024
 """Bytes of a package sent in one upload request (the gateway's limit)."""
+MAX_WORKER_PAGES = 1000
+"""Pages of the `workers` operation read at most (each as large as a reply carries)."""
 UPLOAD_RESTARTS = 3
 """Times an upload starts again from its first chunk when the gateway replica holding the
 first chunks is gone."""
@@ -206,8 +208,16 @@ class AsyncClient:
         return (await self.worker_list()).workers
 
     async def worker_list(self) -> WorkerList:
-        """The workers and how many jobs wait in the queue (the `workers` operation)."""
-        return await self._call("workers", {}, WorkerList)
+        """The workers and how many jobs wait in the queue (the `workers` operation, page by
+        page: a fleet's list does not fit one reply)."""
+        page = await self._call("workers", {}, WorkerList)
+        workers = list(page.workers)
+        for _ in range(MAX_WORKER_PAGES):
+            if not page.next:
+                break
+            page = await self._call("workers", {"after": page.next}, WorkerList)
+            workers += page.workers
+        return WorkerList(workers=workers, queued=page.queued)
 
     async def health(self) -> HealthInfo:
         """The gateway's health and the scheduler's."""

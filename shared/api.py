@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -107,6 +107,14 @@ class SecretsRequest(msgspec.Struct, kw_only=True):
 
 class SecretsReply(msgspec.Struct, kw_only=True):
     secrets: dict[str, str] = {}
+
+
+class WorkersQuery(msgspec.Struct, kw_only=True):
+    """A page of the `workers` operation: the workers after `after` (by id), at most `limit`
+    (0: as many as one reply carries). A fleet of a thousand workers does not fit one reply."""
+
+    after: str = ""
+    limit: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class SchedulerQuery(msgspec.Struct, kw_only=True):

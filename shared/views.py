@@ -127,6 +127,8 @@ class WorkerList(msgspec.Struct, kw_only=True):
 
     workers: list[WorkerInfo] = []
     queued: int = 0
+    next: str = ""
+    """More workers follow: ask again with `after` set to this (a worker id); "" when none."""
 
 
 class HealthInfo(msgspec.Struct, kw_only=True):

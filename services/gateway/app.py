@@ -386,14 +386,18 @@ class Gateway(EventService[JobTable]):
         return _fitting(jobs[: req.limit], api.reply_budget(self.nc))
 
     async def list_workers(self, user: str, data: bytes) -> Any:
+        """A page of the workers (`{after, limit}`; WorkerList.next says where the rest is)."""
         assert self.nc is not None
-        return await api.request(self.nc, "cumulus.scheduler.workers", {}, msgspec.Raw)
+        query = api.decode_request(data, api.WorkersQuery)
+        return await api.request(self.nc, "cumulus.scheduler.workers", query, msgspec.Raw)
 
     async def health(self, user: str, data: bytes) -> Any:
         assert self.nc is not None
         scheduler = "SERVING"
         try:
-            await api.request(self.nc, "cumulus.scheduler.workers", {}, msgspec.Raw, timeout=1.0)
+            # One worker's worth: a fleet's whole list may not fit one reply.
+            page = api.WorkersQuery(limit=1)
+            await api.request(self.nc, "cumulus.scheduler.workers", page, msgspec.Raw, timeout=1.0)
         except CumulusError:
             scheduler = "NOT_SERVING"
         return {

@@ -35,6 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import nats.micro
 
 from cumulus_core.amounts import format_amount
@@ -48,6 +49,7 @@ from services.scheduler.handlers import (
     schedule,
     waiting_reason,
 )
+from services.scheduler.inventory import WorkerState
 from services.scheduler.lease import Lease, LeaseValue, Superseded
 from services.scheduler.state import Leading, SchedulerState
 from services.scheduler.state import decode as decode_record
@@ -83,6 +85,8 @@ JOB_EVENTS = [
 DECISIONS = ["queued", "scheduled", "revoked"]
 """The leader's decisions a standby follows (its `failed`/`cancelled` are among JOB_EVENTS,
 its `lost` and `node` on the WORKERS stream)."""
+PAGE_HEADROOM = 1024
+"""Room kept in a `workers` page for its envelope (`queued`, `next`)."""
 MARKER_WAIT_S = 30.0
 """How long a new leader waits to read its own election marker back before it gives up."""
 
@@ -505,42 +509,57 @@ class Scheduler(EventService[SchedulerState]):
         }
 
     async def workers(self, data: bytes) -> Any:
+        """A page of the workers, by id: as many as `limit` and one reply carry."""
+        assert self.nc is not None
+        query = api.decode_request(data, api.WorkersQuery)
+        ordered = sorted(w for w in self.state.workers if w > query.after)
+        budget = api.reply_budget(self.nc) - PAGE_HEADROOM
+        page: list[WorkerInfo] = []
+        for worker_id in ordered:
+            info = self._worker_info(self.state.workers[worker_id])
+            budget -= len(msgspec.json.encode(info)) + 1
+            if budget < 0 or (query.limit and len(page) >= query.limit):
+                break
+            page.append(info)
+        more = len(page) < len(ordered)
         return WorkerList(
-            workers=[
-                WorkerInfo(
-                    worker_id=w.worker_id,
-                    hostname=w.hostname,
-                    backend=w.backend,
-                    status="ready"
-                    if w.schedulable
-                    else ("down" if not w.alive else w.node_availability or w.node_state),
-                    down_reason=w.lost_reason,
-                    node=SwarmNode(
-                        id=w.node_id,
-                        state=w.node_state,
-                        availability=w.node_availability,
-                        labels=w.node_labels,
-                    )
-                    if w.node_id
-                    else None,
-                    last_seen=w.last_seen,
-                    labels=w.labels,
-                    devices=[
-                        DeviceUsage(
-                            index=d.index,
-                            name=d.name,
-                            kind=d.kind,
-                            memory_bytes=d.memory_bytes,
-                            allocated=format_amount(d.used),
-                            free=format_amount(d.free),
-                            jobs={j: format_amount(t) for j, t in sorted(d.allocated.items())},
-                        )
-                        for d in w.devices
-                    ],
-                )
-                for w in sorted(self.state.workers.values(), key=lambda w: w.worker_id)
-            ],
+            workers=page,
             queued=len(self.state.queue),
+            next=page[-1].worker_id if more and page else "",
+        )
+
+    @staticmethod
+    def _worker_info(w: WorkerState) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=w.worker_id,
+            hostname=w.hostname,
+            backend=w.backend,
+            status="ready"
+            if w.schedulable
+            else ("down" if not w.alive else w.node_availability or w.node_state),
+            down_reason=w.lost_reason,
+            node=SwarmNode(
+                id=w.node_id,
+                state=w.node_state,
+                availability=w.node_availability,
+                labels=w.node_labels,
+            )
+            if w.node_id
+            else None,
+            last_seen=w.last_seen,
+            labels=w.labels,
+            devices=[
+                DeviceUsage(
+                    index=d.index,
+                    name=d.name,
+                    kind=d.kind,
+                    memory_bytes=d.memory_bytes,
+                    allocated=format_amount(d.used),
+                    free=format_amount(d.free),
+                    jobs={j: format_amount(t) for j, t in sorted(d.allocated.items())},
+                )
+                for d in w.devices
+            ],
         )
 
     async def allocation(self, data: bytes) -> Any:
