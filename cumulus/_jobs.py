@@ -474,7 +474,9 @@ class _Ordered:
     """A job's events and output lines, from two streams, in the order they happened.
 
     An event whose fields disagree with its subject is dropped, and so is an end (completed,
-    failed, …) from a worker other than the job's placement. A worker's output lines come
+    failed, …) from a worker other than the job's placement, and a decision stamped with an
+    older scheduler epoch than one of the job's decisions already seen (the election marker
+    itself is no user's to read). A worker's output lines come
     after its `started` (a replay may deliver them first: they are kept back until it came).
     With `wait_for_lines`, an end is held back until the output lines its worker reported
     (`log_lines`) came, or LOG_WAIT_S passed; events that come meanwhile follow the end."""
@@ -491,6 +493,9 @@ class _Ordered:
         self.held: _End | None = None
         self.until = 0.0
         self.after: list[ev.AnyJobEvent] = []
+        self.epoch = 0
+        """The newest scheduler epoch among this job's decisions: an older one's decision
+        (a superseded scheduler's, published late) is not believed (shared/events.py)."""
 
     def believe(self, msg: Msg) -> ev.AnyJobEvent | None:
         try:
@@ -499,6 +504,9 @@ class _Ordered:
             return None
         if not isinstance(event, ev.JobEvent) or not _agrees(msg.subject, event):
             return None
+        if ev.stale(event, self.epoch):
+            return None
+        self.epoch = ev.epoch_after(self.epoch, event)
         if isinstance(event, ev.WorkerSelected):
             self.placed = event.worker_id
         elif isinstance(event, ev.Terminal) and event.worker_id not in ("", self.placed):

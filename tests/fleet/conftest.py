@@ -11,11 +11,17 @@ import os
 
 import pytest
 
+FLEET_TIMEOUT_S = 300
+"""A fleet test's bound unless it sets its own: its module's hosts, images and servers come up
+inside its first test's time (the suite's default of 120 s is for one stack)."""
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/fleet/" in str(item.path).replace(os.sep, "/"):
             item.add_marker(pytest.mark.fleet)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(FLEET_TIMEOUT_S))
 
 
 def need(problem: str | None) -> None:

@@ -40,7 +40,7 @@ from shared import api, auth, certs
 from tests.fleet.hosts import REPO, Hosts, hosts_for, wait_for
 from tests.runner.conftest import make_wheel
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(300)]
 
 FLEET_PREFIX = "cuf-h3b"
 FLEET_HOSTS = 2

@@ -42,12 +42,14 @@ from cumulus import AsyncClient, AsyncJob, RetryPolicy
 from cumulus.cli import main as cli_main
 from services.stack import Proc
 from shared import api, auth, bus, subjects
+from shared import events as ev
+from shared.errors import MalformedEvent
 from tests.fleet import hosts as fleet_hosts
 from tests.fleet.conftest import need
 from tests.fleet.hosts import REPO, Hosts
 from tests.fleet.nats_cluster import NatsCluster
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]
 
 PREFIX = "cuf-fleet"
 JOB_IMAGE = "cumulus-job:latest"
@@ -280,17 +282,23 @@ async def _is(nc: NatsClient, holder: str, role: str) -> bool:
 
 
 async def _history(nc: NatsClient) -> list[tuple[str, str, dict[str, Any]]]:
-    """Every job event the JOBS stream holds: (job id, event name, body)."""
+    """Every job event the JOBS stream holds, as a consumer believes them: (job id, event name,
+    body). A superseded scheduler's decisions published after its successor's marker are
+    fenced here as every service fences them (shared/events.py `stale`)."""
     js = nc.jetstream()
     last = (await js.stream_info(subjects.JOBS_STREAM)).state.last_seq
     out: list[tuple[str, str, dict[str, Any]]] = []
+    known = 0
     sub = await js.subscribe("jobs.>", ordered_consumer=True)
     try:
         while last:
             msg = await sub.next_msg(timeout=10)
-            with contextlib.suppress(ValueError):
-                _, job, _, name = subjects.parse_job_subject(msg.subject)
-                out.append((job, name, json.loads(msg.data)))
+            with contextlib.suppress(MalformedEvent, ValueError):
+                event = ev.decode(msg.data)
+                if not ev.stale(event, known):
+                    known = ev.epoch_after(known, event)
+                    _, job, _, name = subjects.parse_job_subject(msg.subject)
+                    out.append((job, name, json.loads(msg.data)))
             if msg.metadata.sequence.stream >= last:
                 break
     finally:

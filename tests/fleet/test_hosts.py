@@ -23,7 +23,7 @@ from shared.errors import ConfigError
 from tests.fleet.hosts import Hosts, hosts_for, wait_for
 from tests.runner.test_backend_contract import Run
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(300)]
 
 FLEET_PREFIX = "cuf-h3t"
 JOB_IMAGE = "cumulus-job:latest"

@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from nats.aio.msg import Msg
 
 from cumulus._jobs import LOG_WAIT_S, _Ordered
 from shared import events as ev
+from shared import subjects
 
 JOB = {"job_id": "j1", "user": "alice", "worker_id": "w1"}
 
@@ -62,3 +64,24 @@ def test_an_end_without_a_started_still_comes_after_its_lines() -> None:
     order = _Ordered(wait_for_lines=True)
     order.take(log(0, 1), 0.0)
     assert names(order.take(completed(1), 0.0)) == ["log0", "completed"]
+
+
+def _msg(event: ev.JobEvent) -> Msg:
+    subject = subjects.job(event.user, event.job_id, event.worker_id, event.name)
+    return Msg(_client=None, subject=subject, data=msgspec.json.encode(event))  # type: ignore[arg-type]
+
+
+def test_a_superseded_schedulers_late_decision_about_the_job_is_not_believed() -> None:
+    """Scheduler b (epoch 2) placed the job; scheduler a's failure of it (epoch 1), published
+    late, is no end: the user waits for the job's real one."""
+    order = _Ordered(wait_for_lines=False)
+    spec = ev.JobSpec(code_ref="c")
+    placed = ev.WorkerSelected(spec=spec, devices=[0], tenths=5, epoch=2, **JOB)
+    assert order.believe(_msg(placed)) is not None
+    late = ev.JobFailed(
+        code="UNAVAILABLE", message="no workers", epoch=1, job_id="j1", user="alice"
+    )
+    assert order.believe(_msg(late)) is None
+    assert order.believe(_msg(completed(0))) is not None  # the worker's own end (epoch 0)
+    newer = ev.JobCancelled(epoch=3, job_id="j1", user="alice")
+    assert order.believe(_msg(newer)) is not None

@@ -15,7 +15,11 @@ for m in $(awk '$3 == "cgroup" || $3 == "cgroup2" || $3 == "tmpfs" && $2 == "/sy
 done
 mkdir -p /etc/docker
 [ -f /etc/docker/daemon.json ] || echo '{}' > /etc/docker/daemon.json
-rm -f /var/run/docker.pid
+# Runtime state of a previous start (a host stopped and started again) goes: PIDs start from 1
+# again in the new PID namespace, so the old containerd.pid may name a live process of this
+# one, and dockerd then waits for a containerd that is not there ("timeout waiting for
+# containerd to start"). What must persist (images, the Swarm) is in /var/lib/docker.
+rm -rf /var/run/docker.pid /var/run/docker /run/containerd
 exec dockerd \
     --host unix:///var/run/docker.sock \
     --host tcp://0.0.0.0:2375 --tls=false \
