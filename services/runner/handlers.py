@@ -126,11 +126,38 @@ def started(job: st.RunJob, worker_id: str, backend: str, handle: str) -> ev.Job
 
 
 def start_failed(job: st.RunJob, worker_id: str, exc: BaseException) -> ev.JobFailed:
+    """The job's end when its start raised: UNAVAILABLE when the worker's container engine
+    could not be reached (the host going down, its engine restarting), else INTERNAL."""
+    if engine_unreachable(exc):
+        return ev.JobFailed(
+            code="UNAVAILABLE",
+            message=(
+                f"Worker {worker_id}'s container engine did not answer while the job started "
+                f"({exc}); submit the job again"
+            ),
+            **_common(job, worker_id),
+        )
     return ev.JobFailed(
         code="INTERNAL",
         message=f"Failed to start the job on {worker_id}: {exc}",
         **_common(job, worker_id),
     )
+
+
+def engine_unreachable(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) says the container engine's API could not be reached
+    or broke off: a connection refused, reset or aborted (the Docker SDK wraps them)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in UNREACHABLE_ERRORS:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+UNREACHABLE_ERRORS = frozenset({"ConnectionError", "ProtocolError", "ReadTimeoutError"})
+"""requests' and urllib3's names for an engine that refused, reset or aborted the connection
+(matched by name: this module stays free of the Docker SDK's imports)."""
 
 
 def cancelled(job: st.RunJob, worker_id: str) -> ev.JobCancelled:

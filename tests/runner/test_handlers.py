@@ -282,3 +282,23 @@ def test_an_end_names_its_attempt() -> None:
     job = running(attempt=3)
     ending = handlers.fenced(handlers.cancelled(job, "w1"), job)
     assert ending.attempt == 3
+
+
+def test_a_start_the_engine_broke_off_fails_unavailable_naming_the_worker() -> None:
+    """A host going down while a job starts on it: its engine's connection aborts mid-call
+    (what the fleet test saw: ResponseNotReady under requests' ConnectionError). The job ends
+    UNAVAILABLE, as for a lost worker; any other start failure stays INTERNAL."""
+    import http.client
+
+    import requests
+    import urllib3
+
+    aborted = urllib3.exceptions.ProtocolError(
+        "Connection aborted.", http.client.ResponseNotReady()
+    )
+    lost = handlers.start_failed(running(), "w3", requests.exceptions.ConnectionError(aborted))
+    assert lost.code == "UNAVAILABLE"
+    assert "w3" in lost.message
+    assert handlers.start_failed(running(), "w3", ConnectionRefusedError()).code == "UNAVAILABLE"
+    broken = handlers.start_failed(running(), "w3", ValueError("bad image"))
+    assert (broken.code, broken.message) == ("INTERNAL", "Failed to start the job on w3: bad image")
