@@ -15,20 +15,17 @@ safe way back. A bad configuration exits 2 before anything starts.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from typing import Any
 
-from shared import config as config_mod
 from shared.config import Config
 from shared.errors import ConfigError, CumulusError
+from shared.main import configured, run_loop
 from shared.service import EventService
-from shared.telemetry import setup_logging, start_metrics
 
 log = logging.getLogger(__name__)
 
@@ -187,22 +184,10 @@ async def run_agent(
 
 def main(argv: list[str] | None = None) -> int:
     """`cumulus worker [--config FILE]`: load the configuration, run the agent."""
-    parser = argparse.ArgumentParser(prog="cumulus worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config file (default: $CUMULUS_CONFIG)")
-    args = parser.parse_args(argv)
-    try:
-        config = config_mod.load(args.config)
-    except ConfigError as exc:
-        print(f"cumulus worker: {exc.message}", file=sys.stderr)
+    config = configured("worker", argv, __doc__.split("\n")[0])
+    if config is None:
         return EXIT_USAGE
-    setup_logging("worker", config.logging.level, config.logging.format)
-    os.environ.setdefault("OTEL_SERVICE_NAME", "cumulus-worker")
-    start_metrics(config.metrics_port)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(run_agent(config))
-    return int(uvloop.run(run_agent(config)))
+    return run_loop(run_agent(config))
 
 
 if __name__ == "__main__":

@@ -266,14 +266,31 @@ class EventService(Generic[S]):
         the state is put back and the error raised.
         """
         new, internal = list(new), list(internal)
+
+        def stage(batch: Batch) -> None:
+            for record in internal:
+                self.apply(record)
+                batch.log.append(self.encode(record))
+            self._stage(self._chain(new), batch)
+
+        await self._write_until_taken(stage, wait=wait)
+
+    async def emit_decided(self, decide: Callable[[], Iterable[Event]]) -> None:
+        """`emit` what `decide()` returns, computed under the write lock: against the state
+        as it is when applied (no batch between the reading and the applying)."""
+        await self._write_until_taken(lambda batch: self._stage(self._chain(decide()), batch))
+
+    async def _write_until_taken(
+        self, stage: Callable[[Batch], None], *, wait: bool = True
+    ) -> None:
+        """Apply and log what `stage` puts in a batch, under the write lock, until the log
+        takes it (see `emit`): a failure to apply puts the state back and raises; a log that
+        refuses the write is waited out (`wait`) or answered with Unavailable."""
         while True:
             async with self._write:
                 batch = Batch()
                 try:
-                    for record in internal:
-                        self.apply(record)
-                        batch.log.append(self.encode(record))
-                    self._stage(self._chain(new), batch)
+                    stage(batch)
                 except Exception:
                     await self._rebuild()
                     raise
@@ -285,25 +302,6 @@ class EventService(Generic[S]):
                     f"Cumulus {self.name} cannot record this now: its event log refuses writes "
                     "(is the data disk full?); retry shortly"
                 )
-            if not await self._paused_wait():
-                raise Unavailable(f"Cumulus {self.name} is stopping; retry shortly")
-        self._resumed()
-        self._reconcile_wanted.set()
-
-    async def emit_decided(self, decide: Callable[[], Iterable[Event]]) -> None:
-        """`emit` what `decide()` returns, computed under the write lock: against the state
-        as it is when applied (no batch between the reading and the applying)."""
-        while True:
-            async with self._write:
-                batch = Batch()
-                try:
-                    self._stage(self._chain(decide()), batch)
-                except Exception:
-                    await self._rebuild()
-                    raise
-                if not batch or await self._try_commit(batch):
-                    await self._maybe_snapshot()
-                    break
             if not await self._paused_wait():
                 raise Unavailable(f"Cumulus {self.name} is stopping; retry shortly")
         self._resumed()

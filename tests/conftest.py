@@ -7,6 +7,7 @@ test session (jobs are isolated by their ids); tests that kill services build th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,18 @@ async def nc(stack: Stack) -> AsyncIterator[Client]:
         yield conn
     finally:
         await conn.close()
+
+
+def partitions_of(stack: Stack, worker: str) -> list[dict[str, Any]]:
+    """The chronos partitions a stack's worker holds now, as `chronos_cli --json list` says."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "cumulus_core", "--json", "--state-dir",
+            str(stack.data_dir / f"chronos-{worker}"), "list",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )  # fmt: skip
+    return list(json.loads(out.stdout)["partitions"])

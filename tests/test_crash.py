@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from cumulus import AsyncClient
 from services.scheduler.state import rebuild
 from services.stack import Stack
 from shared import api, subjects
+from tests.conftest import partitions_of
 
 pytestmark = pytest.mark.slow
 
@@ -73,24 +71,6 @@ async def _history(nc: nats.NATS) -> dict[str, collections.Counter[str]]:
     return counts
 
 
-def _partitions_left(stack: Stack, worker: str) -> list[dict[str, object]]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cumulus_core",
-            "--json",
-            "--state-dir",
-            str(stack.data_dir / f"chronos-{worker}"),
-            "list",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return list(json.loads(out.stdout)["partitions"])
-
-
 def _launches(stack: Stack, worker: str) -> collections.Counter[str]:
     ledger = stack.data_dir / f"runner-{worker}" / "launches.log"
     return collections.Counter(line.split()[0] for line in ledger.read_text().splitlines())
@@ -122,7 +102,7 @@ async def _exactly_once(stack: Stack, nc: nats.NATS, job_ids: list[str]) -> None
     launches: collections.Counter[str] = collections.Counter()
     for worker in stack.workers:
         launches += _launches(stack, worker)
-        assert _partitions_left(stack, worker) == []
+        assert partitions_of(stack, worker) == []
     assert {j: launches[j] for j in job_ids} == dict.fromkeys(job_ids, 1)
     state = await _scheduler_state(nc)
     allocation = state["allocation"]

@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from services.runner.jobdirs import JobDirs
 from services.stack import Stack
 from shared import api, subjects
 from shared import events as ev
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, partitions_of
 
 pytestmark = pytest.mark.slow
 
@@ -112,25 +110,6 @@ async def history(nc: Client) -> list[tuple[int, ev.JobEvent]]:
     return out
 
 
-def partitions_left(stack: Stack) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cumulus_core",
-            "--json",
-            "--state-dir",
-            str(stack.data_dir / f"chronos-{WORKER}"),
-            "list",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return list(json.loads(out.stdout)["partitions"])
-
-
 def job_dirs_left(stack: Stack) -> list[str]:
     """The attempts' directories (`<job>.<attempt>`) the process backend still has."""
     found = JobDirs(stack.data_dir / f"runner-{WORKER}" / "jobs").scan()
@@ -159,7 +138,7 @@ async def settled(nc: Client, stack: Stack, timeout: float) -> dict[str, Any]:
     while True:
         left = {
             "scheduler": held(await allocation(nc)),
-            "partitions": [p["label"] for p in partitions_left(stack)],
+            "partitions": [p["label"] for p in partitions_of(stack, WORKER)],
             "job_dirs": job_dirs_left(stack),
         }
         if time.monotonic() > deadline or (

@@ -13,8 +13,6 @@ import collections
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from cumulus import AsyncClient
 from services.stack import Stack
 from shared import api, bus, subjects
 from shared import events as ev
-from tests.conftest import StackFactory
+from tests.conftest import StackFactory, partitions_of
 
 pytestmark = pytest.mark.slow
 
@@ -186,25 +184,6 @@ async def test_a_paused_scheduler_is_fenced_and_stops_when_it_wakes(
         await nc.close()
 
 
-def partitions(stack: Stack) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cumulus_core",
-            "--json",
-            "--state-dir",
-            str(stack.data_dir / f"chronos-{WORKER}"),
-            "list",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return list(json.loads(out.stdout)["partitions"])
-
-
 async def workers_view(nc: Client) -> dict[str, Any]:
     """What the leader shows as allocated and free, per worker and device."""
     reply = await api.request(nc, "cumulus.scheduler.workers", {}, dict, timeout=5)
@@ -255,7 +234,7 @@ async def test_a_forged_stale_placement_is_ignored_everywhere(
             for event in forged:
                 await bus.publish(js, event)
             await asyncio.sleep(1.0)
-            labels = sorted(p["label"] for p in partitions(stack))
+            labels = sorted(p["label"] for p in partitions_of(stack, WORKER))
             assert labels == [f"{job.job_id}.{placed.attempt}"], labels
             assert await workers_view(nc) == before
             assert await job.result(timeout=60) == "held"
