@@ -1,8 +1,9 @@
 """Submit → result latency of a trivial job on the embedded stack (process backend).
 
-Prints p50/p99 over N sequential jobs after a warm-up, and, measured in the same run, the
-floors it is made of: one JetStream publish→consume hop, and starting the in-job runner as a
-bare subprocess (the process backend's unavoidable cost). Usage:
+Prints p50/p99 over N sequential jobs after a warm-up and the client's CPU per job, and,
+measured in the same run, the floors it is made of: one JetStream publish→consume hop, and
+starting the in-job runner as a bare subprocess (the process backend's unavoidable cost).
+Usage:
 
     .venv/bin/python bench/latency.py [--jobs 50] [--concurrency 1] [--open]
     .venv/bin/python bench/latency.py --compare-open [--rounds 2]
@@ -49,6 +50,8 @@ class Measured:
     wall: float = 0.0
     jobs: int = 0
     hops: list[float] = field(default_factory=list)
+    client_cpu: float = 0.0
+    """CPU seconds of this process (the client) over the measured jobs."""
 
     @property
     def throughput(self) -> float:
@@ -59,6 +62,7 @@ class Measured:
         self.wall += other.wall
         self.jobs += other.jobs
         self.hops += other.hops
+        self.client_cpu += other.client_cpu
 
 
 async def hop_floor(stack: Stack, n: int = 200) -> list[float]:
@@ -114,9 +118,10 @@ async def measure(data_dir: Path, *, secure: bool, jobs: int, concurrency: int) 
                     assert await client.run(trivial, gpu=0.1, duration=600, logs=None) == 4
                     out.latencies.append(time.perf_counter() - t0)
 
-            wall0 = time.perf_counter()
+            wall0, cpu0 = time.perf_counter(), time.process_time()
             await asyncio.gather(*(one() for _ in range(jobs)))
             out.wall = time.perf_counter() - wall0
+            out.client_cpu = time.process_time() - cpu0
         out.hops = await hop_floor(stack)
     finally:
         stack.stop()
@@ -128,7 +133,8 @@ def report(name: str, m: Measured, concurrency: int) -> None:
     print(
         f"{name}: jobs {m.jobs}, concurrency {concurrency}, "
         f"throughput {m.throughput:.1f} jobs/s, submit->result p50 {p50 * 1000:.0f} ms "
-        f"p99 {p99 * 1000:.0f} ms, JetStream hop p50 {statistics.median(m.hops) * 1000:.2f} ms"
+        f"p99 {p99 * 1000:.0f} ms, JetStream hop p50 {statistics.median(m.hops) * 1000:.2f} ms, "
+        f"client CPU {m.client_cpu / m.jobs * 1000:.1f} ms/job"
     )
 
 

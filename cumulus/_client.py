@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
@@ -29,7 +30,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 
 from cumulus import _profiles
-from cumulus._jobs import AsyncJob, Job, Logs, Runner, WatchReply, watch_messages
+from cumulus._jobs import AsyncJob, Feed, Job, Logs, Runner, WatchReply, watch_messages
 from cumulus._options import JobOptionArgs, JobOptions, Packaging
 from cumulus._packaging import (
     choose_packaging,
@@ -48,6 +49,9 @@ UPLOAD_CHUNK = 256 * 1024
 """Bytes of a package sent in one upload request (the gateway's limit)."""
 MAX_WORKER_PAGES = 1000
 """Pages of the `workers` operation read at most (each as large as a reply carries)."""
+UPLOADED_S = 600.0
+"""How long a package this client uploaded is taken to be still stored (packages are kept
+retention.code_ttl_s, 30 days by default): its next submits skip the upload."""
 UPLOAD_RESTARTS = 3
 """Times an upload starts again from its first chunk when the gateway replica holding the
 first chunks is gone."""
@@ -105,6 +109,10 @@ class AsyncClient:
         self._upload_retry = dataclasses.replace(self.retry, retry_on=frozenset({"UNAVAILABLE"}))
         self._nc: NatsClient | None = None
         self._worker_pythons: list[str] | None = None
+        self._feed: Feed | None = None
+        """Every job event of this user, for the handles of jobs submitted here (_jobs.Feed)."""
+        self._uploaded: dict[str, float] = {}
+        """code_ref -> when this client last saw the gateway store it."""
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.nats_url!r}, user={self.user!r})"
@@ -168,6 +176,9 @@ class AsyncClient:
         return self
 
     async def close(self) -> None:
+        if self._feed is not None:
+            feed, self._feed = self._feed, None
+            await feed.close()
         if self._nc is not None:
             nc, self._nc = self._nc, None
             with contextlib.suppress(Exception):
@@ -274,6 +285,8 @@ class AsyncClient:
         """Hand a code package to the gateway (once per content: a package it holds is not
         sent again); returns its code_ref. The gateway checks it before storing it."""
         ref = code_ref(data)
+        if time.monotonic() - self._uploaded.get(ref, -UPLOADED_S) < UPLOADED_S:
+            return ref  # stored a moment ago (submit uploads again if it is not)
         offset, here, restarts = 0, "", 0
         while True:
             chunk = data[offset : offset + UPLOAD_CHUNK]
@@ -289,6 +302,9 @@ class AsyncClient:
                 offset, here, restarts = 0, "", restarts + 1
                 continue
             if reply.stored:
+                if len(self._uploaded) >= 1024:
+                    self._uploaded.clear()
+                self._uploaded[ref] = time.monotonic()
                 return ref
             offset, here = reply.received, reply.gateway
             if not chunk:
@@ -317,13 +333,14 @@ class AsyncClient:
         says how it was made (the handle's `packaging`)."""
         opts = JobOptions.build(options, **option_args)
         ref = await self.upload(package)
+        job_id = job_id or ev.new_job_id()
         request = msgspec.to_builtins(
             api.SubmitRequest(
                 code_ref=ref,
                 gpu=opts.gpu,
                 duration=opts.duration,
                 user=self.user,
-                job_id=job_id or ev.new_job_id(),
+                job_id=job_id,
                 entrypoint=entrypoint,
                 requirements=list(opts.requirements),
                 priority=opts.priority,
@@ -332,8 +349,24 @@ class AsyncClient:
                 secrets=list(opts.secrets),
             )
         )
-        reply = await self._call("submit", request, api.SubmitReply)
-        return AsyncJob(self, reply.job_id, packaging_note)
+        # the feed follows the job before it exists: every event of it comes through there
+        route = await Feed.route(self, job_id)
+        try:
+            try:
+                reply = await self._call("submit", request, api.SubmitReply)
+            except InvalidArgument as exc:
+                if exc.field != "code_ref" or self._uploaded.pop(ref, None) is None:
+                    raise
+                await self.upload(package)  # the gateway no longer holds it: again, once
+                reply = await self._call("submit", request, api.SubmitReply)
+        except BaseException:
+            if route is not None and self._feed is not None:
+                self._feed.forget(route)
+            raise
+        if route is not None and reply.status != "SUBMITTED" and self._feed is not None:
+            self._feed.forget(route)  # a job submitted before: its route lacks its beginning
+            route = None
+        return AsyncJob(self, reply.job_id, packaging_note, route)
 
     async def how_to_package(self, requested: Packaging | None = None) -> tuple[str, str]:
         """("pickle" or "source", why), from the Python versions the workers report."""

@@ -1,8 +1,21 @@
 """Job handles: follow a job's events and logs, wait for its value, ask its status, cancel it.
 
-A handle has the gateway replay the job's history (`jobs.<user>.<job>.>`) and its output
-(`logs.<user>.<job>.>`, a stream of its own) into the client's private inbox, from the first
-event (services/gateway/watch.py: users get no JetStream API of their own). It remembers, per
+A handle of a job this client submits follows it through the client's feed (`Feed`): ONE watch
+per stream for the client, over every job of its user (`jobs.<user>.>`, `logs.<user>.>`), begun
+before the client's first submit, so every event of a job submitted after it comes through it,
+in stream order, with the same gap, heartbeat and resume checks as a job's own replay (below).
+The feed hands each job's messages to its handle (a `Route`), which keeps them for every reader
+of the handle. Per job that is no round trip and no consumer on the server. Where the route
+cannot be trusted to hold the job's whole history (its first message is not the job's
+`submitted`: the job id was submitted before; nothing came for FEED_WAIT_S; it overflowed
+ROUTE_BYTES; the feed stopped), the handle goes on with the job's own replay from the gateway
+from right after the last message it handed out, per stream; so does a handle for an existing
+job (`client.get_job`), from the first.
+
+A job's own replay: the handle has the gateway replay the job's history
+(`jobs.<user>.<job>.>`) and its output (`logs.<user>.<job>.>`, a stream of its own) into the
+client's private inbox, from the first event (services/gateway/watch.py: users get no
+JetStream API of their own; the feed is such a replay too, of every job). It remembers, per
 stream, the sequence of the last message it handed out, so after a lost connection, a gap or a
 silent consumer it starts again right after it: nothing is lost, nothing is repeated, whatever
 happened to the gateway or the connection meanwhile. The end of a job is handed out after the
@@ -20,10 +33,12 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TextIO, TypeVar
 
@@ -60,6 +75,12 @@ their own: the end says how many there are)."""
 PART_WAIT_S = 10.0
 """How long a large result's reader waits for a part that does not come before it says the
 result is no longer kept."""
+FEED_WAIT_S = 10.0
+"""How long a handle of a job submitted through the feed waits for the job's first event there
+before it asks the gateway for the job's own replay instead."""
+ROUTE_BYTES = 8 * 1024 * 1024
+"""Bytes of one job's messages its route keeps; past them the route gives up and its readers
+go on with the job's own replay (a job printing much output that nobody reads yet)."""
 
 
 class WatchReply(msgspec.Struct, kw_only=True):
@@ -82,14 +103,16 @@ async def replay(
     *,
     follow: bool = True,
     ticks: bool = False,
+    after: Cursor | None = None,
 ) -> AsyncGenerator[tuple[str, int, Msg] | None, None]:
     """(stream, stream sequence, message) of a replay the gateway pushes into a private inbox,
     from one stream or several: `start(inbox, last)` asks for it from after `last` (per
-    stream) and returns, per stream, the newest sequence when it began. Without `follow`, up
-    to those. With `ticks`, None about every second while nothing arrives, for a reader with
-    deadlines of its own. Resumes after a lost connection, a gap or a silent consumer for
-    RESUME_WINDOW_S: nothing is lost, nothing is repeated."""
-    last: Cursor = {}
+    stream; at first `after`, or nothing: from the first) and returns, per stream, the newest
+    sequence when it began. Without `follow`, up to those. With `ticks`, None about every
+    second while nothing arrives, for a reader with deadlines of its own. Resumes after a lost
+    connection, a gap or a silent consumer for RESUME_WINDOW_S: nothing is lost, nothing is
+    repeated."""
+    last: Cursor = dict(after or {})
     ends: Cursor | None = None
 
     def done() -> bool:
@@ -193,6 +216,152 @@ async def _control(nc: NatsClient, msg: Msg, delivered: Cursor) -> None:
         raise _Restart("gap before a heartbeat")
 
 
+class Route:
+    """The messages of one job that its client's feed delivered, in stream order: what the
+    job's handle reads (every reader from the first). `lost` once it no longer holds all of
+    them (too many bytes kept, or the feed stopped)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.items: list[tuple[str, int, Msg]] = []
+        self.size = 0
+        self.lost = False
+        self._arrived = asyncio.Event()
+
+    def add(self, stream: str, seq: int, msg: Msg) -> None:
+        if self.lost:
+            return
+        self.size += len(msg.data)
+        if self.size > ROUTE_BYTES:
+            self.drop()
+            return
+        self.items.append((stream, seq, msg))
+        self._wake()
+
+    def drop(self) -> None:
+        """Give up: the readers go on with the job's own replay."""
+        self.lost, self.items = True, []
+        self._wake()
+
+    def _wake(self) -> None:
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+
+
+class Feed:
+    """A client's one watch over every job of its user (`jobs.<user>.>`, `logs.<user>.>`),
+    begun at its first submit from the newest message then (the gateway's `after_last`), and
+    resumed from its last message after a lost connection, a gap or silence (`replay`). Each
+    message goes to the route of its job, if this client has one; the others are dropped (the
+    user's jobs submitted elsewhere)."""
+
+    def __init__(self, client: Transport) -> None:
+        self.client = client
+        self.routes: dict[str, Route] = {}
+        self._ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(), name="cumulus-feed")
+
+    @classmethod
+    async def route(cls, client: Transport, job_id: str) -> Route | None:
+        """A route for `job_id`, which the client is about to submit (None: the client has no
+        feed; the handle follows the job's own replay). Registered before the submit, so it
+        gets every event of the job."""
+        feed = client._feed
+        if feed is None or feed._ready.done() and not feed._ready.result():
+            feed = client._feed = cls(client)
+        if not await asyncio.shield(feed._ready):
+            return None
+        return feed.routes.setdefault(job_id, Route(job_id))
+
+    def forget(self, route: Route) -> None:
+        """The route's handle is gone: its job's messages are dropped from now on."""
+        if self.routes.get(route.job_id) is route:
+            del self.routes[route.job_id]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.wait([self._task], timeout=5.0)  # bounded: closing never hangs on it
+
+    async def _run(self) -> None:
+        user = self.client.user
+        filters = {subjects.JOBS_STREAM: f"jobs.{user}.>", subjects.LOGS_STREAM: f"logs.{user}.>"}
+        began: Cursor = {}
+        """Per stream, its newest message when the feed began: it resumes after it at least."""
+
+        async def watch(inbox: str, stream: str, last: Cursor) -> None:
+            body: dict[str, Any] = {"filter": filters[stream], "deliver": inbox}
+            if stream in began:
+                body["from_seq"] = max(last.get(stream, 0), began[stream]) + 1
+            else:
+                body["after_last"] = True
+            reply = await self.client._call("watch", body, WatchReply)
+            began.setdefault(stream, reply.last_seq)
+
+        async def start(inbox: str, last: Cursor) -> Cursor:
+            await asyncio.gather(*(watch(inbox, stream, last) for stream in filters))
+            if not self._ready.done():
+                self._ready.set_result(True)
+            return {}
+
+        try:
+            async with contextlib.aclosing(replay(self.client.nc, start)) as items:
+                async for item in items:
+                    if item is None:
+                        continue
+                    stream, seq, msg = item
+                    route = self.routes.get(_job_of(msg.subject))
+                    if route is not None:
+                        route.add(stream, seq, msg)
+        except Exception as exc:  # the feed stops; handles go on with their jobs' own replay
+            logging.getLogger("cumulus").debug("the job feed stopped: %r", exc)
+        finally:
+            if not self._ready.done():
+                self._ready.set_result(False)
+            for route in self.routes.values():
+                route.drop()
+            self.routes.clear()
+
+
+def _job_of(subject: str) -> str:
+    """The job id of a message under `jobs.<user>.<job>.…` or `logs.<user>.<job>.…`."""
+    tokens = subject.split(".", 3)
+    return tokens[2] if len(tokens) > 2 else ""
+
+
+async def _routed(
+    route: Route, last: Cursor, logs: bool
+) -> AsyncGenerator[tuple[str, int, Msg] | None, None]:
+    """(stream, stream sequence, message) of the job from its route (with `logs`, its output
+    too, and None about every second while nothing comes, for the end's deadline), after
+    `last` (per stream, updated as they go). Ends where the route cannot go on: the job's own
+    replay goes on from `last`."""
+    index, first = 0, True
+    since = time.monotonic()
+    while not route.lost:
+        arrived = route._arrived
+        while index < len(route.items):
+            stream, seq, msg = route.items[index]
+            index += 1
+            if stream == subjects.JOBS_STREAM and first:
+                first = False
+                if not msg.subject.endswith("." + ev.JobSubmitted.name):
+                    return  # the job was submitted before: the route lacks its beginning
+            if stream == subjects.LOGS_STREAM and not logs or seq <= last.get(stream, 0):
+                continue
+            last[stream] = seq
+            yield stream, seq, msg
+        if not route.items and time.monotonic() - since > FEED_WAIT_S:
+            return
+        if route.items and not logs:
+            await arrived.wait()  # no deadline to keep: no timer either (a burst has many)
+            continue
+        try:
+            await asyncio.wait_for(arrived.wait(), 1.0)
+        except TimeoutError:
+            if logs:
+                yield None
+
+
 def decode_result(event: ev.JobCompleted | bytes) -> Any:
     """The function's return value from a JobCompleted envelope (or the envelope's bytes)."""
     envelope = msgspec.json.decode(event if isinstance(event, bytes) else event.result)
@@ -244,11 +413,19 @@ def print_lines(event: ev.JobLog, logs: Logs) -> None:
 class AsyncJob:
     """A submitted job (asyncio API). Get one from `submit()` or `client.get_job(job_id)`."""
 
-    def __init__(self, client: Transport, job_id: str, packaging: str = "") -> None:
+    def __init__(
+        self, client: Transport, job_id: str, packaging: str = "", route: Route | None = None
+    ) -> None:
         self.client = client
         self.job_id = job_id
         self.packaging = packaging
         """How the code travelled, e.g. "cloudpickle (Python 3.11 …)"; empty if unknown."""
+        self._route = route
+        """The job's messages from the client's feed (`Feed.route`, for a job this client
+        submitted); None: the job's own replay from the gateway."""
+        feed = client._feed
+        if route is not None and feed is not None:
+            weakref.finalize(self, feed.forget, route)
 
     def __repr__(self) -> str:
         return f"AsyncJob({self.job_id!r})"
@@ -285,7 +462,15 @@ class AsyncJob:
             return ends
 
         order = _Ordered(wait_for_lines=logs)
-        items = replay(self.client.nc, start, follow=follow, ticks=logs)
+        last: Cursor = {}
+        if follow and self._route is not None:
+            async with contextlib.aclosing(_routed(self._route, last, logs)) as routed:
+                async for item in routed:
+                    event = None if item is None else order.believe(item[2])
+                    for out in order.take(event, time.monotonic()):
+                        yield out
+            # the route cannot go on: the job's own replay goes on right after `last`
+        items = replay(self.client.nc, start, follow=follow, ticks=logs, after=last)
         async with contextlib.aclosing(items) as messages:
             async for item in messages:
                 event = None if item is None else order.believe(item[2])
@@ -293,6 +478,14 @@ class AsyncJob:
                     yield out
         for out in order.release():
             yield out
+
+    async def _ended(self, logs: bool) -> AsyncGenerator[ev.AnyJobEvent, None]:
+        """The job's events (with `logs`, its output too) until its end."""
+        async with contextlib.aclosing(self._stream(True, logs=logs)) as stream:
+            async for event in stream:
+                yield event
+                if isinstance(event, ev.Terminal):
+                    return
 
     async def logs(self, follow: bool = False) -> AsyncGenerator[LogLine, None]:
         """The job's output lines from the first. With `follow`, live until the job ends;
@@ -310,7 +503,9 @@ class AsyncJob:
 
         async def follow() -> Any:
             placed, attempt = "", 0
-            async with contextlib.aclosing(self.events()) as events:
+            # the output only where it is printed (the end waits for it): else no LOGS at all
+            shown = logs is not None and logs is not False
+            async with contextlib.aclosing(self._ended(shown)) as events:
                 async for event in events:
                     if isinstance(event, ev.WorkerSelected):
                         placed, attempt = event.worker_id, event.attempt

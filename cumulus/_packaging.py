@@ -60,7 +60,14 @@ def _is_local(module: ModuleType) -> bool:
     if module.__name__ == "__main__":
         return False  # cloudpickle already pickles __main__ by value
     path = getattr(module, "__file__", None)
-    if not path or module.__name__.partition(".")[0] in _distributed():
+    return bool(path) and _local_file(module.__name__, path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_file(name: str, path: str) -> bool:
+    """Whether module `name` at `path` is the user's own: one realpath per module, not one per
+    module per submit (a script's function reaches dozens; that was most of a submit's CPU)."""
+    if name.partition(".")[0] in _distributed():
         return False
     resolved = os.path.realpath(path)
     return not any(resolved.startswith(root) for root in _system_roots())

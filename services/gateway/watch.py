@@ -7,6 +7,10 @@ So the gateway creates, for `cumulus.api.<user>.watch`, an ephemeral push consum
 stream), delivering into the caller's own private inbox, from the stream sequence it asks for.
 A filter picks one subject under the caller's `jobs.`, `logs.` or `results.` (the stream is the
 subject's). The consumers go away by themselves once nobody listens.
+
+A client follows the jobs it submits through ONE such watch per stream (its feed,
+cumulus/_jobs.py): a filter over all its user's jobs, `after_last` (from the message after the
+stream's newest when the watch began). Per job then, no consumer and no round trip here.
 """
 
 from __future__ import annotations
@@ -40,11 +44,16 @@ class WatchRequest(msgspec.Struct, kw_only=True):
     from_log_seq: int = 1
     """Where in the LOGS stream the output starts (the stream sequence after the last line
     the caller has)."""
+    after_last: bool = False
+    """With `filter`: start after the newest message of the filter's stream when the watch
+    begins (`from_seq` ignored; the reply's `last_seq` is that newest message): only what is
+    published from now on, e.g. the events of jobs the caller is about to submit."""
 
 
 class WatchReply(msgspec.Struct, kw_only=True):
     last_seq: int
-    """Stream sequence of the newest matching event when the watch began (0: none yet)."""
+    """Stream sequence of the newest matching event when the watch began (0: none yet); with
+    `after_last`, of the stream's newest message."""
     stream: str = subjects.JOBS_STREAM
     """The stream `last_seq` is of (the filter's)."""
     last_log_seq: int = 0
@@ -91,6 +100,13 @@ async def _last(js: JetStreamContext, stream: str, subject: str) -> int | None:
         return None
 
 
+async def _stream_last(js: JetStreamContext, stream: str) -> int:
+    """Stream sequence of the stream's newest message (0: none): one cheap look, where the
+    newest of a wildcard subject would walk every subject under it."""
+    info = await js.stream_info(stream)
+    return int(info.state.last_seq or 0)
+
+
 async def _push(js: JetStreamContext, stream: str, subject: str, deliver: str, first: int) -> None:
     """An ephemeral push consumer over `subject` into `deliver`, from stream sequence `first`."""
     start = max(1, first)
@@ -122,6 +138,10 @@ async def watch(
     if observer or req.filter:
         subject = _filter(user, req, observer)
         stream = subjects.stream_of(subject)
+        if req.after_last:
+            newest = await _stream_last(js, stream)
+            await _push(js, stream, subject, req.deliver, newest + 1)
+            return WatchReply(last_seq=newest, stream=stream)
         last = await _last(js, stream, subject)
         await _push(js, stream, subject, req.deliver, req.from_seq)
         return WatchReply(last_seq=last or 0, stream=stream)
