@@ -13,6 +13,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
     touch "$stamp"
 fi
+# Every job is a fresh interpreter that imports the in-job runner: compiled once here, so no
+# job compiles it (with PYTHONDONTWRITEBYTECODE set, none would ever write it).
+.venv/bin/python -m compileall -q job_image >/dev/null || true
 if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     bash infra/ci/setup-sandbox.sh || echo "[install] could not install bubblewrap" >&2
 fi

@@ -88,8 +88,10 @@ def _limited(
 
 MAX_JOB_CONSUMERS = 100_000
 """Consumers the JOBS stream takes: two durables per worker (its partitioner's and runner's)
-plus a few for the control plane. nats-server's own default is 1,000 per stream (and a value
-<= 0 means that default), which stops a fleet at its 500th worker (bench/fleet_scale.py)."""
+plus a few for the control plane, and the job streams' replays (a handle made by id, a large
+result's reader, a warm map's answers), one each. nats-server's own default is 1,000 per
+stream (and a value <= 0 means that default), which stops a fleet at its 500th worker
+(bench/fleet_scale.py)."""
 
 
 def streams(retention: RetentionConfig | None = None) -> tuple[StreamConfig, ...]:
@@ -106,19 +108,25 @@ def streams(retention: RetentionConfig | None = None) -> tuple[StreamConfig, ...
             ),
             max_consumers=MAX_JOB_CONSUMERS,
         ),
-        _limited(
-            subjects.LOGS_STREAM,
-            "logs.>",
-            r.logs_max_age_s,
-            r.bytes_of("logs_max_bytes"),
-            "Every job's output lines (oldest dropped at the limits)",
+        dataclasses.replace(
+            _limited(
+                subjects.LOGS_STREAM,
+                "logs.>",
+                r.logs_max_age_s,
+                r.bytes_of("logs_max_bytes"),
+                "Every job's output lines (oldest dropped at the limits)",
+            ),
+            max_consumers=MAX_JOB_CONSUMERS,  # a replay of a job's output is one
         ),
-        _limited(
-            subjects.RESULTS_STREAM,
-            "results.>",
-            r.results_ttl_s,
-            r.bytes_of("results_max_bytes"),
-            "Parts of results too large for their completed event",
+        dataclasses.replace(
+            _limited(
+                subjects.RESULTS_STREAM,
+                "results.>",
+                r.results_ttl_s,
+                r.bytes_of("results_max_bytes"),
+                "Parts of results too large for their completed event; warm maps' answers",
+            ),
+            max_consumers=MAX_JOB_CONSUMERS,  # a large result's reader, a map's answers
         ),
         StreamConfig(
             name=subjects.WORKERS_STREAM,
@@ -129,6 +137,18 @@ def streams(retention: RetentionConfig | None = None) -> tuple[StreamConfig, ...
             discard=DiscardPolicy.OLD,
             duplicate_window=60.0,
             description="Worker inventory: latest registration and heartbeat of each worker",
+        ),
+        StreamConfig(
+            name=subjects.MAPIN_STREAM,
+            subjects=["mapin.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_age=r.jobs_max_age_s,
+            max_bytes=r.bytes_of("map_inputs_max_bytes"),
+            discard=DiscardPolicy.NEW,  # a full queue refuses an input: its map is told
+            duplicate_window=min(DUPLICATE_WINDOW_S, r.jobs_max_age_s),
+            max_consumers=MAX_JOB_CONSUMERS,
+            description="Warm maps' inputs (a work queue: an answered input leaves it)",
         ),
         StreamConfig(
             name=subjects.DEAD_STREAM,
@@ -499,6 +519,22 @@ class Puller:
             self._left -= 1
         elif status in ("404", "408", "409"):
             self._left = 0  # this pull request is over; ask again
+
+
+def stream_seq(msg: Msg) -> int:
+    """The stream sequence of a message a JetStream consumer delivered, read straight from its
+    reply subject `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.
+    <pending>` (with a domain: `$JS.ACK.<domain>.<account hash>.<stream>.…`, 12 tokens or
+    more). nats-py's `msg.metadata` parses every token into objects, a fifth of a busy
+    consumer's time for this one number; it stays the answer for anything else."""
+    reply = msg.reply or ""
+    tokens = reply.split(".")
+    if tokens[:2] == ["$JS", "ACK"]:
+        if len(tokens) == 9:
+            return int(tokens[5])
+        if len(tokens) >= 12:
+            return int(tokens[7])
+    return int(msg.metadata.sequence.stream)
 
 
 async def ack_all(msg: Msg) -> None:

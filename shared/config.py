@@ -226,6 +226,9 @@ class RetentionConfig(_Section):
     """Large results (the RESULTS stream) are kept this long after they were written (as the
     job ended)."""
     results_max_bytes: str = "4GiB"
+    map_inputs_max_bytes: str = "2GiB"
+    """Warm maps' inputs waiting to be answered (the MAPIN work queue), at most; a map whose
+    input does not fit is told so (RESOURCE_EXHAUSTED) and the queue keeps what it holds."""
     code_ttl_s: Seconds = 30 * 86400.0
     """Code packages are kept this long after their upload."""
     dead_letters: Positive = 10_000
@@ -422,7 +425,7 @@ def _check(config: Config, names: Mapping[str, str], path: str | Path | None) ->
             f"above limits.max_job_duration ({limits.max_job_duration})",
             key=key,
         )
-    for name in ("jobs_max_bytes", "logs_max_bytes", "results_max_bytes"):
+    for name in ("jobs_max_bytes", "logs_max_bytes", "results_max_bytes", "map_inputs_max_bytes"):
         key = f"retention.{name}"
         try:
             size = config.retention.bytes_of(name)

@@ -22,10 +22,11 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import aiosqlite
 
@@ -65,6 +66,8 @@ CREATE TABLE IF NOT EXISTS dead (
 
 
 JOURNAL_LIMIT = 64 * 1024 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -155,6 +158,8 @@ class EventLog:
         self._db = db
         self.path = path
         self._lock = lock
+        self.on_write: Callable[[], object] | None = None
+        """Called once per write transaction (a service counts them in a metric)."""
 
     @classmethod
     async def open(cls, path: Path) -> EventLog:
@@ -194,48 +199,25 @@ class EventLog:
                 f"event log {self.path}: {what} failed: {exc}", path=str(self.path)
             ) from exc
 
+    def _count(self) -> None:
+        if self.on_write is not None:
+            self.on_write()
+
+    async def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the connection in aiosqlite's own thread, in one hop: a transaction
+        of many statements costs one thread handoff rather than one per statement."""
+        execute = cast(Callable[..., Awaitable[T]], self._db._execute)
+
+        def on_connection() -> T:
+            return work(self._db._conn)
+
+        return await execute(on_connection)
+
     async def commit(self, batch: Batch) -> list[OutboxRow]:
         """Write `batch` in one transaction; returns its outbox rows with their ids."""
         async with self._errors("commit"):
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if batch.log:
-                    await self._db.executemany(
-                        "INSERT INTO log(data) VALUES (?)", [(d,) for d in batch.log]
-                    )
-                first_id = 0
-                if batch.outbox:
-                    cursor = await self._db.execute("SELECT coalesce(max(id), 0) FROM outbox")
-                    row = await cursor.fetchone()
-                    first_id = (row[0] if row else 0) + 1
-                    rows = [
-                        (first_id + i, r.subject, r.msg_id, r.trace, r.data)
-                        for i, r in enumerate(batch.outbox)
-                    ]
-                    await self._db.executemany(
-                        "INSERT INTO outbox(id, subject, msg_id, trace, data) VALUES (?,?,?,?,?)",
-                        rows,
-                    )
-                if batch.dead:
-                    now = time.time()
-                    await self._db.executemany(
-                        "INSERT INTO dead(consumer, seq, subject, data, error, ts) "
-                        "VALUES (?,?,?,?,?,?)",
-                        [(*d, now) for d in batch.dead],
-                    )
-                if batch.tracking:
-                    await self._db.executemany(
-                        "INSERT INTO tracking(consumer, seq) VALUES (?, ?) "
-                        "ON CONFLICT(consumer) DO UPDATE SET seq = max(seq, excluded.seq)",
-                        list(batch.tracking.items()),
-                    )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (a full disk) may have ended the transaction already: the
-                # rollback's own complaint must not hide the real error.
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
-                raise
+            self._count()
+            first_id = await self._in_thread(lambda db: _commit(db, batch))
         for i, r in enumerate(batch.outbox):
             r.id = first_id + i
         return batch.outbox
@@ -244,46 +226,40 @@ class EventLog:
         """Move outbox rows the bus will never take (too large, a bad subject) to `dead`."""
         if not rows:
             return
+
+        def set_aside(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.executemany(
+                "INSERT INTO dead(consumer, seq, subject, data, error, ts) "
+                "VALUES ('outbox', ?, ?, ?, ?, ?)",
+                [(r.id, r.subject, r.data, error, now) for r in rows],
+            )
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(r.id,) for r in rows])
+
         async with self._errors("outbox set aside"):
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time()
-                await self._db.executemany(
-                    "INSERT INTO dead(consumer, seq, subject, data, error, ts) "
-                    "VALUES ('outbox', ?, ?, ?, ?, ?)",
-                    [(r.id, r.subject, r.data, error, now) for r in rows],
-                )
-                await self._db.executemany(
-                    "DELETE FROM outbox WHERE id = ?", [(r.id,) for r in rows]
-                )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
-                raise
+            self._count()
+            await self._in_thread(lambda db: _transaction(db, set_aside))
 
     async def save_snapshot(self, position: int, data: bytes, keep_dead: int) -> None:
         """Keep `data` as the state at `position`; drop older snapshots, the log rows before
         `position` (the row at it stays, so positions keep counting up) and all but the newest
         `keep_dead` dead letters. One transaction: a crash keeps the old snapshot and rows."""
+
+        def save(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO snapshot(position, data, ts) VALUES (?, ?, ?)",
+                (position, data, time.time()),
+            )
+            db.execute("DELETE FROM snapshot WHERE position < ?", (position,))
+            db.execute("DELETE FROM log WHERE position < ?", (position,))
+            db.execute(
+                "DELETE FROM dead WHERE id <= (SELECT coalesce(max(id), 0) FROM dead) - ?",
+                (keep_dead,),
+            )
+
         async with self._errors("snapshot"):
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO snapshot(position, data, ts) VALUES (?, ?, ?)",
-                    (position, data, time.time()),
-                )
-                await self._db.execute("DELETE FROM snapshot WHERE position < ?", (position,))
-                await self._db.execute("DELETE FROM log WHERE position < ?", (position,))
-                await self._db.execute(
-                    "DELETE FROM dead WHERE id <= (SELECT coalesce(max(id), 0) FROM dead) - ?",
-                    (keep_dead,),
-                )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._db.execute("ROLLBACK")
-                raise
+            self._count()
+            await self._in_thread(lambda db: _transaction(db, save))
 
     async def latest_snapshot(self) -> tuple[int, bytes] | None:
         """(position, data) of the newest snapshot, if the service ever took one."""
@@ -295,11 +271,16 @@ class EventLog:
         return (int(row[0]), bytes(row[1])) if row else None
 
     async def published(self, ids: Sequence[int]) -> None:
-        """Forget outbox rows that JetStream has acknowledged."""
+        """Forget outbox rows that JetStream has acknowledged (one transaction)."""
         if not ids:
             return
+
+        def forget(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
         async with self._errors("outbox delete"):
-            await self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            self._count()
+            await self._in_thread(lambda db: _transaction(db, forget))
 
     async def pending_outbox(self) -> list[OutboxRow]:
         async with self._errors("outbox read"):
@@ -340,6 +321,55 @@ class EventLog:
                 "SELECT consumer, seq, subject, data, error FROM dead ORDER BY id"
             )
             return [(r[0], r[1], r[2], r[3], r[4]) for r in await cursor.fetchall()]
+
+
+def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], None]) -> None:
+    """`work` in one write transaction (in the connection's thread)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work(db)
+        db.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT (a full disk) may have ended the transaction already: the
+        # rollback's own complaint must not hide the real error.
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
+def _commit(db: sqlite3.Connection, batch: Batch) -> int:
+    """Write `batch` (in the connection's thread); the id of its first outbox row."""
+    first_id = 0
+
+    def write(db: sqlite3.Connection) -> None:
+        nonlocal first_id
+        if batch.log:
+            db.executemany("INSERT INTO log(data) VALUES (?)", [(d,) for d in batch.log])
+        if batch.outbox:
+            row = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()
+            first_id = (row[0] if row else 0) + 1
+            db.executemany(
+                "INSERT INTO outbox(id, subject, msg_id, trace, data) VALUES (?,?,?,?,?)",
+                [
+                    (first_id + i, r.subject, r.msg_id, r.trace, r.data)
+                    for i, r in enumerate(batch.outbox)
+                ],
+            )
+        if batch.dead:
+            now = time.time()
+            db.executemany(
+                "INSERT INTO dead(consumer, seq, subject, data, error, ts) VALUES (?,?,?,?,?,?)",
+                [(*d, now) for d in batch.dead],
+            )
+        if batch.tracking:
+            db.executemany(
+                "INSERT INTO tracking(consumer, seq) VALUES (?, ?) "
+                "ON CONFLICT(consumer) DO UPDATE SET seq = max(seq, excluded.seq)",
+                list(batch.tracking.items()),
+            )
+
+    _transaction(db, write)
+    return first_id
 
 
 def read_log(path: Path, upto: int | None = None) -> Iterable[tuple[int, bytes]]:

@@ -45,6 +45,26 @@ class JobEvent(Event, frozen=True, kw_only=True):
     worker_id: str = ""
 
 
+class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A warm map (docs/map.md): the job holds its partition and `warm` processes that each
+    load the function once, then call it on input after input from the job's work queue
+    (`mapin.<user>.<job>`, stream MAPIN); each input's answer is published on its own."""
+
+    warm: int = 1
+    """How many job processes call the function side by side (1 … MAX_WARM)."""
+    inputs: int = 0
+    """How many inputs the map has (the SDK's count; the queue's end marker confirms it)."""
+    retries: int = 0
+    """How many more times an input whose call raised is tried before its error is its
+    answer (an input whose process died is tried up to MAP_CRASH_TRIES times)."""
+
+
+MAX_WARM = 64
+"""The most warm processes one map job may ask for."""
+MAP_CRASH_TRIES = 3
+"""Tries of an input whose process died (a crash, the OOM killer) before that is its answer."""
+
+
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What the user asked to run; travels with the job to the worker."""
 
@@ -62,6 +82,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     secrets: list[str] = []
     """Names of the user's secrets the job gets in its environment; their values never
     travel in events (the runner asks the gateway for them: `cumulus.secrets.<worker>.get`)."""
+    map: MapSpec | None = None
+    """A warm map job (`client.map(..., warm=N)`): None for an ordinary job."""
 
 
 class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.submitted"):
@@ -380,9 +402,16 @@ SCHEDULER_ONLY: tuple[type[Event], ...] = (
 Terminal too, so their epoch is not taken as news of an election."""
 
 
+_CARRIERS: tuple[type[Event], ...] = (SchedulerElected, *STAMPED)
+"""Events carrying an epoch: a marker, the stamped decisions (built once: every consumer asks
+per event)."""
+_RAISERS: tuple[type[Event], ...] = (SchedulerElected, *SCHEDULER_ONLY)
+"""Events that move the epoch seen: a marker, decisions only a scheduler publishes."""
+
+
 def epoch_of(event: Any) -> int:
     """The scheduler epoch `event` carries: a marker's, a stamped decision's; 0 otherwise."""
-    if isinstance(event, (SchedulerElected, *STAMPED)):
+    if isinstance(event, _CARRIERS):
         return int(event.epoch)  # type: ignore[attr-defined]
     return 0
 
@@ -397,7 +426,7 @@ def stale(event: Any, known: int) -> bool:
 def epoch_after(known: int, event: Any) -> int:
     """The largest epoch seen once `event` is applied: raised by markers and by decisions
     only a scheduler publishes (a worker cannot move it, so cannot fence the scheduler)."""
-    if isinstance(event, (SchedulerElected, *SCHEDULER_ONLY)):
+    if isinstance(event, _RAISERS):
         return max(known, epoch_of(event))
     return known
 

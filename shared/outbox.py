@@ -2,15 +2,19 @@
 
 A service commits the events it emits to the `outbox` table in the same SQLite transaction as
 its state change (DESIGN.md rule 2); the relay publishes them in order, pipelined, and deletes
-the rows JetStream acknowledged. A failed publish is retried with exponential backoff, for
-ever: the rows stay in the outbox, so a crash at any point re-publishes them on the next start,
-and JetStream drops the copies it already holds by their `Nats-Msg-Id`.
+the rows JetStream acknowledged (in one transaction, once nothing more waits to be published).
+A failed publish is retried with exponential backoff, for ever: the rows stay in the outbox, so
+a crash at any point re-publishes them on the next start, and JetStream drops the copies it
+already holds by their `Nats-Msg-Id`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from nats.js import JetStreamContext
 
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
+FORGET_EVERY = 4096
+"""Most published rows the relay owes a delete before it makes one (module docstring)."""
+T = TypeVar("T")
 
 
 class OutboxRelay:
@@ -43,36 +50,50 @@ class OutboxRelay:
         await self._queue.join()
 
     async def run(self) -> None:
-        """Publish for ever: everything waiting goes out as one pipelined burst."""
-        backoff = BACKOFF_FIRST_S
+        """Publish for ever: everything waiting goes out as one pipelined burst. The rows
+        published are forgotten in one transaction once nothing more is waiting (or
+        FORGET_EVERY rows are owed): under a burst, commits arrive while a publish is in
+        flight, and one delete then covers several bursts. A crash before the delete
+        re-publishes them, which JetStream drops as duplicates, as it always could."""
+        owed: list[int] = []
+        chunks_owed = 0
         while True:
             chunks = [await self._queue.get()]
             while not self._queue.empty():
                 chunks.append(self._queue.get_nowait())
             rows = [row for chunk in chunks for row in chunk]
-            while True:
-                try:
-                    await self._publish(rows)
-                    backoff = BACKOFF_FIRST_S
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning(
-                        "publish failed; retrying",
-                        extra={"fields": {"service": self._service, "error": repr(exc)}},
-                    )
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
-            for _ in chunks:
-                self._queue.task_done()
+            owed += await self._until_done(functools.partial(self._publish, rows))
+            chunks_owed += len(chunks)
+            if self._queue.empty() or len(owed) >= FORGET_EVERY:
+                await self._until_done(functools.partial(self._eventlog.published, owed))
+                owed = []
+                for _ in range(chunks_owed):
+                    self._queue.task_done()
+                chunks_owed = 0
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
+    async def _until_done(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, retried with exponential backoff for as long as it fails."""
+        backoff = BACKOFF_FIRST_S
+        while True:
+            try:
+                return await attempt()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "publish failed; retrying",
+                    extra={"fields": {"service": self._service, "error": repr(exc)}},
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _publish(self, rows: list[OutboxRow]) -> list[int]:
+        """Publish `rows` (those the bus can take), pipelined; the ids published."""
         rows = await self._set_aside_unpublishable(rows)
         await bus.publish_many(
             self._js, ((r.subject, bus.headers(r.msg_id, r.trace), r.data) for r in rows)
         )
-        await self._eventlog.published([r.id for r in rows])
+        return [r.id for r in rows]
 
     async def _set_aside_unpublishable(self, rows: list[OutboxRow]) -> list[OutboxRow]:
         """Rows the bus can never take (over its max_payload, or a subject that is not one)

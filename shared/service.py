@@ -61,10 +61,12 @@ from shared.outbox import OutboxRelay
 from shared.telemetry import (
     CONSUMPTION_PAUSED,
     DEAD_LETTERS,
+    EVENTLOG_TRANSACTIONS,
     EVENTS_APPLIED,
     FENCED,
     SNAPSHOTS,
     span,
+    tracing_enabled,
 )
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,8 @@ class EventService(Generic[S]):
         """Why the service ended itself (`end`): `run_forever` exits 1 with this line."""
         self._snapshot_at = 0
         """Position of the latest snapshot (0: none)."""
+        self._applied = EVENTS_APPLIED.labels(self.name)
+        """This service's child of the counter, looked up once (not per event)."""
         self.state = self.new_state()
 
     # -- what a service defines ----------------------------------------------------------
@@ -250,7 +254,7 @@ class EventService(Generic[S]):
 
     def _step(self, event: Any) -> list[tuple[Event, bytes]]:
         self.apply(event)
-        EVENTS_APPLIED.labels(self.name).inc()
+        self._applied.inc()
         return self._chain(self.decide(event))
 
     async def emit(
@@ -365,6 +369,7 @@ class EventService(Generic[S]):
 
     async def _start(self, nc: Client | None) -> None:
         self.eventlog = await EventLog.open(self.db_path)
+        self.eventlog.on_write = EVENTLOG_TRANSACTIONS.labels(self.name).inc
         await self.before_replay()
         await self._replay()
         self.nc = nc or await bus.connect(
@@ -511,6 +516,7 @@ class EventService(Generic[S]):
             if source.exists():
                 source.rename(aside.with_name(aside.name + ending))
         self.eventlog = await EventLog.open(self.db_path)
+        self.eventlog.on_write = EVENTLOG_TRANSACTIONS.labels(self.name).inc
         self.reset_state()
         self.position = self._snapshot_at = 0
         await self._replay()
@@ -606,7 +612,7 @@ class EventService(Generic[S]):
         batch = Batch()
         last = self._tracked.get(consumer, 0)
         for msg in msgs:
-            seq = msg.metadata.sequence.stream
+            seq = bus.stream_seq(msg)
             if seq <= last:
                 continue
             last = seq
@@ -718,23 +724,29 @@ class EventService(Generic[S]):
             return
         if not self.volatile(event):
             batch.log.append(msg.data)
-        with span(
-            f"{self.name} {type(event).__name__}",
-            getattr(event, "trace", ""),
-            **{
-                "messaging.destination": msg.subject,
-                "cumulus.job_id": getattr(event, "job_id", ""),
-            },
-        ):
-            try:
-                decided = self._step(event)
-            except Exception as exc:
-                log.exception(
-                    "event cannot be applied; setting it aside",
-                    extra={"fields": {"service": self.name, "subject": msg.subject, "seq": seq}},
-                )
-                raise _Poison(seq, f"cannot apply: {type(exc).__name__}: {exc}"[:2000]) from exc
-            self._stage(decided, batch)
+        if tracing_enabled():
+            with span(
+                f"{self.name} {type(event).__name__}",
+                getattr(event, "trace", ""),
+                **{
+                    "messaging.destination": msg.subject,
+                    "cumulus.job_id": getattr(event, "job_id", ""),
+                },
+            ):
+                self._stage(self._apply_or_poison(event, msg.subject, seq), batch)
+        else:  # no span to make: nothing per event beyond the work itself
+            self._stage(self._apply_or_poison(event, msg.subject, seq), batch)
+
+    def _apply_or_poison(self, event: Any, subject: str, seq: int) -> list[tuple[Event, bytes]]:
+        """`_step(event)`; _Poison if its apply or decide raises."""
+        try:
+            return self._step(event)
+        except Exception as exc:
+            log.exception(
+                "event cannot be applied; setting it aside",
+                extra={"fields": {"service": self.name, "subject": subject, "seq": seq}},
+            )
+            raise _Poison(seq, f"cannot apply: {type(exc).__name__}: {exc}"[:2000]) from exc
 
     def _set_aside(self, batch: Batch, consumer: str, seq: int, msg: Msg, error: str) -> None:
         log.warning(
@@ -798,7 +810,19 @@ class EventService(Generic[S]):
 
     async def _commit(self, batch: Batch) -> None:
         assert self.eventlog is not None
-        rows = await self.eventlog.commit(batch)
+        # The transaction runs whole in SQLite's thread: a caller cancelled meanwhile (a stop)
+        # does not stop it, so it is seen through (its rows handed to the relay, as the state
+        # already holds the batch) before the cancellation goes on.
+        commit = asyncio.ensure_future(self.eventlog.commit(batch))
+        try:
+            rows = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self._committed(batch, await commit)
+            raise
+        self._committed(batch, rows)
+
+    def _committed(self, batch: Batch, rows: list[OutboxRow]) -> None:
         self.position += len(batch.log)
         if self._relay is not None:
             self._relay.put(rows)

@@ -31,6 +31,10 @@ LOGS_STREAM = "LOGS"
 RESULTS_STREAM = "RESULTS"
 WORKERS_STREAM = "WORKERS"
 DEAD_STREAM = "DEAD"
+MAPIN_STREAM = "MAPIN"
+"""Warm maps' inputs, a work queue: an input leaves it when a worker acknowledges its answer."""
+MAP_EVENT = "map"
+"""The last token of a warm map's answers: `results.<user>.<job>.<worker>.map`."""
 CODE_BUCKET = "cumulus-code"
 LEASE_BUCKET = "cumulus-scheduler"
 """The scheduler's key-value bucket: key `leader` holds the lease (services/scheduler/lease.py)."""
@@ -81,6 +85,22 @@ def job_logs(job_id: str, user: str = "*") -> str:
 def result(user: str, job_id: str, worker_id: str, attempt: int | str) -> str:
     """Where a job's worker publishes the parts of one attempt's large result."""
     return f"results.{user}.{job_id}.{worker_id or NO_WORKER}.{attempt}"
+
+
+def map_input(user: str, job_id: str) -> str:
+    """Where a warm map's owner publishes its inputs (in chunks) and the end marker."""
+    return f"mapin.{user}.{job_id}"
+
+
+def map_output(user: str, job_id: str, worker_id: str) -> str:
+    """Where the worker running a warm map publishes its answers (in the RESULTS stream)."""
+    return f"results.{user}.{job_id}.{worker_id or NO_WORKER}.{MAP_EVENT}"
+
+
+def map_consumer(job_id: str) -> str:
+    """The durable consumer of a warm map's inputs: made by the gateway when the map is
+    submitted, pulled by the runner of the worker that runs it, removed when the map ends."""
+    return f"map-{job_id}"
 
 
 def stream_of(subject: str) -> str:

@@ -31,6 +31,9 @@ JOB_DURATION = Histogram(
     buckets=(1, 5, 10, 30, 60, 300, 600, 1800, 3600),
 )
 GPU_MEMORY_USED = Gauge("cumulus_gpu_memory_used_bytes", "GPU memory used", ["device"])
+MAP_INPUTS = Counter(
+    "cumulus_map_inputs_total", "Warm map inputs answered on this worker", ["outcome"]
+)
 QUEUE_WAIT = Histogram(
     "cumulus_job_queue_wait_seconds", "Time from submission to placement on a worker"
 )
@@ -54,6 +57,11 @@ FENCED = Counter(
 CONSUMPTION_PAUSED = Gauge(
     "cumulus_consumption_paused",
     "1 while a service cannot write its event log (a full disk) and waits, else 0",
+    ["service"],
+)
+EVENTLOG_TRANSACTIONS = Counter(
+    "cumulus_eventlog_transactions_total",
+    "SQLite write transactions of a service's event log (batches, outbox deletes, snapshots)",
     ["service"],
 )
 SNAPSHOTS = Counter(
@@ -109,15 +117,22 @@ def start_metrics(port: int) -> None:
 
 
 _tracer: Any = None
+_tracing: bool | None = None
 
 
 def tracing_enabled() -> bool:
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    """Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` set); read once: a service
+    asks per event, and its environment does not change."""
+    global _tracing
+    if _tracing is None:
+        _tracing = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return _tracing
 
 
 @contextlib.contextmanager
 def span(name: str, traceparent: str, **attributes: Any) -> Iterator[None]:
-    """An OTel span that continues the event's trace; free when no exporter is configured."""
+    """An OTel span that continues the event's trace; free when no exporter is configured
+    (callers on hot paths check `tracing_enabled()` first and skip even this call)."""
     if not tracing_enabled() or not traceparent:
         yield
         return

@@ -39,11 +39,12 @@ def work(state: PartitionerState, busy: Collection[str]) -> Work:
     """
     taken = set(busy)
     out = Work()
-    for job in state.placements():
+    live = state.live()  # the placements still wanted or ready, not every one kept
+    for job in [*state.older.values(), *live]:
         if job.job_id not in taken and job.needs_release:
             out.releases.append(job)
             taken.add(job.job_id)
-    for job in state.jobs.values():
+    for job in live:
         if job.job_id not in taken and job.needs_partition:
             out.creates.append(job)
             taken.add(job.job_id)

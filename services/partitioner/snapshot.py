@@ -91,6 +91,7 @@ def restore(states: Mapping[str, PartitionerState], data: bytes) -> Ended:
     for worker_id, state in states.items():
         saved = stored.get(worker_id, WorkerPlacements(worker_id=worker_id))
         state.jobs = {j.job_id: _shared_spec(j) for j in saved.jobs}
+        state.reindex()
         state.older = {j.label: j for j in saved.older}
         state.epoch = saved.epoch
         if saved.ended:

@@ -71,6 +71,28 @@ class PartitionerState:
         label: revoked, released and reported once, never created."""
         self.epoch = 0
         """The largest scheduler epoch seen (ev.epoch_after)."""
+        self.open: dict[str, PartitionJob] = {}
+        """The placements of `jobs` that may still need an effect (wanted or ready): what a
+        reconcile looks at, so it costs the live placements, not every one kept (`jobs`
+        holds each done one for hours, as a fence). Left entries are pruned by `live`."""
+
+    def live(self) -> list[PartitionJob]:
+        """The placements of `jobs` still wanted or ready (those done are pruned here)."""
+        out = []
+        for job_id, job in list(self.open.items()):
+            if self.jobs.get(job_id) is job and job.status in OPEN:
+                out.append(job)
+            else:
+                del self.open[job_id]
+        return out
+
+    def reindex(self) -> None:
+        """Rebuild `open` from `jobs` (after `jobs` was set whole: a snapshot restored)."""
+        self.open = {k: job for k, job in self.jobs.items() if job.status in OPEN}
+
+    def _hold(self, job: PartitionJob) -> None:
+        self.jobs[job.job_id] = job
+        self.open[job.job_id] = job
 
     def placements(self) -> list[PartitionJob]:
         """Every placement held: the older ones first (their releases go first)."""
@@ -87,6 +109,7 @@ class PartitionerState:
         """The job's placement gives way to a newer attempt: it is fenced, and kept for its
         release while it may hold partitions."""
         old = self.jobs.pop(job_id, None)
+        self.open.pop(job_id, None)
         if old is not None:
             old.revoked = True
             if old.needs_release:
@@ -109,14 +132,16 @@ class PartitionerState:
         if event.worker_id != self.worker_id or (job is not None and job.attempt >= event.attempt):
             return  # a repeat, or an attempt already superseded or revoked
         self._supersede(event.job_id)
-        self.jobs[event.job_id] = PartitionJob(
-            job_id=event.job_id,
-            user=event.user,
-            spec=event.spec,
-            devices=list(event.devices),
-            tenths=event.tenths,
-            attempt=event.attempt,
-            trace=event.trace,
+        self._hold(
+            PartitionJob(
+                job_id=event.job_id,
+                user=event.user,
+                spec=event.spec,
+                devices=list(event.devices),
+                tenths=event.tenths,
+                attempt=event.attempt,
+                trace=event.trace,
+            )
         )
 
     @_apply.register
@@ -149,12 +174,14 @@ class PartitionerState:
             return  # an older attempt this worker no longer holds
         # Revoked before its placement came: known by its revocation alone, never created.
         self._supersede(event.job_id)
-        self.jobs[event.job_id] = PartitionJob(
-            job_id=event.job_id,
-            user=event.user,
-            attempt=event.attempt,
-            trace=event.trace,
-            revoked=True,
+        self._hold(
+            PartitionJob(
+                job_id=event.job_id,
+                user=event.user,
+                attempt=event.attempt,
+                trace=event.trace,
+                revoked=True,
+            )
         )
 
     def _terminal(self, event: ev.Terminal) -> None:
@@ -181,6 +208,10 @@ class PartitionerState:
     @_apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._terminal(event)
+
+
+OPEN = ("wanted", "ready")
+"""Statuses of a placement that may still need an effect (a create, a release)."""
 
 
 def label_of(job_id: str, attempt: int) -> str:

@@ -136,10 +136,14 @@ class ProcessBackend:
     def _launcher_pid(self, job_dir: Path, timeout: float = 30.0) -> str:
         pid_file = job_dir / "launcher.pid"
         deadline = time.monotonic() + timeout
+        wait = 0.001
         while not pid_file.exists():
             if time.monotonic() > deadline:
                 raise OSError(f"no launcher recorded its pid in {job_dir} within {timeout:.0f} s")
-            time.sleep(0.002)
+            # Backing off: under a burst launchers take a while, and each look costs a thread
+            # wake-up that competes with the event loop for the GIL.
+            time.sleep(wait)
+            wait = min(wait * 2, 0.016)
         return pid_file.read_text().strip()
 
     def _fork_launcher(self, job_dir: Path) -> int | None:
@@ -327,7 +331,7 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # ProcessLookupError: it went between the open and the read
         return False
     return state not in ("Z", "X")
 

@@ -262,7 +262,8 @@ async def test_a_full_data_disk_pauses_and_work_resumes_when_space_returns(
     # The embedded layout: nats-server's store shares the disk (after a write error it takes
     # no more writes until it restarts: the stack's watchdog does that once space is back).
     small = {  # streams that fit the small disk's JetStream budget (75% of it)
-        f"CUMULUS_RETENTION_{name}_MAX_BYTES": "6m" for name in ("JOBS", "LOGS", "RESULTS")
+        f"CUMULUS_RETENTION_{name}_MAX_BYTES": "6m"
+        for name in ("JOBS", "LOGS", "RESULTS", "MAP_INPUTS")
     }
     stack = Stack(data_dir=small_disk, env={"CUMULUS_WORKER_SANDBOX": "none", **small})
     filler = small_disk / "filler"
