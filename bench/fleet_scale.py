@@ -463,7 +463,8 @@ class Fleet:
                     ) from exc
                 await asyncio.sleep(0.1)
 
-    def start_scheduler(self) -> None:
+    def start_scheduler(self, extra: dict[str, str] | None = None) -> None:
+        """The scheduler as deployed (`python -m services.scheduler`); `extra` adds settings."""
         env = dict(os.environ)
         env.update(
             {
@@ -474,6 +475,7 @@ class Fleet:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.update(extra or {})
         env.pop("CUMULUS_NATS_CREDENTIALS", None)
         argv = [sys.executable]
         if self.opts.profile:

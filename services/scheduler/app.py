@@ -14,6 +14,8 @@ follows the active one's. Only the holder of the lease (lease.py) decides (handl
    share), `.state` (the allocation state and the log position it was read at) and `.queue`
    (a waiting job's live position and reason). Every decision carries the epoch N; its own
    decisions coming back from the stream are skipped (applied when taken).
+   From then on its job consumer leaves the decisions out (`_stop_reading_decisions`): they
+   are its own, or fenced, or a later leader's after that leader's marker.
 3. It decides only while its lease is valid; a lapsed lease is resumed only by renewing it
    unchanged (then the owed decisions are taken). Finding another holder (the lease, a later
    marker or decision) it stops deciding at once and ends with exit status 1; a restart follows.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -73,6 +76,12 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes], Awaitable[Any]]
 
+# cumulus_worker_assignments_total by outcome, looked up once (`labels` costs per call).
+_ASSIGNED = WORKER_ASSIGNMENTS.labels("success")
+_QUEUED = WORKER_ASSIGNMENTS.labels("queued")
+_NO_WORKERS = WORKER_ASSIGNMENTS.labels("no_workers")
+_INSUFFICIENT = WORKER_ASSIGNMENTS.labels("insufficient_resources")
+
 JOB_EVENTS = [
     "submitted",
     "partition_ready",
@@ -84,7 +93,8 @@ JOB_EVENTS = [
 ]
 DECISIONS = ["queued", "scheduled", "revoked"]
 """The leader's decisions a standby follows (its `failed`/`cancelled` are among JOB_EVENTS,
-its `lost` and `node` on the WORKERS stream)."""
+its `lost` and `node` on the WORKERS stream). The leader itself stops reading them."""
+JOBS_CONSUMER = "scheduler-jobs"
 PAGE_HEADROOM = 1024
 """Room kept in a `workers` page for its envelope (`queued`, `next`)."""
 MARKER_WAIT_S = 30.0
@@ -98,6 +108,7 @@ class Scheduler(EventService[SchedulerState]):
         super().__init__(*args, **kwargs)
         self.startup_allocation: dict[str, Any] = {}
         self.startup_position = 0
+        self._memory_gauges: dict[tuple[str, int], Any] = {}
         self.ended: dict[str, float] = {}
         """Job id -> when a compaction first found it over (services/scheduler/snapshot.py)."""
         self._micro: Any = None
@@ -145,8 +156,30 @@ class Scheduler(EventService[SchedulerState]):
         jobs = [*subjects.job_events(*JOB_EVENTS, *DECISIONS), subjects.ELECTED]
         return [
             ConsumerSpec(subjects.WORKERS_STREAM, "scheduler-workers", ["workers.>"]),
-            ConsumerSpec(subjects.JOBS_STREAM, "scheduler-jobs", jobs),
+            ConsumerSpec(subjects.JOBS_STREAM, JOBS_CONSUMER, jobs),
         ]
+
+    async def _stop_reading_decisions(self) -> None:
+        """Once leading, narrow the job consumer to what is news to a leader: the decisions
+        on the stream are its own from here on (applied when taken, `skip`), a superseded
+        scheduler's (fenced) or a later leader's, which come after that leader's marker, and
+        markers stay in. Half of what a burst brings in is the leader's own `scheduled`
+        coming back. A restart creates the consumer anew with every filter (it may follow)."""
+        assert self.js is not None
+        name = self.consumer_name(ConsumerSpec(subjects.JOBS_STREAM, JOBS_CONSUMER, []))
+        try:
+            info = await self.js.consumer_info(subjects.JOBS_STREAM, name)
+            config = dataclasses.replace(
+                info.config,
+                filter_subjects=[*subjects.job_events(*JOB_EVENTS), subjects.ELECTED],
+                filter_subject=None,
+            )
+            await self.js.add_consumer(subjects.JOBS_STREAM, config=config)
+        except Exception as exc:  # only slower: it reads and skips its own decisions
+            log.warning(
+                "could not narrow the job consumer to what a leader needs",
+                extra={"fields": {"error": repr(exc)}},
+            )
 
     def decode(self, data: bytes) -> Any:
         return decode_record(data)
@@ -178,21 +211,20 @@ class Scheduler(EventService[SchedulerState]):
 
     def apply(self, event: Any) -> None:
         self._notice(event)
-        # A terminal event may come from the scheduler itself ("_"): read the job's worker first.
-        job = self.state.jobs.get(getattr(event, "job_id", ""))
-        worker_id = job.worker_id if job is not None else ""
-        self.state.apply(event)
-        if isinstance(event, ev.WorkerSelected | ev.PartitionReleased):
-            worker_id = event.worker_id
-        if worker_id and isinstance(
-            event,
-            ev.WorkerSelected
-            | ev.Terminal
-            | ev.PartitionFailed
-            | ev.PlacementRevoked
-            | ev.PartitionReleased,
+        # What an allocation change touches, read before it is applied: a terminal event
+        # may come from the scheduler itself ("_"), and the job's devices are gone after.
+        touched: tuple[str, list[int] | None] | None = None
+        if isinstance(event, ev.WorkerSelected):
+            touched = (event.worker_id, event.devices)
+        elif isinstance(event, ev.Terminal | ev.PartitionFailed | ev.PlacementRevoked) and (
+            job := self.state.jobs.get(event.job_id)
         ):
-            self._gauge_memory(worker_id)
+            touched = (job.worker_id, list(job.devices))
+        elif isinstance(event, ev.PartitionReleased):
+            touched = (event.worker_id, None)
+        self.state.apply(event)
+        if touched is not None and touched[0]:
+            self._gauge_memory(*touched)
 
     def _notice(self, event: Any) -> None:
         """What an event says of the election, before it is applied: our own marker read
@@ -227,27 +259,37 @@ class Scheduler(EventService[SchedulerState]):
         out = self.stamp(decide(event, self.state, self.policy))
         for new in out:
             if isinstance(new, ev.WorkerSelected):
-                WORKER_ASSIGNMENTS.labels("success").inc()
+                _ASSIGNED.inc()
                 ASSIGNMENT_DURATION.observe(time.perf_counter() - started)
                 job = self.state.jobs.get(new.job_id)
                 if job is not None:
                     QUEUE_WAIT.observe(max(0.0, new.ts - job.submitted_at))
             elif isinstance(new, ev.JobQueued):
-                WORKER_ASSIGNMENTS.labels("queued").inc()
+                _QUEUED.inc()
             elif isinstance(new, ev.JobFailed) and new.code == "UNAVAILABLE":
-                WORKER_ASSIGNMENTS.labels("no_workers").inc()
+                _NO_WORKERS.inc()
             elif isinstance(new, ev.JobFailed) and new.code == "RESOURCE_EXHAUSTED":
-                WORKER_ASSIGNMENTS.labels("insufficient_resources").inc()
+                _INSUFFICIENT.inc()
         if isinstance(event, ev.WorkerEvent):
             ACTIVE_WORKERS.set(len(self.state.capacity.run_of))  # O(1): per heartbeat
         return out
 
-    def _gauge_memory(self, worker_id: str) -> None:
-        """cumulus_gpu_memory_used_bytes: the share of each device's memory allocated."""
+    def _gauge_memory(self, worker_id: str, indexes: list[int] | None) -> None:
+        """cumulus_gpu_memory_used_bytes: the share of each device's memory allocated, for
+        the devices an event changed (`indexes`; None: all of the worker's). The gauge's
+        children are looked up once (`labels` costs more than the rest)."""
         worker = self.state.workers.get(worker_id)
-        if worker is not None:
-            for d in worker.devices:
-                GPU_MEMORY_USED.labels(f"{worker_id}/{d.index}").set(d.memory_bytes * d.used // 10)
+        if worker is None:
+            return
+        for d in worker.devices:
+            if indexes is None or d.index in indexes:
+                key = (worker_id, d.index)
+                child = self._memory_gauges.get(key)
+                if child is None:
+                    child = self._memory_gauges[key] = GPU_MEMORY_USED.labels(
+                        f"{worker_id}/{d.index}"
+                    )
+                child.set(d.memory_bytes * d.used // 10)
 
     def volatile(self, event: Any) -> bool:
         """Heartbeats of live workers only move a clock; one that revives a worker counts."""
@@ -351,6 +393,8 @@ class Scheduler(EventService[SchedulerState]):
         await self.emit([], [Leading(epoch=epoch, holder=self.holder)])
         self.leading, self._electing = epoch, 0
         self.hearing_since = time.time()
+        # In the background: a cluster with a server down can take seconds over it.
+        self.spawn(self._stop_reading_decisions(), name="narrow-consumer")
         await self._catch_up()
         await self._start_leading()
         log.info(

@@ -31,17 +31,6 @@ def free_runs(worker: WorkerState) -> list[list[int]]:
     return runs
 
 
-def longest_span(worker: WorkerState) -> int:
-    """Longest run of contiguous device indexes, free or not: the most one job can span."""
-    best = run = 0
-    previous = None
-    for index in sorted(d.index for d in worker.devices):
-        run = run + 1 if previous is not None and index == previous + 1 else 1
-        previous = index
-        best = max(best, run)
-    return best
-
-
 class Capacity:
     def __init__(self) -> None:
         self.by_free: list[dict[Slot, None]] = [{} for _ in range(TENTHS_PER_GPU + 1)]
@@ -51,28 +40,50 @@ class Capacity:
         self.by_free_sum: dict[int, dict[str, None]] = {}
         self.span_of: dict[str, int] = {}
         """Longest run of contiguous device indexes a live worker has at all (free or not)."""
+        self._spans: dict[int, int] = {}
+        """span -> how many live workers have it, so the widest is found without a scan."""
         self._slots: dict[str, list[tuple[Slot, int]]] = {}
 
     def index(self, worker: WorkerState) -> None:
         """(Re)index one worker after any change to it; a worker that cannot take new jobs
-        (lost, or down, drained or paused in Swarm) leaves the indexes."""
-        self.drop(worker.worker_id)
+        (lost, or down, drained or paused in Swarm) leaves the indexes.
+
+        Runs on every placement and release, so each device's free share is computed once
+        and the runs come from one pass over the devices in index order."""
+        worker_id = worker.worker_id
+        self.drop(worker_id)
         if not worker.schedulable:
             return
+        by_free = self.by_free
         slots = []
+        frees: list[tuple[int, int]] = []
+        free_sum = 0
         for device in worker.devices:
-            slot = (worker.worker_id, device.index)
-            free = max(0, device.free)
-            self.by_free[free][slot] = None
+            slot = (worker_id, device.index)
+            free = TENTHS_PER_GPU - sum(device.allocated.values())
+            if free < 0:
+                free = 0
+            by_free[free][slot] = None
             slots.append((slot, free))
-        self._slots[worker.worker_id] = slots
-        run = max((len(r) for r in free_runs(worker)), default=0)
-        self.run_of[worker.worker_id] = run
-        self.by_run.setdefault(run, {})[worker.worker_id] = None
-        free_sum = sum(max(0, d.free) for d in worker.devices)
-        self.free_sum[worker.worker_id] = free_sum
-        self.by_free_sum.setdefault(free_sum, {})[worker.worker_id] = None
-        self.span_of[worker.worker_id] = longest_span(worker)
+            frees.append((device.index, free))
+            free_sum += free
+        self._slots[worker_id] = slots
+        frees.sort()
+        run = span = best_run = best_span = 0
+        previous = None
+        for index, free in frees:
+            adjacent = previous is not None and index == previous + 1
+            span = span + 1 if adjacent else 1
+            run = (run + 1 if adjacent else 1) if free == TENTHS_PER_GPU else 0
+            previous = index
+            best_span = max(best_span, span)
+            best_run = max(best_run, run)
+        self.run_of[worker_id] = best_run
+        self.by_run.setdefault(best_run, {})[worker_id] = None
+        self.free_sum[worker_id] = free_sum
+        self.by_free_sum.setdefault(free_sum, {})[worker_id] = None
+        self.span_of[worker_id] = best_span
+        self._spans[best_span] = self._spans.get(best_span, 0) + 1
 
     def drop(self, worker_id: str) -> None:
         for slot, free in self._slots.pop(worker_id, []):
@@ -83,7 +94,13 @@ class Capacity:
         free_sum = self.free_sum.pop(worker_id, None)
         if free_sum is not None:
             self.by_free_sum[free_sum].pop(worker_id, None)
-        self.span_of.pop(worker_id, None)
+        span = self.span_of.pop(worker_id, None)
+        if span is not None:
+            left = self._spans[span] - 1
+            if left:
+                self._spans[span] = left
+            else:
+                del self._spans[span]
 
     def slots_with_free(self, tenths: int) -> Iterator[Slot]:
         yield from self.by_free[tenths]
@@ -105,3 +122,7 @@ class Capacity:
 
     def longest_run(self) -> int:
         return max((r for r, ws in self.by_run.items() if ws), default=0)
+
+    def widest_span(self) -> int:
+        """The most contiguous devices any live worker has: the largest job that could fit."""
+        return max(self._spans, default=0)

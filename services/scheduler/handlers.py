@@ -156,12 +156,24 @@ def _(
     event: ev.PlacementRevoked, state: SchedulerState, policy: Policy = DEFAULT
 ) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
-    # A job started, or whose partition was ready, is failed by the `lost` that revoked it.
-    if job is None or job.status != "pending" or job.started or job.partitioned:
+    if job is None or job.status != "pending":
+        return []
+    # A job started, or whose partition was ready, is failed by the `lost` that revoked it,
+    # unless it is a warm map that may run again (rerun_when_lost).
+    if (job.started or job.partitioned) and not rerun_when_lost(job, policy):
         return []
     if job.cancel_requested:
         return [_cancelled(job)]
     return _place_or_queue(state, job, policy, event.ts, reason=event.reason)
+
+
+def rerun_when_lost(job: JobState, policy: Policy) -> bool:
+    """Whether `job`, started (or its partition ready) on a worker now lost, is placed again
+    rather than failed. Only a warm map may run twice: its work queue answers each input
+    once (an input its lost process never acknowledged is redelivered, and answers are
+    de-duplicated), so a second attempt elsewhere loses nothing and repeats nothing. The
+    attempt it loses still counts against `max_attempts`."""
+    return job.spec.map is not None and job.attempt < policy.max_attempts
 
 
 @decide.register
@@ -178,7 +190,7 @@ def _(event: ev.WorkerLost, state: SchedulerState, policy: Policy = DEFAULT) -> 
                 trace=child_trace(job.trace),
             )
         )
-        if job.started or job.partitioned:
+        if (job.started or job.partitioned) and not rerun_when_lost(job, policy):
             # Its runner may be running it, unseen (a paused worker): placing it again could run
             # it twice at once. A job whose partition was not even ready is placed again.
             while_ = "running the job" if job.started else "starting the job"
@@ -418,6 +430,9 @@ def promotion(
         elif worker.alive and worker.node_state in ("down", "disconnected"):
             reason = f"Swarm node {worker.node_id} is {worker.node_state}"
             out.append(ev.WorkerLost(worker_id=worker.worker_id, ts=now, reason=reason))
+    # Each job is visited once below, so only the revocations above can have decided it
+    # already (a set: a lapse in a burst leaves thousands pending).
+    revoked = {getattr(e, "job_id", "") for e in out}
     for job in state.jobs.values():
         if job.status == "placed" and job.cancel_requested:
             out.append(
@@ -429,9 +444,7 @@ def promotion(
                     trace=child_trace(job.trace),
                 )
             )
-        elif job.status == "pending" and not any(
-            getattr(e, "job_id", "") == job.job_id for e in out
-        ):
+        elif job.status == "pending" and job.job_id not in revoked:
             out.append(_pending(state, job, policy, now, holder))
     return out
 

@@ -220,11 +220,17 @@ class Lease:
 
     async def keep(self, regained: Callable[[], None]) -> None:
         """Renew every ttl_s/4 until superseded (raises Superseded). `regained` is called when
-        a renewal succeeds after the lease had lapsed: what was not decided meanwhile is owed."""
+        a renewal succeeds after the lease had lapsed: what was not decided meanwhile is owed.
+
+        Lapsed means: the validity the last successful renewal gave ran out before this one
+        took effect, checked once the renewal is back. A renewal still in flight when the
+        lease runs out (an event loop held up by a long batch on a loaded host) counts too:
+        the events consumed meanwhile were not decided, and nothing else would decide them."""
         while True:
-            lapsed = not self.valid()
+            valid_until = self.valid_until
             with contextlib.suppress(*NETWORK_ERRORS):
-                if await self.renew() and lapsed:
+                renewed = await self.renew()
+                if renewed and time.monotonic() >= valid_until:
                     log.warning(
                         "scheduler lease renewed after it had lapsed; deciding again",
                         extra={"fields": {"holder": self.holder, "epoch": self.epoch}},

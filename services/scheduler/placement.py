@@ -150,12 +150,12 @@ def fits_ever(state: SchedulerState, tenths: int) -> bool:
     """Whether the pool as it stands could hold the request if it were empty."""
     if tenths < TENTHS_PER_GPU:
         return state.has_live_workers()
-    return max(state.capacity.span_of.values(), default=0) >= tenths // TENTHS_PER_GPU
+    return state.capacity.widest_span() >= tenths // TENTHS_PER_GPU
 
 
 def largest_pool_request(state: SchedulerState) -> str:
     """The largest amount one job could ever get here, as text (for error messages)."""
-    return str(max(state.capacity.span_of.values(), default=0))
+    return str(state.capacity.widest_span())
 
 
 def largest_free_now(state: SchedulerState) -> int:

@@ -164,7 +164,9 @@ class SchedulerState:
         if ev.stale(event, self.epoch):
             return
         self.epoch = ev.epoch_after(self.epoch, event)
-        self._apply(event)
+        # The registered mutator, looked up by type (cached): `self._apply(...)` would build
+        # a bound wrapper on every call (functools.singledispatchmethod), per event.
+        _mutator(type(event))(self, event)
 
     @singledispatchmethod
     def _apply(self, event: Any) -> None:
@@ -378,6 +380,10 @@ class SchedulerState:
     @_apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._finish(event)
+
+
+_mutator = SchedulerState.__dict__["_apply"].dispatcher.dispatch
+"""The `_apply` mutator registered for an event type."""
 
 
 def retained_key(job_id: str, attempt: int) -> str:
