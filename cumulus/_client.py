@@ -31,6 +31,7 @@ from nats.aio.client import Client as NatsClient
 
 from cumulus import _profiles
 from cumulus._jobs import AsyncJob, Feed, Job, Logs, Runner, WatchReply, watch_messages
+from cumulus._map import run_map
 from cumulus._options import JobOptionArgs, JobOptions, Packaging
 from cumulus._packaging import (
     choose_packaging,
@@ -327,10 +328,12 @@ class AsyncClient:
         entrypoint: str = "function",
         job_id: str = "",
         packaging_note: str = "",
+        map_spec: ev.MapSpec | None = None,
         **option_args: Unpack[JobOptionArgs],
     ) -> AsyncJob:
         """Submit a package made by `package_function` or `package_script`; `packaging_note`
-        says how it was made (the handle's `packaging`)."""
+        says how it was made (the handle's `packaging`); `map_spec` makes it a warm map's job
+        (cumulus/_map.py)."""
         opts = JobOptions.build(options, **option_args)
         ref = await self.upload(package)
         job_id = job_id or ev.new_job_id()
@@ -347,6 +350,7 @@ class AsyncClient:
                 env=dict(opts.env),
                 network=opts.network,
                 secrets=list(opts.secrets),
+                map=map_spec,
             )
         )
         # the feed follows the job before it exists: every event of it comes through there
@@ -485,14 +489,40 @@ class AsyncClient:
         return_exceptions: bool = False,
         logs: Logs = False,
         timeout: float | None = None,
+        warm: int | bool = False,
+        retries: int = 0,
+        ordered: bool = True,
         **option_args: Unpack[JobOptionArgs],
     ) -> list[Any]:
-        """`[func(*xs) for xs in zip(*iterables)]`, one job per input, at most `concurrency`
-        jobs in flight; results in input order. The first failure cancels the jobs still
-        running and is raised, unless `return_exceptions` puts errors in the list instead."""
+        """`[func(*xs) for xs in zip(*iterables)]`; results in input order.
+
+        With `warm` (a number of processes, or True to let the SDK choose), ONE job holds its
+        GPU share and that many warm processes, which load `func` once and call it on input
+        after input from a queue (docs/map.md): per input, a message and a call. Each input
+        has its own answer; a failing input does not end the map (an input whose call raised
+        is tried `retries` more times); with `ordered=False` the list is in the order the
+        answers came. Errors: the first failing input's (by index) is raised once every input
+        is answered, unless `return_exceptions` puts errors in the list instead.
+
+        Without `warm`: one job per input, at most `concurrency` jobs in flight; the first
+        failure cancels the jobs still running and is raised (or, with `return_exceptions`,
+        put in the list)."""
+        opts = JobOptions.build(options, **option_args)
+        if warm is not False:
+            return await run_map(
+                self,
+                func,
+                list(zip(*iterables, strict=False)),
+                opts,
+                warm=warm,
+                retries=retries,
+                ordered=ordered,
+                return_exceptions=return_exceptions,
+                logs=logs,
+                timeout=timeout,
+            )
         if concurrency < 1:
             raise InvalidArgument("map concurrency must be >= 1")
-        opts = JobOptions.build(options, **option_args)
         inputs = list(zip(*iterables, strict=False))
         results: list[Any] = [None] * len(inputs)
         gate = asyncio.Semaphore(concurrency)

@@ -145,9 +145,13 @@ class RemoteFunction(Generic[P, R]):
         *iterables: Iterable[Any],
         concurrency: int = 16,
         return_exceptions: bool = False,
+        warm: int | bool = False,
+        retries: int = 0,
+        ordered: bool = True,
     ) -> list[R]:
-        """One job per input (`zip(*iterables)`), at most `concurrency` at once; results in
-        input order."""
+        """Results in input order (`zip(*iterables)`). With `warm` (processes, or True): one
+        job whose warm processes call the function on input after input (docs/map.md);
+        without: one job per input, at most `concurrency` at once."""
         values: list[R] = self.client.map(
             self.func,
             *iterables,
@@ -155,6 +159,9 @@ class RemoteFunction(Generic[P, R]):
             concurrency=concurrency,
             return_exceptions=return_exceptions,
             timeout=self.opts.timeout,
+            warm=warm,
+            retries=retries,
+            ordered=ordered,
         )
         return values
 

@@ -14,18 +14,12 @@ Standard library only, apart from cloudpickle for function packages.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import json
 import os
 import reprlib
-import runpy
-import shutil
-import subprocess
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +45,12 @@ MAX_TRACEBACK = 64 * 1024
 REPR_CHARS = 1000
 SCALARS = (str, int, float, bool, type(None))
 """Values JSON carries alone (no pickle beside)."""
+
+
+def _traceback(exc: BaseException) -> str:
+    import traceback  # only when a job fails: a job's start imports as little as it can
+
+    return "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
 
 
 def frame(nonce: str, envelope: dict[str, Any]) -> bytes:
@@ -113,7 +113,7 @@ def _error_envelope(exc: BaseException, stage: str) -> dict[str, Any]:
         "stage": stage,
         "type": type(exc).__name__,
         "message": message,
-        "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:],
+        "traceback": _traceback(exc),
     }
 
 
@@ -294,6 +294,9 @@ def install_requirements(requirements: list[str], target: Path) -> None:
     if wheelhouse:
         argv += ["--no-index", "--find-links", os.path.abspath(wheelhouse)]
     print(f"[cumulus] installing requirements: {' '.join(specs)}", file=sys.stderr, flush=True)
+    import subprocess  # imported here: every job starts a fresh interpreter, most need no pip
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="cumulus-pip-") as empty:
         done = subprocess.run(
             [*argv, "--", *specs],
@@ -319,6 +322,8 @@ def prepare(requirements: list[str], deps: Path) -> None:
     """
     if not requirements or (deps / READY).exists():
         return
+    import shutil
+
     deps.parent.mkdir(parents=True, exist_ok=True)
     tmp = deps.parent / f".{deps.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -359,9 +364,16 @@ def run(job_dir: Path) -> int:
 
             with open(work / manifest.get("pickle", "function.pkl"), "rb") as f:
                 func, args, kwargs = cloudpickle.load(f)
-            value = func(*args, **kwargs)
+            if warm_map := os.environ.get("CUMULUS_MAP"):  # the worker's runner says so
+                from job_image.warm import run_map
+
+                value = run_map(func, json.loads(warm_map), job_dir)
+            else:
+                value = func(*args, **kwargs)
         else:
             sys.argv = [manifest["entry"], *manifest.get("args", [])]
+            import runpy
+
             runpy.run_path(str(work / manifest["entry"]), run_name="__main__")
             value = None
     except SystemExit as exc:
@@ -398,6 +410,8 @@ def wait_for_job(fd: int) -> dict[str, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--job-dir", default=os.environ.get("CUMULUS_JOB_DIR", "/job"))
     parser.add_argument(

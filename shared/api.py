@@ -31,6 +31,7 @@ from shared.errors import (
     Unavailable,
     shown,
 )
+from shared.events import MapSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
     """The job asks for network access; the user's policy must allow it (policy.network)."""
     secrets: list[str] = []
     """Names of the caller's secrets (`secret_put`) the job gets as environment variables."""
+    map: MapSpec | None = None
+    """A warm map (docs/map.md): the job serves `map.inputs` inputs from its queue."""
 
 
 class SubmitReply(msgspec.Struct, kw_only=True):

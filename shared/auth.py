@@ -5,7 +5,8 @@ decentralised JWT accounts): each identity is an nkey user (an ed25519 key pair;
 keeps only the public key, the holder proves the seed by signing the server's nonce) with
 publish and subscribe permissions made from its role:
 
-- `user` U: publishes only its own API subjects `cumulus.api.U.>`; subscribes only to its own
+- `user` U: publishes only its own API subjects `cumulus.api.U.>` and its warm maps' inputs
+  `mapin.U.>`; subscribes only to its own
   jobs `jobs.U.>`, their output `logs.U.>` and its private inbox. No JetStream API at all:
   uploads, replay and large results go through the gateway, which knows the user from the
   subject.
@@ -16,7 +17,8 @@ publish and subscribe permissions made from its role:
   and of its lease (`$KV.cumulus-scheduler.>`).
 - `worker` W (its partitioner and runner): publishes only the events of its own worker token
   (`jobs.*.*.W.<partition or run event>`, its jobs' output `logs.*.*.W` and result parts
-  `results.*.*.W.*`, `workers.W.>`), uses only its own durable consumers, reads code.
+  `results.*.*.W.*`, `workers.W.>`), uses only its own durable consumers, reads code, pulls
+  warm maps' inputs (any map's: which map runs where is the scheduler's choice).
 - `observer`: reads `jobs.>`, `logs.>`, `results.>` and `workers.>` and the read-only API;
   publishes no event.
 - `admin`: everything (the operator's tool and `cumulus up`).
@@ -163,7 +165,15 @@ def _worker_publish(workers: Iterable[str]) -> list[str]:
         for durable in durables(w):
             allow += _consumer_api(subjects.JOBS_STREAM, durable)
     allow += _object_reader(subjects.CODE_BUCKET)
+    allow += _map_reader()
     return allow
+
+
+def _map_reader() -> list[str]:
+    """A warm map's runner pulls and acknowledges the map's inputs (`map-<job>`, made by the
+    gateway) and asks how many are left; it creates and deletes no consumer."""
+    api, stream = "$JS.API.CONSUMER", subjects.MAPIN_STREAM
+    return [f"{api}.INFO.{stream}.*", f"{api}.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>"]
 
 
 def permissions(creds: Credentials) -> dict[str, Any]:
@@ -178,7 +188,8 @@ def permissions(creds: Credentials) -> dict[str, Any]:
         # `$JS.FC.>`: answering the flow-control requests of its watch replays (the gateway's
         # push consumers into its inbox); not `allow_responses`, which would let a user answer
         # a service's publish in JetStream's place (a forged ack) for events it can read.
-        publish = [f"cumulus.api.{creds.name}.>", "$JS.FC.>"]
+        # `mapin.U.>`: the inputs of its own warm maps (docs/map.md), straight to their queue.
+        publish = [f"cumulus.api.{creds.name}.>", "$JS.FC.>", f"mapin.{creds.name}.>"]
         subscribe = [f"jobs.{creds.name}.>", f"logs.{creds.name}.>", inbox]
     elif creds.role == "observer":
         publish = [f"cumulus.api.*.{op}" for op in READ_ONLY_OPS]

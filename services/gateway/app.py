@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 import nats.micro
 
-from services.gateway import history
+from services.gateway import history, maps
 from services.gateway import policy as checks
 from services.gateway import snapshot as snapshots
 from services.gateway import watch as watching
@@ -59,6 +59,8 @@ class Gateway(EventService[JobTable]):
         self._micro: Any = None
         self._code: CodeStore | None = None
         self._secrets: SecretStore | None = None
+        self._maps: dict[str, str] = {}
+        """Warm maps whose input queue is open: job id -> user (services/gateway/maps.py)."""
         self.started_at = time.time()
 
     def new_state(self) -> JobTable:
@@ -89,6 +91,9 @@ class Gateway(EventService[JobTable]):
 
     def apply(self, event: Any) -> None:
         self.state.apply(event)
+        if isinstance(event, ev.Terminal) and event.job_id in self._maps and self.ready.is_set():
+            user = self._maps.pop(event.job_id)
+            self.spawn(self._close_map(user, event.job_id), name=f"close-map-{event.job_id}")
         if isinstance(event, ev.JobStarted) and self.ready.is_set():  # live, not replayed
             job = self.state.get(event.job_id)
             if job is not None:
@@ -142,6 +147,23 @@ class Gateway(EventService[JobTable]):
             handler=api.worker_endpoint(self.secrets_get),
         )
 
+        # Warm maps' queues, found again; those of maps that ended meanwhile are closed.
+        self._maps = await maps.open_queues(self.js)
+        async with self.reading() as table:
+            ended = [j for j in self._maps if (job := table.get(j)) and job.status in TERMINAL]
+        for job_id in ended:
+            self.spawn(self._close_map(self._maps.pop(job_id), job_id), name=f"close-map-{job_id}")
+
+    async def _close_map(self, user: str, job_id: str) -> None:
+        assert self.js is not None
+        try:
+            await maps.close_queue(self.js, user, job_id)
+        except Exception as exc:
+            log.warning(
+                "could not close a warm map's input queue",
+                extra={"fields": {"job_id": job_id, "error": str(exc)}},
+            )
+
     async def on_stop(self) -> None:
         if self._micro is not None:
             await self._micro.stop()
@@ -174,6 +196,10 @@ class Gateway(EventService[JobTable]):
         await self._check_secrets(user, spec)
         await self._check_code(user, spec.code_ref, spec.entrypoint)
         await self._admit(GpuRequest(spec.gpu_tenths))
+        if spec.map is not None:  # its queue first: no input is ever without a reader
+            assert self.js is not None
+            await maps.open_queue(self.js, user, job_id)
+            self._maps[job_id] = user
         event = ev.JobSubmitted(
             event_id=f"submit-{job_id}", job_id=job_id, user=user, trace=new_trace(), spec=spec
         )
@@ -203,6 +229,7 @@ class Gateway(EventService[JobTable]):
             env=env,
             network=network,
             secrets=_secret_names(req.secrets, env),
+            map=maps.check_map(req.map, req.entrypoint),
         )
         assert self.nc is not None
         return checks.check_spec(spec, self.nc.max_payload)

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from services.runner import handlers, results
+from services.runner import handlers, mapfeed, results
 from services.runner import snapshot as snapshots
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
@@ -297,11 +297,44 @@ class Runner(EventService[st.RunnerState]):
     async def _watch(self, job: st.RunJob) -> None:
         await self._watch_masks(job)
         out = self.backend.output(job.job_id, job.attempt, job.handle, job.nonce, dict(job.offsets))
+        feed = self._feed(job)
         try:
             await self._follow(job, out)
         finally:
             out.close()
             self._masks.pop(job.job_id, None)
+            if feed is not None:
+                feed.cancel()
+                await asyncio.gather(feed, return_exceptions=True)
+
+    def _feed(self, job: st.RunJob) -> asyncio.Task[None] | None:
+        """A warm map's feed (services/runner/mapfeed.py), while its job process runs."""
+        if job.spec.map is None:
+            return None
+        assert self.nc is not None
+        assert self.js is not None
+        feed = mapfeed.MapFeed(
+            self.nc,
+            self.js,
+            user=job.user,
+            job_id=job.job_id,
+            attempt=job.attempt,
+            worker_id=self.worker_id,
+            inputs=job.spec.map.inputs,
+            socket_path=mapfeed.socket_of(self.backend, job.job_id, job.attempt),
+        )
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "map feed failed; the job process gives up once no runner feeds it",
+                    exc_info=task.exception(),
+                    extra={"fields": _fields(job)},
+                )
+
+        task = asyncio.create_task(feed.run(), name=f"runner-map-{job.job_id}")
+        task.add_done_callback(ended)
+        return task
 
     async def _follow(self, job: st.RunJob, out: Output) -> None:
         """Deliver the job's output until it is over, then report how it ended."""

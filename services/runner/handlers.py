@@ -101,6 +101,8 @@ def job_env(
     )
     if wheelhouse:
         env["CUMULUS_WHEELHOUSE"] = wheelhouse
+    if job.spec.map is not None:  # job_image/warm.py serves it
+        env["CUMULUS_MAP"] = msgspec.json.encode(job.spec.map).decode()
     return env
 
 
