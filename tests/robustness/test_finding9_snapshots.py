@@ -371,12 +371,21 @@ def view(obj: Any) -> Any:
     if isinstance(obj, set | frozenset):
         return sorted(obj)
     fields = dict(vars(obj))
+    if isinstance(obj, PartitionerState):  # its index of live placements is pruned lazily
+        fields["open"] = {job.job_id: job for job in PartitionerState.live(_copy_index(obj))}
     if isinstance(obj, JobQueue):
         fields["_classes"] = {
             cls: sorted(entry for entry in heap if entry[1] in obj)
             for cls, heap in obj._classes.items()
         }
     return (type(obj).__name__, {k: view(v) for k, v in fields.items()})
+
+
+def _copy_index(state: PartitionerState) -> PartitionerState:
+    """`state` with a copy of its live index, so that viewing it prunes nothing of the real one."""
+    copy = object.__new__(PartitionerState)
+    copy.jobs, copy.open = state.jobs, dict(state.open)
+    return copy
 
 
 def _empty(value: Any) -> bool:
@@ -431,7 +440,7 @@ def _no_clocks(job: Any) -> dict[str, Any]:
 CARRIED: dict[type, set[str]] = {
     JobTable: {"jobs", "_waiting", "epoch"},
     SchedulerState: {"workers", "jobs", "queue", "capacity", "submitted", "placed", "epoch", "led"},
-    PartitionerState: {"worker_id", "jobs", "older", "epoch"},
+    PartitionerState: {"worker_id", "jobs", "older", "epoch", "open"},  # open: rebuilt
     runner_state.RunnerState: {"worker_id", "jobs", "cancelled_early", "discarding", "epoch"},
 }
 """Each state class's attributes, every one stored in its snapshot or rebuilt from what is."""
