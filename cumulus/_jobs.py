@@ -81,6 +81,8 @@ before it asks the gateway for the job's own replay instead."""
 ROUTE_BYTES = 8 * 1024 * 1024
 """Bytes of one job's messages its route keeps; past them the route gives up and its readers
 go on with the job's own replay (a job printing much output that nobody reads yet)."""
+ROUTE_QUIET_S = 30.0
+"""A route with nothing new this long hands its handle over to the job's own replay."""
 
 
 class WatchReply(msgspec.Struct, kw_only=True):
@@ -282,6 +284,14 @@ class Feed:
         self._task.cancel()
         await asyncio.wait([self._task], timeout=5.0)  # bounded: closing never hangs on it
 
+    def _drop_routes(self) -> None:
+        """A resume (a lost connection, a gap, silence, a stream electing a leader): what the
+        feed held is not trusted to be whole; each handle it carried goes on with its job's
+        own replay from its cursor."""
+        for route in list(self.routes.values()):
+            route.drop()
+        self.routes.clear()
+
     async def _run(self) -> None:
         user = self.client.user
         filters = {subjects.JOBS_STREAM: f"jobs.{user}.>", subjects.LOGS_STREAM: f"logs.{user}.>"}
@@ -298,6 +308,8 @@ class Feed:
             began.setdefault(stream, reply.last_seq)
 
         async def start(inbox: str, last: Cursor) -> Cursor:
+            if self._ready.done():
+                self._drop_routes()
             await asyncio.gather(*(watch(inbox, stream, last) for stream in filters))
             if not self._ready.done():
                 self._ready.set_result(True)
@@ -353,7 +365,13 @@ async def _routed(
         if not route.items and time.monotonic() - since > FEED_WAIT_S:
             return
         if route.items and not logs:
-            await arrived.wait()  # no deadline to keep: no timer either (a burst has many)
+            # No deadline to keep, but a bound: a route quiet for ROUTE_QUIET_S hands over to
+            # the job's own replay (a long job costs one consumer then; a burst of short ones
+            # none), so no fault of the feed can leave a handle waiting for ever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), ROUTE_QUIET_S)
+            if not arrived.is_set():
+                return
             continue
         try:
             await asyncio.wait_for(arrived.wait(), 1.0)
