@@ -92,13 +92,15 @@ async def round_trip(client: AsyncClient, count: int, warm: int) -> None:
     spec = ev.MapSpec(warm=warm, inputs=count)
     job = await client.submit_package(package, opts, map_spec=spec)
     got: asyncio.Queue[tuple[int, object] | BaseException] = asyncio.Queue()
-    follow = asyncio.create_task(_map._follow(client, job, count, None, got, asyncio.Event()))
+    follow = asyncio.create_task(
+        _map._Follower(client, job, count, None, got, asyncio.Event()).run()
+    )
     js = client.nc.jetstream()
     subject = subjects.map_input(client.user, job.job_id)
     times: list[float] = []
     try:
         for i in range(count):
-            data = _map._CHUNK.encode(_map._Chunk(first=i, inputs=[cloudpickle.dumps(((i,), {}))]))
+            data = _map._CHUNK.encode(ev.MapChunk(first=i, inputs=[cloudpickle.dumps(((i,), {}))]))
             t0 = time.perf_counter()
             await js.publish(subject, data, headers={"Nats-Msg-Id": f"{job.job_id}-in-{i}"})
             item = await asyncio.wait_for(got.get(), 60)

@@ -42,22 +42,11 @@ DEFAULT_WARM = 4
 MAX_CHUNK = 256
 CHUNK_BYTES = 512 * 1024
 """A chunk of inputs is cut at this size (or MAX_CHUNK inputs), whichever comes first."""
-END_HEADER = "Cumulus-End"
-
-
-class _Chunk(msgspec.Struct, kw_only=True):
-    first: int
-    inputs: list[bytes]
-
-
-class _Answers(msgspec.Struct, kw_only=True):
-    first: int
-    answers: list[tuple[int, bool, bytes]]
-    attempt: int = 0
+END_HEADER = ev.MAP_END_HEADER
 
 
 _CHUNK = msgspec.msgpack.Encoder()
-_ANSWERS = msgspec.msgpack.Decoder(_Answers)
+_ANSWERS = msgspec.msgpack.Decoder(ev.MapAnswers)
 
 
 class InputError(Internal):
@@ -101,12 +90,12 @@ def _chunks(inputs: Sequence[tuple[Any, ...]], per: int) -> list[tuple[int, byte
     for index, args in enumerate(inputs):
         data = cloudpickle.dumps((args, {}))
         if batch and (len(batch) >= per or size + len(data) > CHUNK_BYTES):
-            out.append((first, _CHUNK.encode(_Chunk(first=first, inputs=batch))))
+            out.append((first, _CHUNK.encode(ev.MapChunk(first=first, inputs=batch))))
             first, batch, size = index, [], 0
         batch.append(data)
         size += len(data)
     if batch:
-        out.append((first, _CHUNK.encode(_Chunk(first=first, inputs=batch))))
+        out.append((first, _CHUNK.encode(ev.MapChunk(first=first, inputs=batch))))
     return out
 
 
@@ -142,7 +131,7 @@ async def answers(
     job = await client.submit_package(package, opts, map_spec=spec, packaging_note=why)
     got: asyncio.Queue[tuple[int, Any] | BaseException] = asyncio.Queue()
     ended = asyncio.Event()
-    follow = asyncio.create_task(_follow(client, job, len(inputs), logs, got, ended))
+    follow = asyncio.create_task(_Follower(client, job, len(inputs), logs, got, ended).run())
     done = 0
     seen: set[int] = set()
     try:
@@ -195,23 +184,6 @@ async def _send(
         ) from exc
 
 
-async def _follow(
-    client: AsyncClient,
-    job: AsyncJob,
-    count: int,
-    logs: Logs,
-    got: asyncio.Queue[tuple[int, Any] | BaseException],
-    ended: asyncio.Event,
-) -> None:
-    """Feed `got` with the answers of the job's placements, and its end if it ends early;
-    `ended` is set once the job has ended (after its output)."""
-    follower = _Follower(client, job, count, logs, got, ended)
-    try:
-        await asyncio.gather(follower.events(), follower.results())
-    except Exception as exc:
-        got.put_nowait(exc)
-
-
 class _Follower:
     def __init__(
         self,
@@ -225,10 +197,18 @@ class _Follower:
         self.client, self.job, self.count, self.logs, self.got = client, job, count, logs, got
         self.ended = ended
         self.placed: set[str] = set()
-        self.held: dict[str, list[_Answers]] = {}
+        self.held: dict[str, list[ev.MapAnswers]] = {}
         """Answers of a worker not yet known to be placed (the events come another way)."""
 
-    def hand_out(self, batch: _Answers) -> None:
+    async def run(self) -> None:
+        """Feed `got` with the answers of the job's placements, and its end if it ends early;
+        `ended` is set once the job has ended (after its output)."""
+        try:
+            await asyncio.gather(self.events(), self.results())
+        except Exception as exc:
+            self.got.put_nowait(exc)
+
+    def hand_out(self, batch: ev.MapAnswers) -> None:
         for index, ok, payload in batch.answers:
             try:
                 value: Any = cloudpickle.loads(payload) if ok else _error(index, payload)

@@ -59,6 +59,25 @@ class MapSpec(msgspec.Struct, frozen=True, kw_only=True):
     answer (an input whose process died is tried up to MAP_CRASH_TRIES times)."""
 
 
+class MapChunk(msgspec.Struct, kw_only=True):
+    """Inputs `first`, `first + 1`, … of a warm map, each the cloudpickle of `(args, kwargs)`:
+    what the SDK publishes to `mapin.<user>.<job>` (msgpack: they carry pickles)."""
+
+    first: int
+    inputs: list[bytes]
+
+
+class MapAnswers(msgspec.Struct, kw_only=True):
+    """The answers of one chunk, (index, ok, cloudpickled value or JSON error), and the attempt
+    that answered: what the runner publishes to `results.<user>.<job>.<worker>.map`."""
+
+    first: int
+    answers: list[tuple[int, bool, bytes]]
+    attempt: int = 0
+
+
+MAP_END_HEADER = "Cumulus-End"
+"""The header of a map's end marker (after its last chunk): the number of inputs."""
 MAX_WARM = 64
 """The most warm processes one map job may ask for."""
 MAP_CRASH_TRIES = 3

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from nats.js import JetStreamContext
 
 from job_image import warm
 from shared import bus, subjects
+from shared import events as ev
 from shared.telemetry import MAP_INPUTS
 
 log = logging.getLogger(__name__)
@@ -53,23 +55,9 @@ WINDOW = 64
 CONNECT_S = 120.0
 """How long the feed waits for the host's socket (the job unpacks and loads first)."""
 END_POLL_S = 0.5
-END_HEADER = "Cumulus-End"
-
-
-class MapChunk(msgspec.Struct, kw_only=True):
-    """Inputs `first`, `first + 1`, …: each the cloudpickle of `(args, kwargs)`."""
-
-    first: int
-    inputs: list[bytes]
-
-
-class MapAnswers(msgspec.Struct, kw_only=True):
-    """The answers of one chunk: (index, ok, cloudpickled value or JSON error), and who
-    answered (the attempt)."""
-
-    first: int
-    answers: list[tuple[int, bool, bytes]]
-    attempt: int = 0
+END_HEADER = ev.MAP_END_HEADER
+MapChunk = ev.MapChunk
+MapAnswers = ev.MapAnswers
 
 
 ANSWERS = msgspec.msgpack.Encoder()
@@ -219,7 +207,11 @@ class MapFeed:
         return bytes(frames)
 
     def _ack_later(self, msg: Msg) -> None:
-        task = asyncio.create_task(msg.ack())
+        self._track(msg.ack())
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background; the feed waits for it before it ends."""
+        task = asyncio.create_task(coro)
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
@@ -241,9 +233,7 @@ class MapFeed:
         chunk.answers.append((index, ok, payload))
         MAP_INPUTS.labels("ok" if ok else "error").inc()
         if not chunk.left:
-            task = asyncio.create_task(self._store(seq, chunk))  # type: ignore[arg-type]
-            self._publishing.add(task)
-            task.add_done_callback(self._publishing.discard)
+            self._track(self._store(seq, chunk))  # type: ignore[arg-type]
 
     async def _store(self, seq: int, chunk: _Chunk) -> None:
         """Publish a chunk's answers, then acknowledge the chunk; if either fails, the chunk

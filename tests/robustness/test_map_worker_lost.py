@@ -46,6 +46,28 @@ async def _answers_stored(stack: Stack, user: str, job_id: str) -> list[tuple[st
         await nc.close()
 
 
+async def _start_map(client: AsyncClient) -> tuple[asyncio.Task[list[int]], JobInfo]:
+    """The map of `work` over INPUTS, started, and its job once it runs."""
+    task = asyncio.create_task(
+        client.map(work, range(INPUTS), gpu=0.5, duration=600, warm=2, timeout=180)
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the map never ran"
+        await asyncio.sleep(0.2)
+        if running := await client.jobs(status=["RUNNING"]):
+            return task, running[0]
+
+
+async def _stored_once(stack: Stack, job_id: str) -> list[tuple[str, int]]:
+    """The map's stored answers, after checking each input has exactly one."""
+    stored = await _answers_stored(stack, "default", job_id)
+    per_index = collections.Counter(index for _worker, index in stored)
+    assert sorted(per_index) == list(range(INPUTS))
+    assert set(per_index.values()) == {1}, "an input was answered (stored) more than once"
+    return stored
+
+
 async def test_a_lost_worker_mid_map_loses_no_input_and_answers_each_once(make_stack) -> None:
     stack: Stack = await make_stack(
         workers=["worker-1", "worker-2"],
@@ -53,16 +75,7 @@ async def test_a_lost_worker_mid_map_loses_no_input_and_answers_each_once(make_s
         env={"CUMULUS_WORKER_HEARTBEAT_S": "0.5"},
     )
     async with AsyncClient(profile=stack.profile()) as client:
-        task = asyncio.create_task(
-            client.map(work, range(INPUTS), gpu=0.5, duration=600, warm=2, timeout=180)
-        )
-        running: list[JobInfo] = []
-        deadline = time.monotonic() + 60
-        while not running:
-            assert time.monotonic() < deadline, "the map never ran"
-            await asyncio.sleep(0.2)
-            running = await client.jobs(status=["RUNNING"])
-        job = running[0]
+        task, job = await _start_map(client)
         await asyncio.sleep(2.0)  # some inputs answered, most not
         assert not task.done()
         victim = job.worker_id
@@ -73,10 +86,7 @@ async def test_a_lost_worker_mid_map_loses_no_input_and_answers_each_once(make_s
         info = await _ended(client, job.job_id)
         assert info.status == JobStatus.COMPLETED
         assert info.worker_id != victim
-    stored = await _answers_stored(stack, "default", job.job_id)
-    per_index = collections.Counter(index for _worker, index in stored)
-    assert sorted(per_index) == list(range(INPUTS))
-    assert set(per_index.values()) == {1}, "an input was answered (stored) more than once"
+    stored = await _stored_once(stack, job.job_id)
     by_worker = collections.Counter(worker for worker, _index in stored)
     assert by_worker[victim] > 0, "the lost worker answered nothing before it died"
     assert sum(n for w, n in by_worker.items() if w != victim) > 0
@@ -88,16 +98,7 @@ async def test_a_runner_killed_mid_map_comes_back_to_it(make_stack) -> None:
     reconnects, and the chunks the old one held come back from the queue."""
     stack: Stack = await make_stack(workers=["worker-1"], devices="1x16GiB")
     async with AsyncClient(profile=stack.profile()) as client:
-        task = asyncio.create_task(
-            client.map(work, range(INPUTS), gpu=0.5, duration=600, warm=2, timeout=180)
-        )
-        running: list[JobInfo] = []
-        deadline = time.monotonic() + 60
-        while not running:
-            assert time.monotonic() < deadline, "the map never ran"
-            await asyncio.sleep(0.2)
-            running = await client.jobs(status=["RUNNING"])
-        job = running[0]
+        task, job = await _start_map(client)
         await asyncio.sleep(2.0)
         assert not task.done()
         stack.kill9("runner-worker-1")
@@ -107,10 +108,7 @@ async def test_a_runner_killed_mid_map_comes_back_to_it(make_stack) -> None:
         info = await _ended(client, job.job_id)
         assert info.status == JobStatus.COMPLETED
         assert info.attempt == job.attempt  # the same attempt, carried on
-    stored = await _answers_stored(stack, "default", job.job_id)
-    per_index = collections.Counter(index for _worker, index in stored)
-    assert sorted(per_index) == list(range(INPUTS))
-    assert set(per_index.values()) == {1}, "an input was answered (stored) more than once"
+    await _stored_once(stack, job.job_id)
 
 
 async def _ended(client: AsyncClient, job_id: str, within: float = 30.0) -> JobInfo:
