@@ -489,6 +489,13 @@ class Puller:
             await self._sub.unsubscribe()
             self._sub = None
 
+    async def restart(self) -> None:
+        """Pull afresh (after the consumer was made anew): a new inbox, so nothing the old
+        consumer delivered late is taken for the new one's."""
+        await self.stop()
+        self._queue = asyncio.Queue()
+        await self.start()
+
     async def _request(self) -> None:
         self._left = self._batch
         self._requested_at = time.monotonic()
@@ -535,6 +542,20 @@ def stream_seq(msg: Msg) -> int:
         if len(tokens) >= 12:
             return int(tokens[7])
     return int(msg.metadata.sequence.stream)
+
+
+def consumer_seq(msg: Msg) -> int:
+    """The consumer sequence of a delivered message (the token after the stream sequence in
+    its reply subject): it counts the consumer's deliveries one by one, so a jump over a
+    number is a delivery that never arrived. A redelivery carries its first number again."""
+    reply = msg.reply or ""
+    tokens = reply.split(".")
+    if tokens[:2] == ["$JS", "ACK"]:
+        if len(tokens) == 9:
+            return int(tokens[6])
+        if len(tokens) >= 12:
+            return int(tokens[8])
+    return int(msg.metadata.sequence.consumer)
 
 
 async def ack_all(msg: Msg) -> None:

@@ -59,6 +59,7 @@ from shared.eventlog import Batch, EventLog, OutboxRow
 from shared.events import Event
 from shared.outbox import OutboxRelay
 from shared.telemetry import (
+    CONSUMER_GAPS,
     CONSUMPTION_PAUSED,
     DEAD_LETTERS,
     EVENTLOG_TRANSACTIONS,
@@ -126,6 +127,8 @@ class EventService(Generic[S]):
         self.ready = asyncio.Event()
         """Set once replay is done and the consumers run."""
         self._tracked: dict[str, int] = {}
+        self._delivered: dict[str, int] = {}
+        """Per consumer, the consumer sequence of the last delivery taken since it was made."""
         self._write = asyncio.Lock()
         self._relay: OutboxRelay | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -390,20 +393,8 @@ class EventService(Generic[S]):
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-publish")
         await self.on_start()
         for spec in self.consumers():
-            after = self._tracked.get(spec.durable, 0)
-            name = self.consumer_name(spec)
-            if self.creates_streams:
-                await bus.durable(self.js, spec.stream, name, spec.filters, after)
-            else:  # a worker's: the control plane makes it, within the worker's own subjects
-                request = bus.ConsumerRequest(
-                    stream=spec.stream,
-                    durable=spec.durable,
-                    filters=list(spec.filters),
-                    after=after,
-                )
-                worker_id = spec.durable.split("-", 1)[1]
-                await bus.request_durable(self.nc, worker_id, request)
-            puller = bus.Puller(self.nc, spec.stream, name)
+            await self._make_consumer(spec)
+            puller = bus.Puller(self.nc, spec.stream, self.consumer_name(spec))
             await puller.start()
             self._pullers.append(puller)
             self._loops.append(
@@ -416,6 +407,22 @@ class EventService(Generic[S]):
         log.info(
             "service started", extra={"fields": {"service": self.name, "position": self.position}}
         )
+
+    async def _make_consumer(self, spec: ConsumerSpec) -> None:
+        """Create `spec`'s durable consumer anew, delivering from the first stream sequence
+        after the last one this service applied from it."""
+        assert self.nc is not None
+        assert self.js is not None
+        after = self._tracked.get(spec.durable, 0)
+        if self.creates_streams:
+            await bus.durable(self.js, spec.stream, self.consumer_name(spec), spec.filters, after)
+        else:  # a worker's: the control plane makes it, within the worker's own subjects
+            request = bus.ConsumerRequest(
+                stream=spec.stream, durable=spec.durable, filters=list(spec.filters), after=after
+            )
+            worker_id = spec.durable.split("-", 1)[1]
+            await bus.request_durable(self.nc, worker_id, request)
+        self._delivered[spec.durable] = 0
 
     async def stop(self) -> None:
         """Stop within a bounded time; whatever is cut short is in the log and the outbox.
@@ -571,7 +578,11 @@ class EventService(Generic[S]):
         while not self._stopping.is_set():
             try:
                 msgs = await puller.next_batch()
-                await self._handle_batch(spec.durable, msgs)
+                taken, lost = self._until_gap(spec.durable, msgs)
+                if taken:
+                    await self._handle_batch(spec.durable, taken)
+                if lost:
+                    await self._recover_gap(spec, puller)
             except asyncio.CancelledError:
                 raise
             except _Stopping:
@@ -582,6 +593,38 @@ class EventService(Generic[S]):
                 self.failure = exc
                 self._stopping.set()
                 raise
+
+    def _until_gap(self, consumer: str, msgs: list[Msg]) -> tuple[list[Msg], bool]:
+        """The deliveries of `msgs` before the first one that skips a consumer sequence, and
+        whether one did. A skipped number is a delivery lost on the way (the consumer's
+        leader died with it in flight): the consumer being AckAll, acking anything after it
+        would acknowledge it unseen, so nothing after it is applied or acked."""
+        last = self._delivered.get(consumer, 0)
+        for index, msg in enumerate(msgs):
+            seq = bus.consumer_seq(msg)
+            if seq > last + 1:
+                self._delivered[consumer] = last
+                return msgs[:index], True
+            last = max(last, seq)
+        self._delivered[consumer] = last
+        return msgs, False
+
+    async def _recover_gap(self, spec: ConsumerSpec, puller: bus.Puller) -> None:
+        """Make the consumer anew from the first sequence after the last one applied, so the
+        lost delivery comes again (what was applied is skipped by its stream sequence)."""
+        log.warning(
+            "a delivery never arrived; consumer made anew from the last applied event",
+            extra={
+                "fields": {
+                    "service": self.name,
+                    "consumer": spec.durable,
+                    "after": self._tracked.get(spec.durable, 0),
+                }
+            },
+        )
+        CONSUMER_GAPS.labels(self.name).inc()
+        await self._make_consumer(spec)
+        await puller.restart()
 
     async def _handle_batch(self, consumer: str, msgs: list[Msg]) -> None:
         poison: dict[int, str] = {}

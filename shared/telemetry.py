@@ -64,6 +64,12 @@ EVENTLOG_TRANSACTIONS = Counter(
     "SQLite write transactions of a service's event log (batches, outbox deletes, snapshots)",
     ["service"],
 )
+CONSUMER_GAPS = Counter(
+    "cumulus_consumer_gaps_total",
+    "Deliveries a service's consumer never received (a consumer sequence skipped, e.g. its "
+    "leader died with one in flight); each made the consumer anew from the last applied event",
+    ["service"],
+)
 SNAPSHOTS = Counter(
     "cumulus_snapshots_total", "State snapshots a service took (its log trimmed)", ["service"]
 )

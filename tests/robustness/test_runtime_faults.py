@@ -126,6 +126,40 @@ async def test_a_crash_in_the_very_first_batch_loses_nothing(tmp_path: Path, nc:
         await again.stop()
 
 
+async def test_a_delivery_lost_on_the_way_is_delivered_again(
+    tmp_path: Path, nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's leader that dies with a delivery in flight: the message never arrives,
+    later ones do. Acking them (AckAll) would acknowledge it unseen; the service sees the
+    skipped consumer sequence, makes its consumer anew from what it applied, and gets it."""
+    url = nc.connected_url
+    assert url is not None
+    service = recorder(tmp_path, url.geturl())
+    await service.start()
+    try:
+        await heartbeats(nc, "w0", "w1")
+        await until(lambda: service.state == ["w0", "w1"], 10, "the first heartbeats")
+        take = bus.Puller._take
+        dropped: list[int] = []
+
+        def lossy(puller: bus.Puller, msg: Any, out: list[Any]) -> None:
+            if not dropped and msg.subject == "workers.lost.heartbeat":
+                dropped.append(bus.stream_seq(msg))  # gone on the way, as with a dead leader
+                return
+            take(puller, msg, out)
+
+        monkeypatch.setattr(bus.Puller, "_take", lossy)
+        await heartbeats(nc, "lost", "w2", "w3")
+        await until(lambda: len(service.state) >= 5, 10, "every heartbeat to be applied")
+        assert dropped, "the delivery was not dropped"
+        assert service.state == ["w0", "w1", "lost", "w2", "w3"]
+        await heartbeats(nc, "w4")
+        await until(lambda: service.state[-1:] == ["w4"], 10, "a heartbeat after the recovery")
+        assert service.state == ["w0", "w1", "lost", "w2", "w3", "w4"]
+    finally:
+        await service.stop()
+
+
 async def test_an_event_that_cannot_be_applied_is_set_aside_and_the_rest_applied(
     tmp_path: Path, nc: Client
 ) -> None:
