@@ -8,6 +8,7 @@ SDK ends exactly once, completed, and the lost server rejoins when it comes back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -292,6 +293,54 @@ async def test_jobs_survive_the_job_stream_leader_killed(
         await asyncio.sleep(0.2)
     async with AsyncClient(profile=profile) as client:
         assert await client.run(add, 20, 1, gpu=0.5, duration=600, logs=None, timeout=60) == 21
+
+
+async def test_a_workers_consumer_leader_killed_loses_no_decision(
+    nats_cluster: NatsCluster, services: Services
+) -> None:
+    """The partitioner's and then the runner's consumer leader killed while jobs flow: a
+    delivery in flight dies with its leader, and the later ones must not acknowledge it unseen
+    (AckAll). Every job completes, each once."""
+    assert nats_cluster.auth_dir is not None
+    profile = str(nats_cluster.auth_dir.path("user", "alice"))
+    admin = await connect(nats_cluster, "admin", "admin")
+    jobs = []
+    try:
+        async with AsyncClient(profile=profile, retry=RetryPolicy(max_attempts=5)) as client:
+            for durable in (f"partitioner-{WORKER}", f"runner-{WORKER}"):
+                leader = await _consumer_leader(admin, durable)
+                assert leader in nats_cluster.names, f"{durable}: no leader"
+                burst = [
+                    client.submit(add, len(jobs) + i, 1, gpu=0.1, duration=600) for i in range(12)
+                ]
+                submitting = asyncio.gather(*burst)
+                await asyncio.sleep(0.3)  # decisions flowing to the worker
+                nats_cluster.kill(leader)
+                jobs.extend(await asyncio.wait_for(submitting, 120))
+                await asyncio.to_thread(nats_cluster.restart, leader, 30.0)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(job.result(timeout=120) for job in jobs)), 130
+            )
+        assert results == [i + 1 for i in range(len(jobs))]
+        services.check_alive()
+        stored = await _job_stream(admin)
+        ends = Counter((job, name) for _, job, name in stored if name in TERMINAL)
+        for job in jobs:
+            assert ends[(job.job_id, "completed")] == 1, f"{job.job_id}: {ends}"
+    finally:
+        await admin.close()
+
+
+async def _consumer_leader(nc: NatsClient, durable: str, timeout: float = 30.0) -> str:
+    """The server leading the job stream's consumer `durable` (it may be being made anew)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(nats.errors.Error):
+            info = await nc.jetstream().consumer_info(subjects.JOBS_STREAM, durable)
+            if info.cluster is not None and info.cluster.leader:
+                return info.cluster.leader
+        assert time.monotonic() < deadline, f"{durable} has no leader"
+        await asyncio.sleep(0.2)
 
 
 async def _job_stream(nc: NatsClient) -> list[tuple[float, str, str]]:
