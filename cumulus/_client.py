@@ -41,7 +41,7 @@ from cumulus._packaging import (
     script_entry,
 )
 from cumulus._retry import RetryPolicy
-from shared import api, auth, subjects
+from shared import api, auth, subjects, tracing
 from shared import events as ev
 from shared.errors import CumulusError, InvalidArgument, PermissionDenied, Unauthenticated
 from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
@@ -335,8 +335,29 @@ class AsyncClient:
         says how it was made (the handle's `packaging`); `map_spec` makes it a warm map's job
         (cumulus/_map.py)."""
         opts = JobOptions.build(options, **option_args)
-        ref = await self.upload(package)
         job_id = job_id or ev.new_job_id()
+        attributes = {
+            "messaging.system": "nats",
+            "cumulus.job_id": job_id,
+            "cumulus.user": self.user,
+        }
+        with tracing.caller_span("cumulus submit", attributes) as traceparent:
+            ref = await self.upload(package)
+            return await self._submit(
+                package, ref, opts, entrypoint, job_id, packaging_note, map_spec, traceparent
+            )
+
+    async def _submit(
+        self,
+        package: bytes,
+        ref: str,
+        opts: JobOptions,
+        entrypoint: str,
+        job_id: str,
+        packaging_note: str,
+        map_spec: ev.MapSpec | None,
+        traceparent: str,
+    ) -> AsyncJob:
         request = msgspec.to_builtins(
             api.SubmitRequest(
                 code_ref=ref,
@@ -351,6 +372,7 @@ class AsyncClient:
                 network=opts.network,
                 secrets=list(opts.secrets),
                 map=map_spec,
+                traceparent=traceparent,
             )
         )
         # the feed follows the job before it exists: every event of it comes through there

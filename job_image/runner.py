@@ -25,6 +25,7 @@ from typing import Any
 
 from job_image import package
 from job_image.requirements import canonical_list
+from job_image.tracing import job_span
 
 FRAME = "\x1eCUMULUS-RESULT"
 END = "\x1eCUMULUS-END"
@@ -359,23 +360,8 @@ def run(job_dir: Path) -> int:
     os.chdir(work)
     sys.path.insert(0, str(work))
     try:
-        if manifest["kind"] == "function":
-            import cloudpickle
-
-            with open(work / manifest.get("pickle", "function.pkl"), "rb") as f:
-                func, args, kwargs = cloudpickle.load(f)
-            if warm_map := os.environ.get("CUMULUS_MAP"):  # the worker's runner says so
-                from job_image.warm import run_map
-
-                value = run_map(func, json.loads(warm_map), job_dir)
-            else:
-                value = func(*args, **kwargs)
-        else:
-            sys.argv = [manifest["entry"], *manifest.get("args", [])]
-            import runpy
-
-            runpy.run_path(str(work / manifest["entry"]), run_name="__main__")
-            value = None
+        with job_span(f"job {manifest.get('entry') or manifest['kind']}"):
+            value = _call(manifest, work, job_dir)
     except SystemExit as exc:
         if exc.code in (None, 0):
             value = None
@@ -387,6 +373,25 @@ def run(job_dir: Path) -> int:
         return EXIT_USER_ERROR
     _emit(nonce, result_frame(value, job_dir))
     return 0
+
+
+def _call(manifest: dict[str, Any], work: Path, job_dir: Path) -> Any:
+    """Run the user's code: call the function (or serve a warm map), or run the script."""
+    if manifest["kind"] == "function":
+        import cloudpickle
+
+        with open(work / manifest.get("pickle", "function.pkl"), "rb") as f:
+            func, args, kwargs = cloudpickle.load(f)
+        if warm_map := os.environ.get("CUMULUS_MAP"):  # the worker's runner says so
+            from job_image.warm import run_map
+
+            return run_map(func, json.loads(warm_map), job_dir)
+        return func(*args, **kwargs)
+    sys.argv = [manifest["entry"], *manifest.get("args", [])]
+    import runpy
+
+    runpy.run_path(str(work / manifest["entry"]), run_name="__main__")
+    return None
 
 
 def wait_for_job(fd: int) -> dict[str, str] | None:

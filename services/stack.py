@@ -322,6 +322,21 @@ class Stack:
             self._settings["CUMULUS_WORKER_BACKEND"] = self.backend
         self.config = config_mod.load(environ=self._env())
 
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        """Each process's /metrics port by its name (empty with `metrics_port` 0); `up`, when
+        reserved, is the port of the process that runs the stack (`cumulus up`)."""
+        return dict(self._metrics_ports)
+
+    def reserve_metrics_port(self, name: str) -> int:
+        """The next port of the stack's count, for a process it did not start (`up`); 0 with
+        metrics off."""
+        if self.config is None or not self.config.metrics_port:
+            return 0
+        if name not in self._metrics_ports:
+            self._metrics_ports[name] = self.config.metrics_port + len(self._metrics_ports)
+        return self._metrics_ports[name]
+
     def _service(self, name: str, module: str, **extra: str) -> Proc:
         env = self._env(**{**extra, **self.proc_env.get(name, {})})
         assert self.config is not None

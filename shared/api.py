@@ -65,6 +65,8 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
     """Names of the caller's secrets (`secret_put`) the job gets as environment variables."""
     map: MapSpec | None = None
     """A warm map (docs/map.md): the job serves `map.inputs` inputs from its queue."""
+    traceparent: str = ""
+    """The caller's W3C trace context: the job's trace continues it (shared/tracing.py)."""
 
 
 class SubmitReply(msgspec.Struct, kw_only=True):

@@ -246,7 +246,14 @@ class LoggingConfig(_Section):
     """json: one JSON object a line; text: a plain line for a person."""
 
 
+class DashboardConfig(_Section):
+    port: Port = 8765
+    """The web dashboard's port (`cumulus dashboard`, and the one `cumulus up` starts, which
+    takes a free port when this one is taken); 0: `cumulus up` starts none."""
+
+
 Instance = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,32}$")]
+MetricsBind = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z.:_-]{1,253}$")]
 
 
 class Config(_Section):
@@ -258,6 +265,9 @@ class Config(_Section):
     under it. Empty: one copy (a scheduler then names itself `<hostname>-<random>`)."""
     metrics_port: Port = 0
     """Prometheus /metrics port for a service; 0 turns it off."""
+    metrics_bind: MetricsBind = "127.0.0.1"
+    """Address /metrics listens on: loopback by default; `0.0.0.0` (or one interface's
+    address) when Prometheus scrapes from another host."""
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
@@ -267,6 +277,7 @@ class Config(_Section):
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
 
     @property
     def data_path(self) -> Path:

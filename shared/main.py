@@ -35,7 +35,7 @@ def configured(name: str, argv: list[str] | None, description: str | None) -> Co
         return None
     setup_logging(name, config.logging.level, config.logging.format)
     os.environ.setdefault("OTEL_SERVICE_NAME", f"cumulus-{name}")
-    start_metrics(config.metrics_port)
+    start_metrics(config.metrics_port, config.metrics_bind)
     return config
 
 

@@ -39,10 +39,13 @@ class OutboxRelay:
         self._eventlog = eventlog
         self._service = service
         self._queue: asyncio.Queue[list[OutboxRow]] = asyncio.Queue()
+        self.waiting = 0
+        """Rows handed on and not yet published (cumulus_outbox_depth)."""
 
     def put(self, rows: list[OutboxRow]) -> None:
         """Hand on rows just committed (or found in the outbox at start)."""
         if rows:
+            self.waiting += len(rows)
             self._queue.put_nowait(rows)
 
     async def drained(self) -> None:
@@ -63,6 +66,7 @@ class OutboxRelay:
                 chunks.append(self._queue.get_nowait())
             rows = [row for chunk in chunks for row in chunk]
             owed += await self._until_done(functools.partial(self._publish, rows))
+            self.waiting -= len(rows)
             chunks_owed += len(chunks)
             if self._queue.empty() or len(owed) >= FORGET_EVERY:
                 await self._until_done(functools.partial(self._eventlog.published, owed))

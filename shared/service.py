@@ -52,7 +52,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shared import bus, events, subjects, trust
+from shared import bus, events, metrics, subjects, tracing, trust
 from shared.config import Config
 from shared.errors import EventLogError, MalformedEvent, ResourceExhausted, Unavailable
 from shared.eventlog import Batch, EventLog, OutboxRow
@@ -66,8 +66,6 @@ from shared.telemetry import (
     EVENTS_APPLIED,
     FENCED,
     SNAPSHOTS,
-    span,
-    tracing_enabled,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +74,8 @@ STOP_STEP_S = 10.0
 """Longest wait for each step of a stop, so a stuck effect cannot hang a shutdown."""
 DRAIN_S = 2.0
 """How long a stop lets the relay publish what is committed; the outbox keeps the rest."""
+LAG_EVERY_S = 2.0
+"""How often a service with metrics on looks at its consumers' lag."""
 PAUSE_FIRST_S = 0.25
 PAUSE_MAX_S = 5.0
 """Retry interval bounds while the event log cannot be written (a full disk)."""
@@ -153,7 +153,11 @@ class EventService(Generic[S]):
         """Position of the latest snapshot (0: none)."""
         self._applied = EVENTS_APPLIED.labels(self.name)
         """This service's child of the counter, looked up once (not per event)."""
+        DEAD_LETTERS.labels(self.name)  # exported as 0 from the start: a rate has a base
+        self.lag: dict[str, int] = {}
+        """Durable consumer -> messages not yet applied, as of the last look (`_watch_lag`)."""
         self.state = self.new_state()
+        metrics.watch(self)
 
     # -- what a service defines ----------------------------------------------------------
 
@@ -228,6 +232,14 @@ class EventService(Generic[S]):
 
     async def on_stop(self) -> None:
         """After the consumers, reconciler and spawned tasks ended; before the bus closes."""
+
+    def gauges(self) -> Iterable[metrics.GaugeValue]:
+        """What a scrape reads of this service (shared/metrics.py GAUGES), in the scrape's
+        thread: only reads, and copies a dict before walking it. A service adds its own."""
+        if self._relay is not None:
+            yield ("cumulus_outbox_depth", (self.name,), self._relay.waiting)
+        for consumer, lag in list(self.lag.items()):
+            yield ("cumulus_consumer_lag", (self.name, consumer), lag)
 
     @property
     def db_path(self) -> Path:
@@ -371,6 +383,7 @@ class EventService(Generic[S]):
             raise
 
     async def _start(self, nc: Client | None) -> None:
+        tracing.setup(f"cumulus-{self.name}")
         self.eventlog = await EventLog.open(self.db_path)
         self.eventlog.on_write = EVENTLOG_TRANSACTIONS.labels(self.name).inc
         await self.before_replay()
@@ -401,6 +414,8 @@ class EventService(Generic[S]):
                 asyncio.create_task(self._consume(spec, puller), name=f"{self.name}-{spec.durable}")
             )
         self._loops.append(asyncio.create_task(self._reconciler(), name=f"{self.name}-reconcile"))
+        if self.config.metrics_port:
+            self.spawn(self._watch_lag(), name="lag")
         self._reconcile_wanted.set()
         self.hearing_since = time.time()
         self.ready.set()
@@ -441,6 +456,8 @@ class EventService(Generic[S]):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._relay.drained(), DRAIN_S)
         await self._release()
+        if tracing.enabled():  # the last spans, exported (bounded: tracing.FLUSH_S)
+            await asyncio.to_thread(tracing.flush)
 
     async def _stop_pullers(self) -> None:
         for puller in self._pullers:
@@ -767,18 +784,9 @@ class EventService(Generic[S]):
             return
         if not self.volatile(event):
             batch.log.append(msg.data)
-        if tracing_enabled():
-            with span(
-                f"{self.name} {type(event).__name__}",
-                getattr(event, "trace", ""),
-                **{
-                    "messaging.destination": msg.subject,
-                    "cumulus.job_id": getattr(event, "job_id", ""),
-                },
-            ):
-                self._stage(self._apply_or_poison(event, msg.subject, seq), batch)
-        else:  # no span to make: nothing per event beyond the work itself
-            self._stage(self._apply_or_poison(event, msg.subject, seq), batch)
+        # No span per consumed event: each service records the spans of its work on a job
+        # where it decides or acts (shared/tracing.py), never while it replays.
+        self._stage(self._apply_or_poison(event, msg.subject, seq), batch)
 
     def _apply_or_poison(self, event: Any, subject: str, seq: int) -> list[tuple[Event, bytes]]:
         """`_step(event)`; _Poison if its apply or decide raises."""
@@ -869,6 +877,20 @@ class EventService(Generic[S]):
         self.position += len(batch.log)
         if self._relay is not None:
             self._relay.put(rows)
+
+    async def _watch_lag(self) -> None:
+        """Every LAG_EVERY_S, each durable consumer's lag: what the server holds for it that
+        this service has not applied (pending plus delivered and unacknowledged). One small
+        request per consumer; only with metrics on."""
+        assert self.js is not None
+        while True:
+            for spec in self.consumers():
+                try:
+                    info = await self.js.consumer_info(spec.stream, self.consumer_name(spec))
+                except Exception:  # the bus away, or no right to ask: the last value stays
+                    continue
+                self.lag[spec.durable] = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            await asyncio.sleep(LAG_EVERY_S)
 
     # -- reconciling -----------------------------------------------------------------------
 

@@ -1,22 +1,22 @@
-"""Telemetry: structured JSON logs, W3C trace context carried in events, OTel spans, Prometheus.
+"""Telemetry: structured JSON logs and Prometheus metrics (the seed's names).
 
-Spans are exported over OTLP only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise tracing
-costs a random id per job and nothing more. Metrics keep the seed's names.
+Tracing (OTel spans, the W3C trace context carried in events) is shared/tracing.py;
+`new_trace` and `child_trace` are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import secrets
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+# Moved to shared/tracing.py; imports from here keep working.
+from shared.tracing import child_trace as child_trace
+from shared.tracing import new_trace as new_trace
 
 WORKER_ASSIGNMENTS = Counter(
     "cumulus_worker_assignments_total", "Total number of worker assignments", ["status"]
@@ -30,6 +30,8 @@ JOB_DURATION = Histogram(
     ["status"],
     buckets=(1, 5, 10, 30, 60, 300, 600, 1800, 3600),
 )
+for _status in ("completed", "failed", "timed_out", "cancelled"):
+    JOB_DURATION.labels(_status)  # exported from the start: a rate needs a first sample
 GPU_MEMORY_USED = Gauge("cumulus_gpu_memory_used_bytes", "GPU memory used", ["device"])
 MAP_INPUTS = Counter(
     "cumulus_map_inputs_total", "Warm map inputs answered on this worker", ["outcome"]
@@ -75,19 +77,6 @@ SNAPSHOTS = Counter(
 )
 
 
-def new_trace() -> str:
-    """A fresh W3C traceparent (sampled)."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-
-
-def child_trace(parent: str) -> str:
-    """A traceparent in the same trace as `parent`, with a new span id."""
-    parts = parent.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32:
-        return new_trace()
-    return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
-
-
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -117,62 +106,11 @@ def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
 
 
-def start_metrics(port: int) -> None:
-    if port:
-        start_http_server(port, addr="127.0.0.1")
+def start_metrics(port: int, addr: str = "127.0.0.1") -> None:
+    """Serve /metrics on `addr:port` (0: off), with every metric of shared/metrics.py."""
+    from shared import metrics
 
-
-_tracer: Any = None
-_tracing: bool | None = None
-
-
-def tracing_enabled() -> bool:
-    """Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` set); read once: a service
-    asks per event, and its environment does not change."""
-    global _tracing
-    if _tracing is None:
-        _tracing = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
-    return _tracing
-
-
-@contextlib.contextmanager
-def span(name: str, traceparent: str, **attributes: Any) -> Iterator[None]:
-    """An OTel span that continues the event's trace; free when no exporter is configured
-    (callers on hot paths check `tracing_enabled()` first and skip even this call)."""
-    if not tracing_enabled() or not traceparent:
-        yield
-        return
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
-    with tracer().start_as_current_span(name, context=parent) as current:
-        current.set_attribute("messaging.system", "nats")
-        for key, value in attributes.items():
-            current.set_attribute(key, value)
-        yield
-
-
-def tracer() -> Any:
-    """The OTel tracer; spans are exported only when an OTLP endpoint is configured."""
-    global _tracer
-    if _tracer is None:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-
-        provider = TracerProvider(
-            resource=Resource.create(
-                {"service.name": os.environ.get("OTEL_SERVICE_NAME", "cumulus")}
-            )
-        )
-        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        trace.set_tracer_provider(provider)
-        _tracer = trace.get_tracer("cumulus")
-    return _tracer
+    metrics.start(port, addr)
 
 
 def since(start: float) -> float:

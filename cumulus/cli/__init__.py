@@ -9,6 +9,7 @@
     cumulus status JOB | logs JOB [-f] | cancel JOB
     cumulus jobs | workers | health                              tables (--json for scripts)
     cumulus events [SUBJECT]                                     live tail, like `nats sub 'jobs.>'`
+    cumulus dashboard [--port N] [--bind HOST]                   live web page; prints its URL
     cumulus users add NAME | users list                          identities (operator)
     cumulus certs init DIR | certs issue DIR NAME [--server --host H]   CA and certificates
     cumulus nats-config --name N --peer H:P ... --store-dir D --auth-dir A --cert/--key/--ca
@@ -91,6 +92,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cumulus.cli.events import tail
 
         return asyncio.run(tail(args))
+    if args.command == "dashboard":
+        from cumulus.cli.dashboard import dashboard
+
+        return asyncio.run(dashboard(args))
     from cumulus.cli.views import look
 
     return asyncio.run(look(args))

@@ -26,6 +26,13 @@ def _stack_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "else a process per job (default: the config's, else auto)",
         )
         p.add_argument("--workers", type=int, default=1)
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="Prometheus /metrics: one port per process counting up from PORT, printed "
+            "at start; 0 = off (default: the config's metrics_port)",
+        )
         p.add_argument("--port", type=int, default=0 if name == "demo" else 4222)
         p.add_argument(
             "--listen",
@@ -130,6 +137,11 @@ def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--replay", action="store_true", help="from the stream's first event")
     p.add_argument("--count", type=int, default=0, help="stop after this many")
     p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p = sub.add_parser("dashboard", help="the live web dashboard of your jobs and the workers")
+    p.add_argument(
+        "--port", type=int, help="default: the config's dashboard.port (8765); 0 = a free port"
+    )
+    p.add_argument("--bind", default="127.0.0.1", metavar="HOST", help="default 127.0.0.1")
 
 
 def access_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

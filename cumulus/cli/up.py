@@ -64,6 +64,27 @@ def _banner(url: str, workers: int, devices: object, data_dir: Path) -> None:
     print(f'  python -c "import cumulus; print({call})"', flush=True)
 
 
+def serve_metrics(stack: Stack) -> None:
+    """With metrics on: this process's own /metrics (its CPU and memory, nats-server's
+    figures), and one line per process with its URL, for Prometheus's scrape config."""
+    port = stack.reserve_metrics_port("up")
+    if not port or stack.config is None:
+        return
+    from shared import metrics
+
+    bind = stack.config.metrics_bind
+    metrics.watch_nats(stack.monitor_port)
+    try:
+        metrics.start(port, bind)
+    except OSError as exc:  # the stack runs on; only this process's own figures are missing
+        print(f"cumulus: WARNING: no /metrics on {bind}:{port}: {exc}", file=sys.stderr)
+    host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+    host = f"[{host}]" if ":" in host else host
+    print("  metrics (Prometheus targets):", flush=True)
+    for name, each in stack.metrics_ports.items():
+        print(f"    {name:<22} http://{host}:{each}/metrics", flush=True)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -152,6 +173,8 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
         tls_hosts=list(args.tls_host),
         **{key: value for key, value in given.items() if value is not None},
     )
+    if args.metrics_port is not None:
+        stack.env["CUMULUS_METRICS_PORT"] = str(args.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,13 +188,21 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
             return 1
         devices = stack.devices or (stack.config.worker.devices if stack.config else "")
         _banner(stack.url, len(stack.workers), devices, data_dir)
+        serve_metrics(stack)
         if demo:
             await _demo(stack.profile())
             return 0
         default, admin = write_profiles(stack)
         print(f"  profiles: {default} (you), {admin} (operator: `cumulus users add NAME`)")
+        from cumulus.cli.dashboard import start_beside
+
+        board = await start_beside(str(default), stack.config.dashboard.port if stack.config else 0)
         print("press Ctrl-C to stop", flush=True)
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            if board is not None:
+                await board.stop()
         return 0
     finally:
         print("stopping Cumulus …", flush=True)

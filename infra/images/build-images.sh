@@ -38,7 +38,7 @@ CTX=$(mktemp -d /tmp/cumulus-job-image.XXXXXX)
 trap 'rm -rf "$CTX"' EXIT
 mkdir -p "$CTX/wheels" "$CTX/vendor" "$CTX/job_image"
 cp job_image/Dockerfile job_image/entrypoint.sh "$CTX/"
-cp job_image/__init__.py job_image/runner.py job_image/package.py job_image/requirements.py job_image/warm.py "$CTX/job_image/"
+cp job_image/__init__.py job_image/runner.py job_image/package.py job_image/requirements.py job_image/warm.py job_image/tracing.py "$CTX/job_image/"
 
 # cloudpickle, the same version as the SDK's when we can tell, as a wheel from the index.
 PIN=cloudpickle

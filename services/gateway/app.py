@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -26,7 +28,7 @@ from services.gateway import watch as watching
 from services.gateway.objects import CodeStore, UploadRequest
 from services.gateway.secrets import MAX_SECRETS, SecretStore, check_name
 from services.gateway.state import TERMINAL, JobTable, JobView
-from shared import api, bus, subjects
+from shared import api, bus, metrics, subjects, tracing
 from shared import events as ev
 from shared.errors import (
     ApiUnreachable,
@@ -90,14 +92,42 @@ class Gateway(EventService[JobTable]):
         return self.state.epoch
 
     def apply(self, event: Any) -> None:
+        # Counted live only (not replayed), on a job's change of status: an event read back
+        # from the stream after this gateway applied it changes nothing and counts nothing.
+        counted = self.ready.is_set() and isinstance(event, ev.JobSubmitted | ev.Terminal)
+        was = self._status_of(event.job_id) if counted else None
         self.state.apply(event)
+        if counted:
+            self._count(event, was)
         if isinstance(event, ev.Terminal) and event.job_id in self._maps and self.ready.is_set():
             user = self._maps.pop(event.job_id)
             self.spawn(self._close_map(user, event.job_id), name=f"close-map-{event.job_id}")
         if isinstance(event, ev.JobStarted) and self.ready.is_set():  # live, not replayed
             job = self.state.get(event.job_id)
             if job is not None:
-                COLD_START.observe(max(0.0, event.ts - job.submitted_at))
+                metrics.observe(COLD_START, event.ts - job.submitted_at, event.trace)
+
+    def _status_of(self, job_id: str) -> JobStatus | None:
+        job = self.state.get(job_id)
+        return None if job is None else job.status
+
+    def _count(self, event: ev.JobSubmitted | ev.Terminal, was: JobStatus | None) -> None:
+        """cumulus_jobs_submitted_total and _finished_total, and the result's delivery."""
+        now = self._status_of(event.job_id)
+        if now is None or now == was:
+            return
+        if was is None:
+            metrics.JOBS_SUBMITTED.inc()
+        elif now in TERMINAL:
+            metrics.JOBS_FINISHED.labels(now.lower()).inc()
+            metrics.observe(metrics.RESULT_DELIVERY, time.time() - event.ts, event.trace)
+
+    def gauges(self) -> Iterable[metrics.GaugeValue]:
+        """Jobs the table holds by state (shared/metrics.py), every state, zeros too."""
+        yield from super().gauges()
+        counts = Counter(job.status for job in list(self.state.jobs.values()))
+        for status in JobStatus:
+            yield ("cumulus_jobs", (status.lower(),), counts.get(status, 0))
 
     async def on_start(self) -> None:
         assert self.nc is not None
@@ -173,6 +203,7 @@ class Gateway(EventService[JobTable]):
     # -- operations ------------------------------------------------------------------------
 
     async def submit(self, user: str, data: bytes) -> Any:
+        started = tracing.now()
         req = api.decode_request(data, api.SubmitRequest)
         _same_user(user, req.user)
         job_id = req.job_id or ev.new_job_id()
@@ -201,11 +232,17 @@ class Gateway(EventService[JobTable]):
             await maps.open_queue(self.js, user, job_id)
             self._maps[job_id] = user
         event = ev.JobSubmitted(
-            event_id=f"submit-{job_id}", job_id=job_id, user=user, trace=new_trace(), spec=spec
+            event_id=f"submit-{job_id}",
+            job_id=job_id,
+            user=user,
+            trace=_job_trace(req.traceparent),
+            spec=spec,
         )
         assert self.js is not None
         await bus.publish(self.js, event)
         await self._published(event)
+        if tracing.enabled():
+            _accepted(event, req.traceparent, started)
         return api.SubmitReply(job_id=job_id, status="SUBMITTED")
 
     def _spec(self, user: str, req: api.SubmitRequest, rules: UserPolicy) -> ev.JobSpec:
@@ -390,7 +427,10 @@ class Gateway(EventService[JobTable]):
         """Apply an event the gateway published itself, so its reply and the next status
         query see it at once; the stream copy applied later changes nothing."""
         async with self.reading() as table:
+            was = self._status_of(event.job_id)
             table.apply(event)
+            if isinstance(event, ev.JobSubmitted | ev.Terminal):
+                self._count(event, was)
 
     async def list_jobs(self, user: str, data: bytes) -> Any:
         """The user's jobs in memory: every job not over, and those that ended within
@@ -558,3 +598,31 @@ def _same_user(user: str, claimed: str) -> None:
             f"You are {user!r}; a request cannot act for {claimed!r} (your credentials say "
             "who you are)"
         )
+
+
+def _job_trace(caller: str) -> str:
+    """The job's trace context, carried by every event about it: the `accept` span's (a child
+    of the caller's span when the SDK sent one) with tracing on, else the caller's or new."""
+    if not tracing.enabled():
+        return tracing.child_trace(caller)
+    if tracing.valid(caller):
+        return tracing.with_span(caller, tracing.new_span_id())
+    return tracing.new_root("gateway accept")
+
+
+def _accepted(event: ev.JobSubmitted, caller: str, started: int) -> None:
+    """The gateway's span of the submit: from the request to the published `submitted`."""
+    tracing.record(
+        "gateway accept",
+        caller,
+        started,
+        own=event.trace,
+        kind="server",
+        attributes={
+            **tracing.messaging(bus.subject_of(event), event.event_id, "publish"),
+            **tracing.job_attributes(event),
+            "cumulus.gpu": event.spec.gpu_tenths / 10,
+            "cumulus.entrypoint": event.spec.entrypoint,
+            "cumulus.priority": event.spec.priority,
+        },
+    )

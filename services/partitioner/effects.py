@@ -23,6 +23,7 @@ from services.partitioner import handlers
 from services.partitioner.state import PartitionJob
 from services.partitioner.types import Partition
 from services.partitioner.workers import WorkerAgent
+from shared import bus, metrics, tracing
 from shared import events as ev
 from shared.config import WorkerConfig
 from shared.errors import CumulusError, NotFound
@@ -109,18 +110,24 @@ class Effects:
         self, agent: WorkerAgent, job: PartitionJob, after: Iterable[asyncio.Task[None]] = ()
     ) -> None:
         """Create (or adopt, after a crash) one partition per device of the placement."""
+        begun = tracing.now() if tracing.enabled() else 0
         if after := set(after):
             await asyncio.wait(after)
+        started = time.monotonic()
         made = await self._create_with_retries(agent, job)
         if made is None:
             return
+        metrics.observe(metrics.PARTITION_CREATE, time.monotonic() - started, job.trace)
         agent.recovering.discard(job.job_id)
         if not handlers.holds(agent.state, job):
             # Nobody may run on these any more: give them back, report no readiness.
             for partition in made:
                 await release_quietly(agent, partition.partition_id)
             return
-        await self.emit([handlers.ready(job, agent.worker_id, made)])
+        ready = handlers.ready(job, agent.worker_id, made)
+        if begun:
+            _traced("partitioner partition create", job, ready, begun, ready.partition_ids)
+        await self.emit([ready])
 
     async def _create_with_retries(
         self, agent: WorkerAgent, job: PartitionJob
@@ -178,6 +185,7 @@ class Effects:
         return made
 
     async def release(self, agent: WorkerAgent, job: PartitionJob) -> None:
+        begun = tracing.now() if tracing.enabled() else 0
         ids = set(job.partition_ids)
         if job.status != "ready":
             # A create may have been cut short (crash, revocation): find its partitions by
@@ -192,4 +200,24 @@ class Effects:
                 )
         for partition_id in sorted(ids):
             await release_quietly(agent, partition_id)
-        await self.emit([handlers.released(job, agent.worker_id, ids)])
+        released = handlers.released(job, agent.worker_id, ids)
+        if begun:
+            _traced("partitioner release", job, released, begun, released.partition_ids)
+        await self.emit([released])
+
+
+def _traced(name: str, job: PartitionJob, outcome: ev.JobEvent, begun: int, ids: list[str]) -> None:
+    """A span of chronos_cli work on a placement, up to the event that reports it."""
+    tracing.record(
+        name,
+        outcome.trace,
+        begun,
+        attributes={
+            **tracing.messaging(bus.subject_of(outcome), outcome.event_id, "publish"),
+            **tracing.job_attributes(outcome),
+            "chronos.device": job.devices[0] if job.devices else -1,
+            "chronos.devices": list(job.devices),
+            "chronos.amount_tenths": job.tenths,
+            "chronos.partition_ids": ids,
+        },
+    )

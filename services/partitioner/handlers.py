@@ -17,7 +17,7 @@ from services.partitioner.state import PartitionerState, PartitionJob, parse_lab
 from services.partitioner.types import DeviceStats, Partition
 from shared import events as ev
 from shared.errors import CumulusError, partition_failed, ssh_failed
-from shared.telemetry import child_trace
+from shared.tracing import child_trace
 
 PARTITION_GRACE_S = 60
 """A partition outlives its job's duration by this much, so the runner's deadline fires first."""

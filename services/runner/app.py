@@ -30,7 +30,7 @@ from services.runner import snapshot as snapshots
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
 from services.runner.config import make_backend
-from shared import api, bus, subjects
+from shared import api, bus, metrics, subjects, tracing
 from shared import events as ev
 from shared.config import Config
 from shared.errors import ApiUnreachable
@@ -157,6 +157,8 @@ class Runner(EventService[st.RunnerState]):
     # -- starting --------------------------------------------------------------------------
 
     async def _launch(self, job: st.RunJob) -> None:
+        begun = tracing.now() if tracing.enabled() else 0
+        taken = time.monotonic()
         # The package is fetched while the Launching record is committed: neither waits.
         fetch = asyncio.create_task(
             self._package(subjects.code_object(job.user, job.spec.code_ref))
@@ -194,7 +196,11 @@ class Runner(EventService[st.RunnerState]):
             await self._end(job, handlers.mask_ending(failed, self._masks.get(job.job_id) or []))
             return
         if not job.revoked:
-            await self.emit([handlers.started(job, self.worker_id, self.backend.name, handle)])
+            started = handlers.started(job, self.worker_id, self.backend.name, handle)
+            if begun:
+                _trace_start(started, begun)
+            await self.emit([started])
+            metrics.observe(metrics.JOB_START, time.monotonic() - taken, job.trace)
         if job.revoked:  # revoked while it started (or while its start was being reported)
             await self._discard(job, handle)
 
@@ -255,6 +261,10 @@ class Runner(EventService[st.RunnerState]):
         )
         # The in-job runner stops writing a result at once past the maximum (checked here too).
         env["CUMULUS_MAX_RESULT_BYTES"] = str(self.config.worker.result_bytes)
+        if tracing.enabled():  # the job's own spans: children of our `run` span
+            unboxed = self.backend.name == "process" and self.config.worker.sandbox == "none"
+            reach = job.spec.network or unboxed
+            env.update(tracing.job_env(_run_span(job), reach, os.environ))
         return env
 
     async def _secrets(self, job: st.RunJob) -> dict[str, str]:
@@ -392,9 +402,12 @@ class Runner(EventService[st.RunnerState]):
             lines = [WITHHELD] if lines and job.seq == 0 and not job.sent_bytes else []
         else:
             lines = handlers.mask_lines(lines, masks)
-        return handlers.log_events(
+        records = handlers.log_events(
             job, self.worker_id, lines, offsets, self.config.worker.max_log_bytes
         )
+        if records is not None:
+            metrics.count_logs(records[0])
+        return records
 
     async def _finish(
         self,
@@ -404,10 +417,11 @@ class Runner(EventService[st.RunnerState]):
         lines: list[ev.LogLine],
         cursor: dict[str, int],
     ) -> None:
+        ended = tracing.now() if tracing.enabled() else 0
         logs, internal = self._log_events(job, lines, cursor) or ([], [])
         if isinstance(end, Exit):
             end = await self._outcome(job, result, end)
-        await self._end(job, end, (logs, internal))
+        await self._end(job, end, (logs, internal), ended)
 
     async def _outcome(
         self, job: st.RunJob, result: dict[str, Any] | None, exit_: Exit
@@ -463,7 +477,9 @@ class Runner(EventService[st.RunnerState]):
         job: st.RunJob,
         ending: ev.Terminal,
         records: handlers.LogRecords | None = None,
+        ended: int = 0,
     ) -> None:
+        """Report the job's end (`ended`: when its exit was seen, for its spans; 0: none)."""
         logs, internal = records or ([], [])
         if job.revoked:  # given up while it ended: no outcome for this attempt
             await self._discard(job)
@@ -472,12 +488,62 @@ class Runner(EventService[st.RunnerState]):
         ending = handlers.fenced(ending, job)
         ending = handlers.counted(ending, job, internal)
         await self.emit([*logs, ending], internal=internal)
+        if ended and job.started_at:
+            _trace_end(job, ending, ended)
         if job.started_at:
-            JOB_DURATION.labels(ending.status.lower()).observe(
-                max(0.0, time.time() - job.started_at)
-            )
+            ran = time.time() - job.started_at
+            JOB_DURATION.labels(ending.status.lower()).observe(max(0.0, ran))
+            metrics.observe(metrics.JOB_RUN, ran, job.trace)
         await self.backend.cleanup(job.job_id, job.attempt)
 
 
 def _fields(job: st.RunJob) -> dict[str, Any]:
     return {"job_id": job.job_id, "attempt": job.attempt}
+
+
+def _run_span(job: st.RunJob) -> str:
+    """The traceparent of the job's `run` span: fixed by the job's attempt, so the job's own
+    process is its child from the start, and a restarted runner records the same span."""
+    span_id = tracing.derived_span_id(job.trace, job.job_id, job.attempt, "run")
+    return tracing.with_span(job.trace, span_id)
+
+
+def _trace_start(started: ev.JobStarted, begun: int) -> None:
+    """`runner start`: from the partition ready to the job's process or container running."""
+    tracing.record(
+        "runner start",
+        started.trace,
+        begun,
+        tracing.ns(started.ts),
+        attributes={
+            **tracing.messaging(bus.subject_of(started), started.event_id, "publish"),
+            **tracing.job_attributes(started),
+            "cumulus.backend": started.backend,
+            "cumulus.handle": started.handle,
+        },
+    )
+
+
+def _trace_end(job: st.RunJob, ending: ev.Terminal, ended: int) -> None:
+    """`runner run` (the job's execution, parent of the job's own spans) and `runner result
+    delivery` (from its exit to its end event committed for publishing)."""
+    attrs = tracing.job_attributes(ending)
+    tracing.record(
+        "runner run",
+        job.trace,
+        tracing.ns(job.started_at),
+        ended,
+        own=_run_span(job),
+        attributes={**attrs, "cumulus.status": ending.status},
+    )
+    tracing.record(
+        "runner result delivery",
+        job.trace,
+        ended,
+        kind="producer",
+        attributes={
+            **tracing.messaging(bus.subject_of(ending), ending.event_id, "publish"),
+            **attrs,
+            "cumulus.status": ending.status,
+        },
+    )

@@ -20,7 +20,7 @@ from services.runner import state as st
 from shared import events as ev
 from shared.errors import deadline_exceeded
 from shared.policy import env_refusal
-from shared.telemetry import child_trace
+from shared.tracing import child_trace
 
 MAX_LINES_PER_EVENT = 1000
 MAX_BYTES_PER_EVENT = 256 * 1024

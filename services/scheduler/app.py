@@ -35,13 +35,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
 import nats.micro
 
-from cumulus_core.amounts import format_amount
+from cumulus_core.amounts import TENTHS_PER_GPU, format_amount
 from services.scheduler import snapshot as snapshots
 from services.scheduler import swarm
 from services.scheduler.handlers import (
@@ -54,9 +54,9 @@ from services.scheduler.handlers import (
 )
 from services.scheduler.inventory import WorkerState
 from services.scheduler.lease import Lease, LeaseValue, Superseded
-from services.scheduler.state import Leading, SchedulerState
+from services.scheduler.state import JobState, Leading, SchedulerState
 from services.scheduler.state import decode as decode_record
-from shared import api, bus, subjects
+from shared import api, bus, metrics, subjects, tracing
 from shared import events as ev
 from shared.config import Config
 from shared.errors import NotFound, Unavailable
@@ -263,7 +263,9 @@ class Scheduler(EventService[SchedulerState]):
                 ASSIGNMENT_DURATION.observe(time.perf_counter() - started)
                 job = self.state.jobs.get(new.job_id)
                 if job is not None:
-                    QUEUE_WAIT.observe(max(0.0, new.ts - job.submitted_at))
+                    metrics.observe(QUEUE_WAIT, new.ts - job.submitted_at, job.trace)
+                if job is not None and tracing.enabled():
+                    _trace_placement(job, new, event, time.perf_counter() - started)
             elif isinstance(new, ev.JobQueued):
                 _QUEUED.inc()
             elif isinstance(new, ev.JobFailed) and new.code == "UNAVAILABLE":
@@ -273,6 +275,23 @@ class Scheduler(EventService[SchedulerState]):
         if isinstance(event, ev.WorkerEvent):
             ACTIVE_WORKERS.set(len(self.state.capacity.run_of))  # O(1): per heartbeat
         return out
+
+    def gauges(self) -> Iterable[metrics.GaugeValue]:
+        """The queue and each live worker's devices, in tenths (shared/metrics.py); only
+        the leader's, so that a standby's copy does not count twice."""
+        yield from super().gauges()
+        if not self.leading:
+            return
+        state = self.state
+        yield ("cumulus_queue_length", (), len(state.queue))
+        for worker in list(state.workers.values()):
+            if not worker.alive:
+                continue
+            for d in list(worker.devices):
+                used = sum(list(d.allocated.values()))
+                labels = (worker.worker_id, str(d.index))
+                yield ("cumulus_gpu_tenths_allocated", labels, used)
+                yield ("cumulus_gpu_tenths_free", labels, TENTHS_PER_GPU - used)
 
     def _gauge_memory(self, worker_id: str, indexes: list[int] | None) -> None:
         """cumulus_gpu_memory_used_bytes: the share of each device's memory allocated, for
@@ -632,3 +651,39 @@ def holder_name(config: Config) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(name + "\n")
     return name
+
+
+def _trace_placement(job: JobState, placed: ev.WorkerSelected, on: Any, took_s: float) -> None:
+    """The job's `queue wait` (from its submission to this decision, with the reason it
+    waited) and `placement` (the decision) spans; `job` is as it was before the placement."""
+    decided = tracing.now()
+    began = decided - int(took_s * 1e9)
+    job_attrs = tracing.job_attributes(placed)
+    queued = job.status == "queued"
+    tracing.record(
+        "scheduler queue wait",
+        placed.trace,
+        tracing.ns(job.submitted_at),
+        began,
+        attributes={
+            **job_attrs,
+            "cumulus.queued": queued,
+            "cumulus.queue.reason": job.queued_reason if queued else "",
+            "cumulus.placed_on": type(on).__name__,
+        },
+    )
+    tracing.record(
+        "scheduler placement",
+        placed.trace,
+        began,
+        decided,
+        kind="producer",
+        attributes={
+            **tracing.messaging(bus.subject_of(placed), placed.event_id, "publish"),
+            **job_attrs,
+            "cumulus.gpu": job.spec.gpu_tenths / 10,
+            "cumulus.devices": list(placed.devices),
+            "cumulus.tenths": placed.tenths,
+            "cumulus.epoch": placed.epoch,
+        },
+    )

@@ -33,7 +33,7 @@ from shared.errors import (
     resources_exhausted,
 )
 from shared.gpu import GpuRequest
-from shared.telemetry import child_trace
+from shared.tracing import child_trace
 
 BACKFILL = ("reserve", "none", "greedy")
 
