@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
@@ -32,7 +32,7 @@ from nats.aio.client import Client as NatsClient
 from cumulus import _profiles
 from cumulus._jobs import AsyncJob, Feed, Job, Logs, Runner, WatchReply, watch_messages
 from cumulus._map import run_map
-from cumulus._options import JobOptionArgs, JobOptions, Packaging
+from cumulus._options import JobOptionArgs, JobOptions, MapOptionArgs, Packaging
 from cumulus._packaging import (
     choose_packaging,
     code_ref,
@@ -41,7 +41,7 @@ from cumulus._packaging import (
     script_entry,
 )
 from cumulus._retry import RetryPolicy
-from shared import api, auth, subjects, tracing
+from shared import api, auth, labels, subjects, tracing
 from shared import events as ev
 from shared.errors import CumulusError, InvalidArgument, PermissionDenied, Unauthenticated
 from shared.views import HealthInfo, JobInfo, WorkerInfo, WorkerList
@@ -92,11 +92,14 @@ class AsyncClient:
         packaging: Packaging = "auto",
     ) -> None:
         creds, explicit = _profiles.resolve(profile)
+        named = _profiles.named(profile)  # a profile of ~/.config/cumulus/config.toml
         self.profile = profile
         """The profile asked for (None: $CUMULUS_PROFILE or `default`)."""
         self.credentials = creds
         """The identity this client connects as (None: none, on an open bus)."""
         from_profile = creds.url if creds is not None else ""
+        from_profile = from_profile or (named.url if named is not None else "")
+        user = user or (named.user if named is not None else None) or None
         self.nats_url = (
             nats_url
             or (explicit and from_profile)
@@ -210,10 +213,39 @@ class AsyncClient:
         """A handle for a job submitted earlier (by id), e.g. from another process."""
         return AsyncJob(self, job_id)
 
-    async def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[JobInfo]:
-        """This user's jobs, newest first, optionally only those in the given statuses."""
-        body = {"status": [str(s) for s in status], "limit": limit}
-        return (await self._call("jobs", body, _JobList)).jobs
+    async def jobs(
+        self,
+        status: Sequence[str] = (),
+        limit: int = 100,
+        *,
+        name: str = "",
+        tags: Mapping[str, str | None] | None = None,
+        since: float | str | None = None,
+        user: str | None = None,
+        all_users: bool = False,
+    ) -> list[JobInfo]:
+        """This user's jobs, newest first, those the gateway still holds in memory: only
+        those in the given statuses, with `name` (or matching it, `train-*`), with every one of
+        `tags` (a None value: the key with any value), submitted within `since` (seconds, or
+        "15m", "1h", "2d"). An observer's or operator's profile may ask for another `user`'s
+        jobs, or everyone's (`all_users`); a user's is PERMISSION_DENIED."""
+        body: dict[str, Any] = {"status": [str(s) for s in status], "limit": limit}
+        if name:
+            body["name"] = name
+        if tags:
+            body["tags"] = dict(tags)
+        if since is not None:
+            body["since_s"] = labels.parse_age(since) if isinstance(since, str) else since
+        if not all_users and (not user or user == self.user):
+            return (await self._call("jobs", body, _JobList)).jobs
+        role = self.credentials.role if self.credentials else "admin"
+        if role not in ("observer", "admin"):
+            raise PermissionDenied(
+                f"You are the user {self.user!r}: only an observer or an operator may list "
+                "other users' jobs"
+            )
+        body["users"] = [] if all_users else [user]
+        return (await self._call(f"{subjects.OBSERVE_PREFIX}.jobs", body, _JobList)).jobs
 
     async def workers(self) -> list[WorkerInfo]:
         """Workers and their devices, each with its allocated and free share."""
@@ -329,11 +361,12 @@ class AsyncClient:
         job_id: str = "",
         packaging_note: str = "",
         map_spec: ev.MapSpec | None = None,
+        target: str = "",
         **option_args: Unpack[JobOptionArgs],
     ) -> AsyncJob:
         """Submit a package made by `package_function` or `package_script`; `packaging_note`
         says how it was made (the handle's `packaging`); `map_spec` makes it a warm map's job
-        (cumulus/_map.py)."""
+        (cumulus/_map.py); `target` names what it runs in job lists (`train.py`, `mod:fn`)."""
         opts = JobOptions.build(options, **option_args)
         job_id = job_id or ev.new_job_id()
         attributes = {
@@ -344,7 +377,15 @@ class AsyncClient:
         with tracing.caller_span("cumulus submit", attributes) as traceparent:
             ref = await self.upload(package)
             return await self._submit(
-                package, ref, opts, entrypoint, job_id, packaging_note, map_spec, traceparent
+                package,
+                ref,
+                opts,
+                entrypoint,
+                job_id,
+                packaging_note,
+                map_spec,
+                traceparent,
+                _target(target),
             )
 
     async def _submit(
@@ -357,6 +398,7 @@ class AsyncClient:
         packaging_note: str,
         map_spec: ev.MapSpec | None,
         traceparent: str,
+        target: str = "",
     ) -> AsyncJob:
         request = msgspec.to_builtins(
             api.SubmitRequest(
@@ -373,6 +415,12 @@ class AsyncClient:
                 secrets=list(opts.secrets),
                 map=map_spec,
                 traceparent=traceparent,
+                name=opts.name,
+                tags=dict(opts.tags),
+                volumes=dict(opts.volumes),
+                image=opts.image,
+                target=target,
+                retries=opts.retries,
             )
         )
         # the feed follows the job before it exists: every event of it comes through there
@@ -422,7 +470,9 @@ class AsyncClient:
         opts = JobOptions.build(options, **option_args)
         how, why = await self.how_to_package(opts.packaging)
         package = package_function(func, args, kwargs, opts.requirements, how)  # type: ignore[arg-type]
-        return await self.submit_package(package, opts, job_id=job_id, packaging_note=why)
+        return await self.submit_package(
+            package, opts, job_id=job_id, packaging_note=why, target=_function_name(func)
+        )
 
     async def submit(
         self,
@@ -514,7 +564,7 @@ class AsyncClient:
         warm: int | bool = False,
         retries: int = 0,
         ordered: bool = True,
-        **option_args: Unpack[JobOptionArgs],
+        **option_args: Unpack[MapOptionArgs],
     ) -> list[Any]:
         """`[func(*xs) for xs in zip(*iterables)]`; results in input order.
 
@@ -582,11 +632,29 @@ class AsyncClient:
         opts = JobOptions.build(options, **option_args)
         package = package_script(path, args, opts.requirements, working_dir)
         entry = script_entry(path, working_dir)
-        return await self.submit_package(package, opts, entrypoint=entry, packaging_note="script")
+        return await self.submit_package(
+            package, opts, entrypoint=entry, packaging_note="script", target=str(path)
+        )
 
 
 class _JobList(msgspec.Struct):
     jobs: list[JobInfo] = []
+
+
+def _function_name(func: Callable[..., Any]) -> str:
+    """`module:qualname` of a function, as `cumulus run module:function` names it."""
+    inner = getattr(func, "__cumulus_function__", func)
+    module = getattr(inner, "__module__", "") or ""
+    name = getattr(inner, "__qualname__", "") or getattr(inner, "__name__", "") or repr(inner)
+    return f"{module}:{name}" if module else name
+
+
+def _target(target: str) -> str:
+    """`target` as the gateway takes it: printable, at most labels.MAX_TARGET characters
+    (the end kept: a long path's file name is what tells it apart)."""
+    if not target.isprintable():
+        return ""
+    return target if len(target) <= labels.MAX_TARGET else "…" + target[-labels.MAX_TARGET + 1 :]
 
 
 def _start_again(exc: CumulusError) -> bool:
@@ -695,9 +763,22 @@ class Client:
         """A handle for a job submitted earlier (by id)."""
         return self._job(self.aio.get_job(job_id))
 
-    def jobs(self, status: Sequence[str] = (), limit: int = 100) -> list[JobInfo]:
-        """This user's jobs, newest first (see AsyncClient.jobs)."""
-        return self._runner.call(self.aio.jobs(status, limit))
+    def jobs(
+        self,
+        status: Sequence[str] = (),
+        limit: int = 100,
+        *,
+        name: str = "",
+        tags: Mapping[str, str | None] | None = None,
+        since: float | str | None = None,
+        user: str | None = None,
+        all_users: bool = False,
+    ) -> list[JobInfo]:
+        """This user's jobs, newest first, filtered (see AsyncClient.jobs)."""
+        listed = self.aio.jobs(
+            status, limit, name=name, tags=tags, since=since, user=user, all_users=all_users
+        )
+        return self._runner.call(listed)
 
     def workers(self) -> list[WorkerInfo]:
         """Workers and their devices, each with its allocated and free share."""

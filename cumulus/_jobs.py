@@ -40,7 +40,8 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TextIO, TypeVar
+from pathlib import Path
+from typing import Any, TextIO, TypeVar, cast
 
 import cloudpickle
 import msgspec
@@ -51,7 +52,7 @@ from nats.aio.msg import Msg
 from cumulus._transport import Transport
 from shared import events as ev
 from shared import subjects
-from shared.errors import CumulusError, MalformedEvent
+from shared.errors import CumulusError, Internal, MalformedEvent
 from shared.views import JobInfo, JobStatus
 
 T = TypeVar("T")
@@ -397,8 +398,47 @@ def decode_result(event: ev.JobCompleted | bytes) -> Any:
     return envelope.get("data")
 
 
+_REMOTE_CLASSES: dict[type[Exception], type[Internal] | None] = {}
+"""Per exception class a job raised, the class its error is raised as here (None: none can
+be made): made once, so that two failures of one type raise errors of one class."""
+
+
+def remote_error_class(error_type: str) -> type[Internal] | None:
+    """A subclass of both `Internal` (a job that raised) and the class a job raised
+    (`module:QualName`, a JobFailed's `error_type`), so that `except ValueError` catches a
+    remote ValueError. Only a class of a module this process has imported already (nothing is
+    imported on a job's word); None where there is none, or it cannot be subclassed."""
+    module_name, _, qualname = error_type.partition(":")
+    found: Any = sys.modules.get(module_name) if qualname else None
+    for part in qualname.split(".") if found is not None else []:
+        found = getattr(found, part, None)
+    if not (isinstance(found, type) and issubclass(found, Exception)):
+        return None
+    if issubclass(found, CumulusError):
+        return None  # one of ours: its code says what it is
+    if found not in _REMOTE_CLASSES:
+        made: type[Internal] | None = None
+        with contextlib.suppress(TypeError):  # a layout conflict, a final class
+            made = cast(
+                "type[Internal]",
+                type(
+                    f"Remote{found.__name__}",
+                    (Internal, found),
+                    {
+                        "__module__": "cumulus",
+                        "__doc__": f"A job raised {error_type}.",
+                        "__str__": BaseException.__str__,  # the message (KeyError's quotes it)
+                    },
+                ),
+            )
+        _REMOTE_CLASSES[found] = made
+    return _REMOTE_CLASSES[found]
+
+
 def job_error(event: ev.Terminal) -> CumulusError:
-    """The typed error a job's failed, timed-out or cancelled end stands for."""
+    """The typed error a job's failed, timed-out or cancelled end stands for. A job whose code
+    raised gives an `Internal` that is also an instance of the raised class where this process
+    knows it (`remote_error_class`)."""
     if isinstance(event, ev.JobFailed):
         message = event.message
         if event.traceback:
@@ -407,7 +447,12 @@ def job_error(event: ev.Terminal) -> CumulusError:
             "job_id": event.job_id,
             "remote_traceback": event.traceback,
             "worker_id": event.worker_id,  # kept by the errors that declare it (Unavailable)
+            "permanent": event.permanent,  # kept by ResourceExhausted: never retried
         }
+        cls = remote_error_class(event.error_type) if event.code == "INTERNAL" else None
+        if cls is not None:
+            with contextlib.suppress(Exception):  # its __init__ wants other arguments
+                return cls(message, job_id=event.job_id, remote_traceback=event.traceback)
         return CumulusError.from_code(event.code, message, details)
     if isinstance(event, ev.JobTimedOut):
         return CumulusError.from_code(
@@ -419,8 +464,8 @@ def job_error(event: ev.Terminal) -> CumulusError:
 
 
 def print_lines(event: ev.JobLog, logs: Logs) -> None:
-    if logs is None or logs is False:
-        return
+    if logs is None or logs is False or event.partial:
+        return  # a partial line's complete text comes in a later line
     for line in event.lines:
         out = logs if not isinstance(logs, bool) else None
         if out is None:
@@ -507,10 +552,11 @@ class AsyncJob:
 
     async def logs(self, follow: bool = False) -> AsyncGenerator[LogLine, None]:
         """The job's output lines from the first. With `follow`, live until the job ends;
-        without, those written so far."""
+        without, those written so far. Complete lines only: a progress bar's partial states
+        (`JobLog.partial`, shown live by `cumulus run`) are skipped."""
         async with contextlib.aclosing(self.events(follow=follow)) as events:
             async for event in events:
-                if isinstance(event, ev.JobLog):
+                if isinstance(event, ev.JobLog) and not event.partial:
                     for line in event.lines:
                         yield line
 
@@ -628,12 +674,27 @@ class AsyncJob:
 
     async def status(self) -> JobInfo:
         """The gateway's view of the job: status, gpu, worker, devices, queue position and
-        reason, times, error code and message."""
-        return await self.client._call("status", {"job_id": self.job_id}, JobInfo)
+        reason, times, error code and message. A handle made from a unique prefix of the
+        id (`get_job("j3f9")`) takes the whole id from here on."""
+        return self._named(await self.client._call("status", {"job_id": self.job_id}, JobInfo))
 
     async def cancel(self) -> JobInfo:
         """Ask for the job to be stopped (a no-op once it ended); returns its status."""
-        return await self.client._call("cancel", {"job_id": self.job_id}, JobInfo)
+        return self._named(await self.client._call("cancel", {"job_id": self.job_id}, JobInfo))
+
+    async def download(self, path: str | None = None, to: str | Path = ".") -> list[Path]:
+        """Unpack the job's kept `outputs/` folder (or the file or folder `path` in it) under
+        `to`; the files written. NOT_FOUND while the job runs, when it kept no outputs, or
+        once they are no longer kept (retention.results_ttl_s)."""
+        from cumulus._download import download
+
+        return await download(self, path, to)
+
+    def _named(self, info: JobInfo) -> JobInfo:
+        """Keep the whole id the gateway resolved a prefix to."""
+        if info.job_id != self.job_id and info.job_id.startswith(self.job_id):
+            self.job_id = info.job_id
+        return info
 
 
 SPOOL_BYTES = 16 * 1024 * 1024
@@ -701,8 +762,9 @@ class _Ordered:
         """Workers whose `started` was handed out: their lines go out as they come."""
         self.early: list[ev.JobLog] = []
         """Lines of a worker whose `started` has not come yet."""
-        self.lines: dict[str, int] = {}
-        """Per worker, the number of lines up to the newest of its `log` events."""
+        self.lines: dict[tuple[str, int], int] = {}
+        """Per worker and attempt, the number of lines up to the newest of its `log` events
+        (attempt 0: lines of an older runner, which did not say)."""
         self.held: _End | None = None
         self.until = 0.0
         self.after: list[ev.AnyJobEvent] = []
@@ -727,14 +789,18 @@ class _Ordered:
         return event
 
     def _complete(self, end: ev.Terminal) -> bool:
-        return not self.wait_for_lines or self.lines.get(end.worker_id, 0) >= end.log_lines
+        if not self.wait_for_lines:
+            return True
+        have = self.lines.get((end.worker_id, end.attempt), 0)
+        return (have or self.lines.get((end.worker_id, 0), 0)) >= end.log_lines
 
     def take(self, event: ev.AnyJobEvent | None, now: float) -> list[ev.AnyJobEvent]:
         """What to hand out now that `event` came (None: time passed)."""
         out: list[ev.AnyJobEvent] = []
         if isinstance(event, ev.JobLog):
             ended = event.seq + len(event.lines)
-            self.lines[event.worker_id] = max(self.lines.get(event.worker_id, 0), ended)
+            key = (event.worker_id, event.attempt)
+            self.lines[key] = max(self.lines.get(key, 0), ended)
             if event.worker_id in self.started:
                 out.append(event)
             else:
@@ -876,8 +942,16 @@ class Job:
 
     def status(self) -> JobInfo:
         """The gateway's view of the job (see AsyncJob.status)."""
-        return self._runner.call(self._inner.status())
+        info = self._runner.call(self._inner.status())
+        self.job_id = self._inner.job_id
+        return info
 
     def cancel(self) -> JobInfo:
         """Ask for the job to be stopped; returns its status (see AsyncJob.cancel)."""
-        return self._runner.call(self._inner.cancel())
+        info = self._runner.call(self._inner.cancel())
+        self.job_id = self._inner.job_id
+        return info
+
+    def download(self, path: str | None = None, to: str | Path = ".") -> list[Path]:
+        """Unpack the job's kept `outputs/` folder under `to` (see AsyncJob.download)."""
+        return self._runner.call(self._inner.download(path, to))

@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypedDict
 
+from shared import images, labels, volumes
 from shared.errors import InvalidArgument
+from shared.events import MAX_RETRIES
 from shared.gpu import GpuRequest
 
 Packaging = Literal["auto", "pickle", "source"]
@@ -26,8 +28,9 @@ def gpu_tenths(value: object) -> int:
     return GpuRequest.parse(value).tenths
 
 
-class JobOptionArgs(TypedDict, total=False):
-    """The keyword form of `JobOptions` (for `**options`)."""
+class MapOptionArgs(TypedDict, total=False):
+    """The keyword form of `JobOptions` but `retries` (for `map`, whose own `retries` is its
+    inputs')."""
 
     gpu: float | str
     duration: int
@@ -37,6 +40,16 @@ class JobOptionArgs(TypedDict, total=False):
     packaging: Packaging | None
     network: bool | None
     secrets: Sequence[str] | None
+    name: str | None
+    tags: Mapping[str, str] | None
+    volumes: Mapping[str, str] | None
+    image: str | None
+
+
+class JobOptionArgs(MapOptionArgs, total=False):
+    """The keyword form of `JobOptions` (for `**options`)."""
+
+    retries: int | None
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,22 @@ class JobOptions:
     secrets: Sequence[str] = ()
     """Names of your secrets (`Client.set_secret`) the job gets as environment variables of
     the same names; their values never appear in its events, logs or status."""
+    name: str = ""
+    """The job's name, to find it again (`cumulus jobs --name`): at most 64 letters, digits,
+    '.', '_' and '-'; need not be unique."""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    """The job's key=value tags (`cumulus jobs --tag k=v`): at most 16."""
+    volumes: Mapping[str, str] = field(default_factory=dict)
+    """Folders the operator offers (`container.volumes`) to mount in the job's container,
+    {name: where}, e.g. {"datasets": "/data"}; the docker and swarm backends only."""
+    image: str = ""
+    """The job's own Docker image, built FROM the job image (`cumulus-job`), e.g.
+    "cumulus-job-torch:2.4"; the operator must allow it (`policy.images`), else the submit
+    is PERMISSION_DENIED. "": the workers' job image. The docker and swarm backends only."""
+    retries: int = 0
+    """Times the job is run again, as a new attempt, when its code fails (raises or exits
+    non-zero): 0-10, after 1 s, 2 s, 4 s, … (at most 60 s). Not after a timeout, a cancel
+    or a refusal. Every attempt is in the job's history; its error is the last attempt's."""
 
     def __post_init__(self) -> None:
         if isinstance(self.requirements, str):  # one string is not a list of requirements
@@ -74,6 +103,10 @@ class JobOptions:
         if isinstance(self.secrets, str):  # one string is one name, not its letters
             object.__setattr__(self, "secrets", (self.secrets,))
         object.__setattr__(self, "secrets", tuple(self.secrets))
+        if isinstance(self.tags, Mapping):
+            object.__setattr__(self, "tags", dict(self.tags))
+        object.__setattr__(self, "volumes", volumes.check_request(self.volumes))
+        object.__setattr__(self, "image", images.check_reference(self.image))
         self.validate()
 
     def validate(self) -> None:
@@ -85,6 +118,17 @@ class JobOptions:
             raise InvalidArgument("env must map names to string values", field="env")
         if not all(isinstance(name, str) and name for name in self.secrets):
             raise InvalidArgument("secrets must be a list of secret names", field="secrets")
+        labels.check_name(self.name)
+        labels.check_tags(self.tags)
+        if (
+            not isinstance(self.retries, int)
+            or isinstance(self.retries, bool)
+            or not 0 <= self.retries <= MAX_RETRIES
+        ):
+            raise InvalidArgument(
+                f"retries must be a whole number from 0 to {MAX_RETRIES}, not {self.retries!r}",
+                field="retries",
+            )
         if not isinstance(self.network, bool):
             raise InvalidArgument("network must be True or False", field="network")
         if self.packaging not in (None, "auto", "pickle", "source"):

@@ -2,7 +2,9 @@
 
 RESOURCE_EXHAUSTED and UNAVAILABLE mean "not now": no GPU share is free anywhere, or the API
 (or every worker) is away, e.g. while a gateway restarts. Those are retried with exponential
-backoff; every other error means "not like this" and is raised at once.
+backoff; every other error means "not like this" and is raised at once, and so is a
+RESOURCE_EXHAUSTED that says it is `permanent` (the job is larger than any worker of the pool,
+or than the user's share): no wait can change that.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ class RetryPolicy:
         return waits
 
     def retries(self, error: BaseException) -> bool:
-        return isinstance(error, CumulusError) and error.code in self.retry_on
+        """Whether `error` is worth another attempt: a code in `retry_on`, and not an error
+        that says retrying cannot change it."""
+        if not isinstance(error, CumulusError) or error.code not in self.retry_on:
+            return False
+        return not getattr(error, "permanent", False)
 
     async def call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """`attempt()` until it succeeds, fails for good, or the attempts are used up."""

@@ -1,6 +1,10 @@
 """A PyTorch-style training function on half a GPU.
 
-    python examples/train.py            # needs a running Cumulus (`cumulus up`)
+    python examples/train.py                # needs a running Cumulus (`cumulus up`)
+    cumulus run examples/train.py:train     # the same function, from the command line
+
+(Not `cumulus run examples/train.py`: that runs this file as a job, and a job does not submit
+jobs of its own.)
 
 It trains with torch where the job's Python has it (and uses the GPU share the job was given),
 and falls back to the same loop in plain Python where it has not, so it runs anywhere.

@@ -48,10 +48,78 @@ SCALARS = (str, int, float, bool, type(None))
 """Values JSON carries alone (no pickle beside)."""
 
 
-def _traceback(exc: BaseException) -> str:
+_OURS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, "<frozen runpy>")
+"""Frames of these files (this runner, `runpy` running a script) are the runner's, not the
+user's: a job's traceback starts at the user's first frame."""
+
+
+def _ours(filename: str) -> bool:
+    import runpy
+
+    return filename.startswith(_OURS) or filename == runpy.__file__
+
+
+DYNAMIC_CODE = "<dynamic-code>"
+"""The file name cloudpickle gives the code it carries by value; the module's `__file__`,
+which it keeps in the function's globals, names the user's real file."""
+
+
+def _traceback(exc: BaseException, work: Path | None = None) -> str:
+    """The traceback as Python prints it. With `work` (the user's code ran): without the
+    runner's own frames before the user's first, with a function's real file (not
+    cloudpickle's `<dynamic-code>`), and with the files of the job's working directory named
+    as the user named them (`train.py`, not `/job/work/train.py`)."""
     import traceback  # only when a job fails: a job's start imports as little as it can
 
-    return "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+    if work is None:
+        return "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+    tb = exc.__traceback__
+    while tb is not None and _ours(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    shown = traceback.TracebackException(type(exc), exc, tb)
+    prefix = str(work) + os.sep
+    todo: list[tuple[traceback.TracebackException, BaseException, Any]] = [(shown, exc, tb)]
+    seen: set[int] = set()
+    while todo:
+        one, error, start = todo.pop()
+        if id(one) in seen:
+            continue
+        seen.add(id(one))
+        frames = [frame for frame, _ in traceback.walk_tb(start)]
+        for i, (summary, frame) in enumerate(zip(one.stack, frames, strict=False)):
+            one.stack[i] = _renamed(summary, frame.f_globals, prefix)
+        pairs = [(one.__cause__, error.__cause__), (one.__context__, error.__context__)]
+        pairs += zip(
+            getattr(one, "exceptions", None) or [], getattr(error, "exceptions", ()), strict=False
+        )
+        for inner, raised in pairs:
+            if inner is not None and raised is not None:
+                todo.append((inner, raised, raised.__traceback__))
+    return "".join(shown.format())[-MAX_TRACEBACK:]
+
+
+def _renamed(summary: Any, where: dict[str, Any], prefix: str) -> Any:
+    """A traceback frame (`traceback.FrameSummary`) named by the user's file, its source line
+    read from there (`where`: the frame's globals)."""
+    import linecache
+    import traceback
+
+    source = summary.filename
+    if source == DYNAMIC_CODE and isinstance(where.get("__file__"), str):
+        source = where["__file__"]
+    name = source[len(prefix) :] if source.startswith(prefix) else source
+    if name == summary.filename:
+        return summary
+    return traceback.FrameSummary(
+        name,
+        summary.lineno,
+        summary.name,
+        lookup_line=False,
+        line=linecache.getline(source, summary.lineno or 0),
+        end_lineno=summary.end_lineno,
+        colno=summary.colno,
+        end_colno=summary.end_colno,
+    )
 
 
 def frame(nonce: str, envelope: dict[str, Any]) -> bytes:
@@ -105,17 +173,35 @@ def no_new_privileges() -> None:
         pass
 
 
-def _error_envelope(exc: BaseException, stage: str) -> dict[str, Any]:
-    message = str(exc)
+def _cut(message: str) -> str:
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE // 2] + " […] " + message[-MAX_MESSAGE // 2 :]
+    return message
+
+
+def _error_envelope(exc: BaseException, stage: str, work: Path | None = None) -> dict[str, Any]:
+    """The frame of an error; `error_type` names its class (`module:QualName`), so that the
+    caller can raise one that is also an instance of it."""
+    kind = type(exc)
     return {
         "ok": False,
         "stage": stage,
-        "type": type(exc).__name__,
-        "message": message,
-        "traceback": _traceback(exc),
+        "type": kind.__name__,
+        "error_type": f"{kind.__module__}:{kind.__qualname__}",
+        "message": _cut(str(exc)),
+        "traceback": _traceback(exc, work),
     }
+
+
+def _exit_envelope(exc: SystemExit) -> tuple[dict[str, Any], int]:
+    """`sys.exit(n)` with n not 0 (or a message) in the job: an exit status, no traceback.
+    A message is printed to stderr, as Python prints it, and the status is then 1."""
+    status = exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    said = "" if isinstance(exc.code, int) else str(exc.code)
+    if said:
+        print(said, file=sys.stderr)
+    envelope = {"ok": False, "stage": "run", "type": "SystemExit", "exit_status": status}
+    return {**envelope, "message": _cut(said), "traceback": ""}, status
 
 
 class _Full(Exception):
@@ -366,10 +452,11 @@ def run(job_dir: Path) -> int:
         if exc.code in (None, 0):
             value = None
         else:
-            _emit(nonce, _error_envelope(exc, "run"))
-            return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+            envelope, status = _exit_envelope(exc)
+            _emit(nonce, envelope)
+            return status
     except BaseException as exc:
-        _emit(nonce, _error_envelope(exc, "run"))
+        _emit(nonce, _error_envelope(exc, "run", work))
         return EXIT_USER_ERROR
     _emit(nonce, result_frame(value, job_dir))
     return 0

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -25,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +44,83 @@ EMBEDDED = {
     "worker.backend": "process",
 }
 """What the embedded stack uses where neither the caller nor the configuration says."""
+
+
+LOCK_FILE = "stack.lock"
+"""In the data dir: flocked by the stack that runs on it, for as long as it runs; holds its pid."""
+
+
+class StackInUse(RuntimeError):
+    """Another stack holds this stack's data dir or one of its ports; nothing was started or
+    touched (`cumulus up` prints it and exits 2)."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Something listens on `port` at `host` (a wildcard `host`: anywhere on this machine).
+
+    SO_REUSEADDR as nats-server sets it: connections left in TIME_WAIT by a stack that just
+    stopped do not count, a listener does."""
+    host = "0.0.0.0" if host in ("", "0.0.0.0") else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def listener_pid(port: int) -> int | None:
+    """The pid of a process of this user listening on TCP `port`, if /proc says."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rpartition(":")[2], 16) == port:
+                    inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
+
+
+def describe_listener(port: int) -> str:
+    """Who listens on `port`, in words: a Cumulus stack's nats-server names its data dir."""
+    pid = listener_pid(port)
+    if pid is None:
+        return "another program"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    name = Path(argv[0]).name if argv else "?"
+    if name == "nats-server" and "-c" in argv[:-1]:
+        config = Path(argv[argv.index("-c") + 1])
+        if config.name == "nats.conf":
+            return f"the Cumulus stack in {config.parent} (nats-server pid {pid})"
+    return f"pid {pid} ({name})"
+
+
+def _holders(path: Path) -> set[int]:
+    """The pids of this user's processes that have `path` open."""
+    target = str(path.resolve())
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                    found.add(int(proc.name))
+    return found
 
 
 def free_port() -> int:
@@ -66,8 +146,14 @@ class Proc:
     env: dict[str, str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    stopped: bool = False
+    """Ended on purpose (`stop`, `kill9`) and not started since: not one to restart."""
+    lock: int | None = None
+    """The stack's data dir lock (an open, flocked file), held by this process too: the data
+    dir stays locked while any process of the stack lives, even if `cumulus up` was killed."""
 
     def start(self) -> None:
+        self.stopped = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
@@ -77,6 +163,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                pass_fds=() if self.lock is None else (self.lock,),
             )
 
     @property
@@ -88,12 +175,14 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def kill9(self) -> None:
+        self.stopped = True
         if self.alive():
             assert self.popen is not None
             self.popen.kill()
             self.popen.wait(timeout=10)
 
     def stop(self, grace: float = 10.0) -> None:
+        self.stopped = True
         if not self.alive():
             return
         assert self.popen is not None
@@ -160,8 +249,20 @@ class Stack:
     monitor_port: int = field(default=0, init=False)
     """nats-server's monitoring port on loopback (its `/healthz`), chosen at start."""
     bus_restarts: int = field(default=0, init=False)
-    """Times the bus watchdog restarted nats-server after a store write error."""
+    """Times the bus watchdog restarted nats-server (it died, or its store hit a write
+    error)."""
     _watchdog: BusWatchdog | None = field(default=None, init=False, repr=False)
+    notify: Callable[[str], None] | None = field(default=None, repr=False)
+    """Where the stack says, one line each, what its supervision did (a nats-server
+    restarted); None: standard error. Called from the watchdog's thread."""
+    on_failure: Callable[[str], None] | None = field(default=None, repr=False)
+    """Called once, from the watchdog's thread, when nats-server cannot be kept up (it died
+    BUS_RESTARTS times within BUS_RESTART_WINDOW_S): `cumulus up` then stops the stack and
+    exits non-zero. None: the stack only says so."""
+    _lock: int | None = field(default=None, init=False, repr=False)
+    """The open, flocked LOCK_FILE while this stack runs on its data dir."""
+    _supervision: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    """Held while nats-server is restarted, by the watchdog or by `restart`."""
 
     @property
     def host(self) -> str:
@@ -350,14 +451,18 @@ class Stack:
             [sys.executable, "-m", f"services.{module}"],
             env,
             self.data_dir / "logs" / f"{name}.log",
+            lock=self._lock,
         )
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start nats-server, the services and the workers, and wait until all are ready; a
-        bad configuration raises ConfigError before any process starts."""
+        bad configuration raises ConfigError before any process starts, and StackInUse when
+        another stack holds the data dir or a port (nothing of it is touched)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         self.port = self.port or free_port()
         self.monitor_port = self.monitor_port or free_port()
+        self._check_ports()
         self._resolve()
         self._metrics_ports = {}
         creds = self._identities()
@@ -383,6 +488,7 @@ class Stack:
             [nats_server_binary(), "-c", str(self._write_nats_config())],
             dict(os.environ),
             self.data_dir / "logs" / "nats.log",
+            lock=self._lock,
         )
         self.procs["nats"] = nats_proc
         nats_proc.start()
@@ -399,6 +505,52 @@ class Stack:
         for name, proc in standbys.items():
             proc.start()
             await self.wait_role(name, ("follower",), timeout)
+
+    def _take_lock(self) -> None:
+        """Hold the data dir for this stack's life (an flock; the kernel lets go when the
+        process ends, however it ends): two stacks on one NATS store and one set of SQLite
+        logs would corrupt both."""
+        if self._lock is not None:
+            return
+        path = self.data_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            left = _holders(path)
+            if holder.isdigit() and int(holder) not in left and left:
+                raise StackInUse(
+                    f"processes of a Cumulus stack whose `cumulus up` (pid {holder}) ended "
+                    f"without stopping them still run on the data dir {self.data_dir}: stop "
+                    f"them (kill {' '.join(map(str, sorted(left)))}), then start again"
+                ) from None
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise StackInUse(
+                f"another Cumulus stack{who} runs on the data dir {self.data_dir}: stop it "
+                "first, or give this one another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)
+
+    def _check_ports(self) -> None:
+        """nats-server's ports are free: else it would exit, or, worse, this stack would wait
+        for (and then use) the server of another."""
+        ports = ((self.listen, self.port, "--port"), ("127.0.0.1", self.monitor_port, ""))
+        for host, port, option in ports:
+            if port and port_in_use(host, port):
+                self._release_lock()
+                hint = "stop it first"
+                if option:
+                    hint += f", or start this one with another {option}"
+                raise StackInUse(f"port {port} is in use by {describe_listener(port)}: {hint}")
 
     def _gateways(self) -> dict[str, Proc]:
         """The gateway processes: one, or replicas named by `instance` g1, g2, …"""
@@ -515,33 +667,78 @@ class Stack:
                 )
 
     def kill9(self, name: str) -> None:
-        self.procs[name].kill9()
+        """SIGKILL one process; it stays down (the watchdog leaves it) until started again."""
+        with self._supervision:
+            self.procs[name].kill9()
 
     def restart(self, name: str) -> None:
         proc = self.procs[name]
-        proc.stop()
-        proc.start()
+        with self._supervision:
+            proc.stop()
+            proc.start()
+
+    def say(self, line: str) -> None:
+        """One line of what the stack did by itself, to `notify` (else standard error)."""
+        if self.notify is not None:
+            self.notify(line)
+        else:
+            print(f"cumulus: {line}", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
+        """Stop every process, and the process backend's jobs with them (a job must not
+        outlive the stack that watches its duration); then let go of the data dir."""
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             with contextlib.suppress(Exception):  # the processes stop whatever it says
                 watchdog.stop()
+        if self._lock is not None:
+            self._stop_jobs()
         for name, proc in reversed(list(self.procs.items())):
             if name != "nats":
                 proc.stop()
         if "nats" in self.procs:
             self.procs["nats"].stop()
+        self._release_lock()
+
+    def _stop_jobs(self) -> None:
+        """Kill the jobs the process backend runs for this stack's workers, while their
+        runners still run (they report each job's end; a runner already gone reports it at
+        the next start on this data dir)."""
+        from services.runner.process import stop_jobs
+
+        why = "the stack stopped (cumulus up ended): the job was killed"
+        killed = 0
+        for worker in self.workers:
+            with contextlib.suppress(Exception):  # a stop goes on whatever one worker holds
+                killed += len(stop_jobs(self.data_dir / f"runner-{worker}" / "jobs", why))
+        if killed and any(p.alive() for n, p in self.procs.items() if n.startswith("runner-")):
+            time.sleep(JOBS_REPORT_S)
 
 
+JOBS_REPORT_S = 1.0
+"""How long a stopping stack gives its runners to report the jobs it killed."""
 BUS_CHECK_S = 2.0
 """How often the bus watchdog asks nats-server's `/healthz`."""
 BUS_RESTART_GAP_S = 15.0
 """Least time between two restarts of nats-server by the watchdog (a disk still full)."""
+BUS_LIVENESS_S = 0.25
+"""How often the watchdog looks whether nats-server still runs."""
+BUS_RESTARTS = 5
+BUS_RESTART_WINDOW_S = 60.0
+"""nats-server dying more than BUS_RESTARTS times within this window is not restarted again:
+the stack stops (`on_failure`)."""
 
 
 class BusWatchdog(threading.Thread):
-    """Restarts the stack's nats-server when its JetStream store refuses writes for good.
+    """Restarts the stack's nats-server when it dies, or when its JetStream store refuses
+    writes for good.
+
+    A nats-server that exits (killed, crashed) is started again at once on the same port and
+    store, and the stack says so in one line (`Stack.say`); the services reconnect by
+    themselves. One that dies more than BUS_RESTARTS times within BUS_RESTART_WINDOW_S is left
+    down and the stack is told (`Stack.on_failure`): `cumulus up` stops, loudly, rather than
+    run on without its bus. A server stopped or killed on purpose (`Proc.stop`, `Proc.kill9`)
+    is left alone.
 
     After a write error (a full disk) nats-server (2.14 and later) stops accepting writes to
     that stream until the server restarts, even once space is back: without a restart every
@@ -557,6 +754,8 @@ class BusWatchdog(threading.Thread):
         self.stack = stack
         self._halt = threading.Event()
         self._last_restart = 0.0
+        self._deaths: list[float] = []
+        self.gave_up = False
 
     def stop(self) -> None:
         self._halt.set()
@@ -564,9 +763,49 @@ class BusWatchdog(threading.Thread):
             self.join(timeout=BUS_CHECK_S + 5)
 
     def run(self) -> None:
-        while not self._halt.wait(BUS_CHECK_S):
+        checked = time.monotonic()
+        while not self._halt.wait(BUS_LIVENESS_S):
             with contextlib.suppress(Exception):  # a watchdog never takes the stack down
-                self._check()
+                self._supervise()
+            if time.monotonic() - checked >= BUS_CHECK_S:
+                checked = time.monotonic()
+                with contextlib.suppress(Exception):
+                    self._check()
+
+    def _supervise(self) -> None:
+        """Start nats-server again if it died, at most BUS_RESTARTS times per window."""
+        stack = self.stack
+        with stack._supervision:
+            proc = stack.procs.get("nats")
+            if self.gave_up or proc is None or proc.popen is None or proc.alive():
+                return
+            if proc.stopped or self._halt.is_set():  # ended on purpose
+                return
+            code, pid = proc.popen.returncode, proc.pid
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
+            now = time.monotonic()
+            self._deaths = [t for t in self._deaths if now - t < BUS_RESTART_WINDOW_S]
+            self._deaths.append(now)
+            if len(self._deaths) > BUS_RESTARTS:
+                self.gave_up = True
+                line = (
+                    f"nats-server (pid {pid}) died ({how}), {len(self._deaths)} times within "
+                    f"{BUS_RESTART_WINDOW_S:.0f} s: not restarting it; the stack stops "
+                    f"(see {proc.log_path})"
+                )
+            else:
+                proc.start()
+                stack.bus_restarts += 1
+                line = (
+                    f"nats-server (pid {pid}) died ({how}); restarted it on port {stack.port} "
+                    f"with the same store (pid {proc.pid}; restart {len(self._deaths)} of at "
+                    f"most {BUS_RESTARTS} in {BUS_RESTART_WINDOW_S:.0f} s)"
+                )
+            with contextlib.suppress(OSError), open(proc.log_path, "a") as log:
+                log.write(f"[cumulus] {line}\n")
+        stack.say(line)
+        if self.gave_up and stack.on_failure is not None:
+            stack.on_failure(line)
 
     def _check(self) -> None:
         proc = self.stack.procs.get("nats")
@@ -583,6 +822,13 @@ class BusWatchdog(threading.Thread):
         with open(proc.log_path, "a") as log:
             log.write(f"[cumulus] restarting nats-server after a store error: {error}\n")
         self.stack.restart("nats")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def bus_store_error(monitor_port: int) -> str:

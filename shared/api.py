@@ -67,6 +67,18 @@ class SubmitRequest(msgspec.Struct, kw_only=True):
     """A warm map (docs/map.md): the job serves `map.inputs` inputs from its queue."""
     traceparent: str = ""
     """The caller's W3C trace context: the job's trace continues it (shared/tracing.py)."""
+    name: str = ""
+    """The job's name (shared/labels.py); "" for none."""
+    tags: dict[str, str] = {}
+    """The job's tags, key -> value (shared/labels.py)."""
+    target: str = ""
+    """What the job runs, as the client names it (`train.py`, `pkg.mod:fit`): shown in lists."""
+    volumes: dict[str, str] = {}
+    """Folders the operator offers to mount, {name: where in the container} (shared/volumes.py)."""
+    retries: int = 0
+    """Times the job is run again when its code fails (0-10; shared.events.retry_backoff)."""
+    image: str = ""
+    """The job's own image, built FROM the job image (shared/images.py); "": the default."""
 
 
 class SubmitReply(msgspec.Struct, kw_only=True):
@@ -83,6 +95,14 @@ class ListJobsRequest(msgspec.Struct, kw_only=True):
     user: str = ""
     status: list[str] = []
     limit: int = 100
+    name: str = ""
+    """Only jobs with this name, or whose name matches this shell pattern (`train-*`)."""
+    tags: dict[str, str | None] = {}
+    """Only jobs with every one of these tags (a None value: the key with any value)."""
+    since_s: float = 0.0
+    """Only jobs submitted within this many seconds (0: any age)."""
+    users: list[str] = []
+    """`cumulus.observe.jobs` only (observers and operators): these users' jobs ([]: all)."""
 
 
 class SecretPut(msgspec.Struct, kw_only=True):

@@ -53,6 +53,7 @@ WORKER_JOB_EVENTS = (
     "partition_failed",
     "partition_released",
     "started",
+    "attempt_failed",
     "log",
     "result",
     "completed",

@@ -192,8 +192,25 @@ async def connect(
     )
 
 
+BUS_ERROR_EVERY_S = 10.0
+"""The same bus error (a server away: every reconnect attempt fails alike) is logged at most
+once in this time, with a count of those left out: a bus down must not flood the logs."""
+_bus_errors: dict[str, tuple[float, int]] = {}
+"""Each error's text -> (when it was last logged, how many were left out since)."""
+
+
 async def _log_error(exc: Exception) -> None:
-    log.warning("bus error: %s", exc)
+    text = f"{type(exc).__name__}: {exc}"[:300]
+    now = time.monotonic()
+    last, left_out = _bus_errors.get(text, (-BUS_ERROR_EVERY_S, 0))
+    if now - last < BUS_ERROR_EVERY_S:
+        _bus_errors[text] = (last, left_out + 1)
+        return
+    if len(_bus_errors) > 1000:  # distinct texts are few; this only bounds the memory
+        _bus_errors.clear()
+    _bus_errors[text] = (now, 0)
+    more = f" ({left_out} more like it in the last {now - last:.0f} s)" if left_out else ""
+    log.warning("bus error: %s%s", exc, more)
 
 
 async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
@@ -570,6 +587,8 @@ def subject_of(event: Event) -> str:
         return subjects.log(event.user, event.job_id, event.worker_id)
     if isinstance(event, events.JobResultPart):
         return subjects.result(event.user, event.job_id, event.worker_id, event.attempt)
+    if isinstance(event, events.JobOutputsPart):
+        return subjects.outputs(event.user, event.job_id, event.worker_id, event.attempt)
     if isinstance(event, JobEvent):
         return subjects.job(event.user, event.job_id, event.worker_id, event.name)
     if isinstance(event, WorkerEvent):

@@ -22,8 +22,10 @@ import msgspec
 import yaml
 
 from shared.errors import ConfigError
+from shared.images import patterns as image_patterns
 from shared.policy import check_policy
 from shared.sizes import parse_size
+from shared.volumes import offered as offered_volumes
 
 PlacementPolicy = Literal["best", "first", "worst"]
 """How shares are placed on devices (services/scheduler/placement.py)."""
@@ -116,6 +118,10 @@ class WorkerConfig(_Section):
     max_result_bytes: str | int = "256MiB"
     """The most a job may return (a size: 64m, 1GiB, or bytes); a larger result ends the job
     FAILED with RESOURCE_EXHAUSTED. Large results travel in parts (the RESULTS stream)."""
+    max_output_bytes: str | int = "256MiB"
+    """The most a job's `outputs/` folder may hold (a size) to be kept for `cumulus download`
+    (in parts, in the RESULTS stream, for retention.results_ttl_s); a larger one is not kept,
+    and the job's log says so."""
     create_retries: Positive = 3
     """Attempts to create a partition (the seed: 3)."""
     create_backoff_s: SecondsOrOff = 1.0
@@ -131,6 +137,11 @@ class WorkerConfig(_Section):
     def result_bytes(self) -> int:
         """`max_result_bytes` in bytes (validated at load)."""
         return parse_size(str(self.max_result_bytes))
+
+    @property
+    def output_bytes(self) -> int:
+        """`max_output_bytes` in bytes (validated at load)."""
+        return parse_size(str(self.max_output_bytes))
 
 
 class SshConfig(_Section):
@@ -182,6 +193,9 @@ class ContainerConfig(_Section):
     over TLS (dockerd --tlsverify); empty: plain TCP, only for a private test network."""
     swarm_network: str = "cumulus-isolated"
     """Internal overlay network for Swarm jobs without network (Swarm has no `none`)."""
+    volumes: str | dict[str, str] = ""
+    """Host folders jobs may mount, by name (shared/volumes.py): `{name: "/host/path"}`,
+    `:ro` at the end for read-only, or `name=/host/path[:ro],…`; empty: none."""
 
 
 class PolicyConfig(_Section):
@@ -199,6 +213,10 @@ class PolicyConfig(_Section):
     """Code one user may keep in the code store (a size: 512MiB, 2GiB)."""
     users: dict[str, dict[str, Any]] = {}
     """Per-user overrides of the keys above: `{alice: {network: true, max_share: 4}}`."""
+    images: str | list[str] = []
+    """Images jobs may ask for (`image=`), besides container.image: references or shell
+    patterns (`team/*:*`), comma-separated in one string; empty: the job image only
+    (shared/images.py). The same for every user."""
 
 
 MIN_STREAM_BYTES = 1024 * 1024
@@ -453,22 +471,27 @@ def _check(config: Config, names: Mapping[str, str], path: str | Path | None) ->
                 key=key,
             )
     _check_result_bytes(config, names, path)
+    offered_volumes(config.container.volumes)  # ConfigError naming a bad entry, at start
+    image_patterns(config.policy.images)  # likewise
     # Sizes, steps of 0.1 GPU and each user's overrides (shared/policy.py).
     check_policy(config.policy, lambda key: _origin(key, names, path))
 
 
 def _check_result_bytes(config: Config, names: Mapping[str, str], path: str | Path | None) -> None:
-    key = "worker.max_result_bytes"
-    value = config.worker.max_result_bytes
-    try:
-        size = config.worker.result_bytes
-    except ValueError as exc:
-        problem = str(exc)
-    else:
-        if size >= 1:
-            return
-        problem = "Must be at least 1 byte"
-    raise ConfigError(f"Invalid {key}: {value!r}{_origin(key, names, path)}. {problem}", key=key)
+    for name in ("max_result_bytes", "max_output_bytes"):
+        key = f"worker.{name}"
+        value = getattr(config.worker, name)
+        try:
+            size = parse_size(str(value))
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            if size >= 1:
+                continue
+            problem = "Must be at least 1 byte"
+        raise ConfigError(
+            f"Invalid {key}: {value!r}{_origin(key, names, path)}. {problem}", key=key
+        )
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)

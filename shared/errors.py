@@ -9,7 +9,7 @@
     │   └── ConfigError                                   (key, allowed)
     ├── Unavailable                   UNAVAILABLE         (worker_id)
     │   └── ApiUnreachable                                (subject)
-    ├── ResourceExhausted             RESOURCE_EXHAUSTED  (requested, largest_free)
+    ├── ResourceExhausted             RESOURCE_EXHAUSTED  (requested, largest_free, permanent)
     ├── Internal                      INTERNAL
     │   ├── EventLogError                                 (path)
     │   └── PartitionFailed                               (detail)
@@ -197,16 +197,31 @@ class ResourceExhausted(CumulusError):
     """No worker can hold the share asked for, now or ever (see the message)."""
 
     code = "RESOURCE_EXHAUSTED"
-    fields: ClassVar[tuple[str, ...]] = ("requested", "largest_free")
+    fields: ClassVar[tuple[str, ...]] = ("requested", "largest_free", "permanent")
 
     def __init__(
-        self, message: str, *, requested: str = "", largest_free: str = "", **common: str
+        self,
+        message: str,
+        *,
+        requested: str = "",
+        largest_free: str = "",
+        permanent: bool = False,
+        **common: str,
     ) -> None:
         super().__init__(message, **common)
         self.requested = requested
         """The GPU amount asked for, as the user wrote it (e.g. "0.5", "2")."""
         self.largest_free = largest_free
         """The largest amount one placement could get when the request was refused."""
+        self.permanent = permanent
+        """True when the request can never be granted as the pool and the policy stand (larger
+        than any worker, or than the user's share): retrying it cannot help, so it is not."""
+
+    def details(self) -> dict[str, Any]:
+        out = super().details()
+        if not self.permanent:  # the wire says so only when it is
+            out.pop("permanent", None)
+        return out
 
 
 # -- INTERNAL ------------------------------------------------------------------------------
@@ -306,6 +321,7 @@ def resources_exhausted(requested: str, largest_free: str) -> ResourceExhausted:
         f"max available: {largest_free})",
         requested=requested,
         largest_free=largest_free,
+        permanent=True,
     )
 
 

@@ -103,6 +103,21 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     travel in events (the runner asks the gateway for them: `cumulus.secrets.<worker>.get`)."""
     map: MapSpec | None = None
     """A warm map job (`client.map(..., warm=N)`): None for an ordinary job."""
+    name: str = ""
+    """The user's name for the job (shared/labels.py); "" for none. Names need not be unique."""
+    tags: dict[str, str] = {}
+    """The user's key=value tags (shared/labels.py): `cumulus jobs --tag k=v` finds the job."""
+    target: str = ""
+    """What the job runs, as the client named it (`train.py`, `pkg.mod:fit`); shown only."""
+    volumes: dict[str, str] = {}
+    """Folders the operator offers (container.volumes) mounted in the job's container:
+    {name: where} (shared/volumes.py); the container backends only."""
+    retries: int = 0
+    """How many more times the job is run when its code fails (it raised or exited non-zero),
+    0-MAX_RETRIES, after `retry_backoff` seconds each (docs/lifecycle.md, retries)."""
+    image: str = ""
+    """The job's own image (shared/images.py), allowed by the operator's policy.images; ""
+    for the worker's job image (container.image). The docker and swarm backends only."""
 
 
 class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.submitted"):
@@ -184,6 +199,43 @@ class PlacementRevoked(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.
     reason: str
     epoch: int = 0
     """The scheduler's epoch that decided it; 0: not stamped."""
+    retry_at: float = 0.0
+    """A retry of a job whose code failed (`attempt_failed`): the job is placed again, as a
+    new attempt, from this time on (epoch seconds); 0: not a retry."""
+
+
+class JobAttemptFailed(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.attempt_failed"):
+    """The job's code failed in this attempt (it raised, exited non-zero, or ended without a
+    result), and the job may be retried (its spec has `retries`): published by the runner
+    in place of `failed`, it ends the attempt, not the job. The scheduler decides: a retry
+    (`revoked` with `retry_at`, then a new placement) or the job's `failed`, which carries
+    this attempt's error."""
+
+    name = "attempt_failed"
+    attempt: int
+    code: str
+    message: str
+    traceback: str = ""
+    error_type: str = ""
+    exit_status: int = 0
+    log_lines: int = 0
+    """Output lines the attempt published (as on a Terminal)."""
+    outputs: OutputsKept | None = None
+    """The attempt's kept `outputs/` folder (as on a Terminal); the job's `failed` carries
+    the last attempt's."""
+
+
+MAX_RETRIES = 10
+"""The most retries a job may ask for."""
+RETRY_BASE_S = 1.0
+"""The wait before a job's first retry; each further retry waits twice the one before."""
+RETRY_CAP_S = 60.0
+"""No wait before a retry is longer than this."""
+
+
+def retry_backoff(retried: int) -> float:
+    """Seconds to wait before the retry that follows `retried` earlier retries."""
+    return float(min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(retried, 32)))
 
 
 class JobStarted(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.started"):
@@ -206,6 +258,13 @@ class JobLog(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.log"):
     name = "log"
     seq: int
     lines: list[LogLine]
+    attempt: int = 0
+    """The placement attempt whose output it is (`seq` counts from 0 in each attempt: a
+    retried job's attempts may run on one worker); 0: not stamped (an older runner)."""
+    partial: bool = False
+    """Its one line is the job's unterminated last line as it stands now (a progress bar):
+    shown in place until the next line of its stream replaces it, which carries the
+    complete text. It counts in `seq` like any line."""
 
 
 class JobResultPart(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.result"):
@@ -219,6 +278,27 @@ class JobResultPart(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.res
     index: int
     count: int
     data: bytes
+
+
+class JobOutputsPart(JobEvent, frozen=True, kw_only=True, tag="cumulus.job.v1.outputs"):
+    """One piece of the job's kept `outputs/` folder (a gzipped tar), published by its worker
+    before the job's end under `results.<user>.<job>.<worker>.<attempt>-outputs` (stream
+    RESULTS); the end's `outputs` gives their count, size and sha256."""
+
+    name = "outputs"
+    attempt: int
+    index: int
+    count: int
+    data: bytes
+
+
+class OutputsKept(msgspec.Struct, frozen=True, kw_only=True):
+    """A job's `outputs/` folder, kept as a gzipped tar in JobOutputsPart events."""
+
+    parts: int
+    size: int
+    sha256: str
+    files: int = 0
 
 
 class Terminal(JobEvent, frozen=True, kw_only=True):
@@ -236,6 +316,9 @@ class Terminal(JobEvent, frozen=True, kw_only=True):
     epoch: int = 0
     """The scheduler's epoch, on an end the scheduler decided (a refusal, a cancel before
     placement, a failure after the last attempt or a lost worker); 0 on a worker's own."""
+    outputs: OutputsKept | None = None
+    """The job's `outputs/` folder, kept (JobOutputsPart events, published before this end)
+    for `cumulus download`; None: nothing kept."""
 
 
 class JobCompleted(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.completed"):
@@ -253,6 +336,14 @@ class JobFailed(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.failed"
     code: str
     message: str
     traceback: str = ""
+    error_type: str = ""
+    """The class of the exception the job's code raised, `module:QualName` (e.g.
+    `builtins:ValueError`); empty for an end the job's code did not raise."""
+    exit_status: int = 0
+    """The job's code ended with `sys.exit(n)`, n not 0: n (no traceback then); else 0."""
+    permanent: bool = False
+    """Running the job again cannot change this end (RESOURCE_EXHAUSTED for a job larger than
+    any worker or than its user's share, or a result over the most a job may return)."""
 
 
 class JobTimedOut(Terminal, frozen=True, kw_only=True, tag="cumulus.job.v1.timed_out"):
@@ -315,8 +406,10 @@ AnyJobEvent = (
     | CancelOrdered
     | PlacementRevoked
     | JobStarted
+    | JobAttemptFailed
     | JobLog
     | JobResultPart
+    | JobOutputsPart
     | JobCompleted
     | JobFailed
     | JobTimedOut
@@ -459,6 +552,7 @@ def stamped(event: Event, epoch: int) -> Event:
 
 def failure_of(exc: CumulusError, job: JobEvent, **fields: Any) -> JobFailed:
     """The JobFailed event that reports `exc` for `job`."""
+    fields.setdefault("permanent", bool(getattr(exc, "permanent", False)))
     return JobFailed(
         job_id=job.job_id,
         user=job.user,

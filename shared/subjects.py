@@ -68,6 +68,8 @@ def job_all(job_id: str, user: str = "*") -> str:
 
 LOG_EVENT = "log"
 RESULT_EVENT = "result"
+OUTPUTS_EVENT = "outputs"
+"""A kept `outputs/` folder's parts: `results.<user>.<job>.<worker>.<attempt>-outputs`."""
 PREFIXES = {"jobs": JOBS_STREAM, "logs": LOGS_STREAM, "results": RESULTS_STREAM}
 """The first token of a job's subjects, and the stream that holds them."""
 
@@ -85,6 +87,11 @@ def job_logs(job_id: str, user: str = "*") -> str:
 def result(user: str, job_id: str, worker_id: str, attempt: int | str) -> str:
     """Where a job's worker publishes the parts of one attempt's large result."""
     return f"results.{user}.{job_id}.{worker_id or NO_WORKER}.{attempt}"
+
+
+def outputs(user: str, job_id: str, worker_id: str, attempt: int) -> str:
+    """Where a job's worker publishes the parts of one attempt's kept `outputs/` folder."""
+    return f"results.{user}.{job_id}.{worker_id or NO_WORKER}.{attempt}-outputs"
 
 
 def map_input(user: str, job_id: str) -> str:
@@ -156,17 +163,19 @@ def dead(service: str) -> str:
 
 def parse_job_subject(subject: str) -> tuple[str, str, str, str]:
     """(user, job_id, worker_id, event) of a subject of a job: its history (`jobs.…`), its
-    output (`logs.…`, event `log`) or its result parts (`results.…`, event `result`).
-    ValueError for anything else, a `log` or `result` under `jobs.` included: each kind of
-    event has its one place."""
+    output (`logs.…`, event `log`), its result parts (`results.…`, event `result`) or its
+    kept outputs' parts (`results.….<attempt>-outputs`, event `outputs`). ValueError for
+    anything else, a `log`, `result` or `outputs` under `jobs.` included: each kind of event
+    has its one place."""
     tokens = subject.split(".")
     head = tokens[0]
-    if head == "jobs" and len(tokens) == 5 and tokens[4] not in (LOG_EVENT, RESULT_EVENT):
+    own_place = (LOG_EVENT, RESULT_EVENT, OUTPUTS_EVENT)
+    if head == "jobs" and len(tokens) == 5 and tokens[4] not in own_place:
         event = tokens[4]
     elif head == "logs" and len(tokens) == 4:
         event = LOG_EVENT
     elif head == "results" and len(tokens) == 5:
-        event = RESULT_EVENT
+        event = OUTPUTS_EVENT if tokens[4].endswith("-outputs") else RESULT_EVENT
     else:
         raise ValueError(f"not a job subject: {subject!r}")
     _, user, job_id, worker_id = tokens[:4]
@@ -179,4 +188,6 @@ def layout_of(event: str) -> str:
         return "logs.<user>.<job>.<worker>"
     if event == RESULT_EVENT:
         return "results.<user>.<job>.<worker>.<attempt>"
+    if event == OUTPUTS_EVENT:
+        return "results.<user>.<job>.<worker>.<attempt>-outputs"
     return "jobs.<user>.<job>.<worker>.<event>"

@@ -57,4 +57,8 @@ def _job(subject: str, event: events.JobEvent) -> str:
         token = subject.rsplit(".", 1)[-1]
         if token != str(event.attempt):
             return f"attempt {event.attempt} in the body, {token!r} in the subject"
+    if isinstance(event, events.JobOutputsPart):
+        token = subject.rsplit(".", 1)[-1]
+        if token != f"{event.attempt}-outputs":
+            return f"outputs of attempt {event.attempt} in the body, {token!r} in the subject"
     return ""

@@ -81,6 +81,16 @@ class JobInfo(msgspec.Struct, kw_only=True):
     result: msgspec.Raw = msgspec.Raw(b"null")
     """The result envelope of a completed job as JSON (`null` until then); `cumulus.Job.result()`
     gives the value."""
+    name: str = ""
+    """The job's name (`--name`, `name=`); "" for none."""
+    tags: dict[str, str] = {}
+    """The job's tags (`--tag k=v`, `tags=`)."""
+    target: str = ""
+    """What the job runs, as the client named it (`train.py`, `pkg.mod:fit`)."""
+    retries: int = 0
+    """Times the job may run again when its code fails (`retries=`)."""
+    failed_attempts: int = 0
+    """Attempts whose code failed so far (each retried, or the last one the job's end)."""
 
 
 class DeviceUsage(msgspec.Struct, kw_only=True):

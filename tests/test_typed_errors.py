@@ -74,7 +74,7 @@ async def test_the_reply_carries_the_error_in_headers_and_body(nc: Client, code_
         "error": {
             "code": "RESOURCE_EXHAUSTED",
             "message": msg.headers[ERROR_HEADER],
-            "details": {"requested": "8", "largest_free": "2"},
+            "details": {"requested": "8", "largest_free": "2", "permanent": True},
         }
     }
 

@@ -7,6 +7,9 @@
     cumulus run [OPTIONS] script.py|dir|module:function [ARGS…]  run, stream logs, exit as the job
     cumulus submit [OPTIONS] TARGET [ARGS…]                      the same, detached: prints the id
     cumulus status JOB | logs JOB [-f] | cancel JOB
+    cumulus download JOB [PATH] [-o DIR]                         a job's kept outputs/ folder
+    cumulus profile list | show [NAME] | use NAME                your profiles (config.toml)
+    cumulus completion bash|zsh|fish                             a shell completion script
     cumulus jobs | workers | health                              tables (--json for scripts)
     cumulus events [SUBJECT]                                     live tail, like `nats sub 'jobs.>'`
     cumulus dashboard [--port N] [--bind HOST]                   live web page; prints its URL
@@ -61,6 +64,21 @@ def _service(args: argparse.Namespace) -> int:
     return run_service(cls, ["--config", args.config] if args.config else [])
 
 
+def _client_tools(args: argparse.Namespace) -> int:
+    """`cumulus download`, `cumulus profile`, `cumulus completion`."""
+    if args.command == "download":
+        from cumulus.cli.download import download
+
+        return asyncio.run(download(args))
+    if args.command == "profile":
+        from cumulus.cli.profiles import profile
+
+        return profile(args)
+    from cumulus.cli.completion import completion
+
+    return completion(args)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("up", "demo"):
         from cumulus.cli.up import up
@@ -92,6 +110,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from cumulus.cli.events import tail
 
         return asyncio.run(tail(args))
+    if args.command in ("download", "profile", "completion"):
+        return _client_tools(args)
     if args.command == "dashboard":
         from cumulus.cli.dashboard import dashboard
 

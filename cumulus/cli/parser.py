@@ -74,8 +74,15 @@ def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             description="Options come before the target; what follows the target is its "
             "arguments (for module:function, JSON values or name=value keywords).",
         )
-        p.add_argument("--gpu", default="0.5", help="0.1-0.9 or a whole 1-8 (default 0.5)")
-        p.add_argument("--duration", type=int, default=3600, help="seconds, 60-86400")
+        p.add_argument(
+            "--gpu",
+            help="0.1-0.9 or a whole 1-8 (default: the function's @remote(gpu=...), else 0.5)",
+        )
+        p.add_argument(
+            "--duration",
+            type=int,
+            help="seconds, 60-86400 (default: the function's @remote(duration=...), else 3600)",
+        )
         p.add_argument(
             "-r",
             "--requirements",
@@ -85,7 +92,39 @@ def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         )
         p.add_argument("--pip", action="append", metavar="SPEC", help="one more requirement")
         p.add_argument("--env", action="append", metavar="NAME=VALUE", help="job environment")
-        p.add_argument("--priority", type=int, default=0)
+        p.add_argument("--priority", type=int, help="higher goes first when jobs wait (default 0)")
+        p.add_argument(
+            "--name",
+            default="",
+            help="a name for the job, to find it again (`cumulus jobs --name`): letters, "
+            "digits, '.', '_', '-'",
+        )
+        p.add_argument(
+            "--tag",
+            action="append",
+            metavar="KEY=VALUE",
+            help="a tag on the job (repeatable; `cumulus jobs --tag KEY=VALUE` finds it)",
+        )
+        p.add_argument(
+            "--volume",
+            action="append",
+            metavar="NAME:PATH",
+            help="mount the folder the operator offers as NAME at PATH in the job's container "
+            "(repeatable; docker and swarm backends)",
+        )
+        p.add_argument(
+            "--image",
+            metavar="REF",
+            help="run the job in this Docker image, built FROM the job image; the operator "
+            "must allow it (policy.images; docker and swarm backends)",
+        )
+        p.add_argument(
+            "--retries",
+            type=int,
+            metavar="N",
+            help="run the job again, up to N times (0-10), when its code fails; waits 1 s, "
+            "2 s, 4 s, … between attempts (default 0)",
+        )
         p.add_argument(
             "--secret",
             action="append",
@@ -102,8 +141,8 @@ def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         p.add_argument(
             "--packaging",
             choices=("auto", "pickle", "source"),
-            default="auto",
-            help="how a function travels (default: cloudpickle if the workers' Python matches)",
+            help="how a function travels (default auto: cloudpickle if the workers' Python "
+            "matches)",
         )
         p.add_argument("--json", action="store_true", help="print the outcome as JSON")
         if name == "run":
@@ -111,6 +150,22 @@ def _job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         p.add_argument("target", help="script.py, a directory with main.py, or module:function")
         p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the target")
         p.set_defaults(detach=name == "submit", quiet=name == "submit")
+
+
+def _states() -> list[str]:
+    from shared.views import JobStatus
+
+    return [status.lower() for status in JobStatus]
+
+
+def job_state(text: str) -> str:
+    """A job state named on the command line (any case), as the API names it; a usage error
+    (exit 2) naming the valid ones for any other word."""
+    if text.lower() not in _states():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a job state; use one of: {', '.join(_states())}"
+        )
+    return text.upper()
 
 
 def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -124,8 +179,34 @@ def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("jobs", help="your jobs, newest first")
-    p.add_argument("--status", action="append", help="only jobs in this status (repeatable)")
+    p.add_argument(
+        "--status",
+        action="append",
+        type=job_state,
+        help="only jobs in this state (repeatable): " + ", ".join(_states()),
+    )
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--name", default="", help="only jobs with this name, or matching train-*")
+    p.add_argument(
+        "--tag",
+        action="append",
+        metavar="KEY[=VALUE]",
+        help="only jobs with this tag (KEY alone: any value; repeatable: all of them)",
+    )
+    p.add_argument(
+        "--since", metavar="AGE", help="only jobs submitted within AGE: 90s, 15m, 1h, 2d"
+    )
+    p.add_argument(
+        "--user",
+        dest="owner",
+        metavar="USER",
+        help="another user's jobs (an observer's or operator's profile only)",
+    )
+    p.add_argument(
+        "--all-users",
+        action="store_true",
+        help="every user's jobs (an observer's or operator's profile only)",
+    )
     p.add_argument("--json", action="store_true")
     for name, text in (("workers", "workers and their GPU shares"), ("health", "API health")):
         p = sub.add_parser(name, help=text)
@@ -210,6 +291,15 @@ def _fleet_identity_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cumulus")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cumulus",
@@ -235,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--user", default=os.environ.get("CUMULUS_USER"), help="user (default $CUMULUS_USER)"
     )
+    parser.add_argument(
+        "--version", action="version", version=f"cumulus {_version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _stack_commands(sub)
     _job_commands(sub)
@@ -243,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     from cumulus.cli import natsconfig
 
     natsconfig.add_parser(sub)
+    from cumulus.cli import completion, download, profiles
+
+    download.add_parser(sub)
+    profiles.add_parser(sub)
+    completion.add_parser(sub)
     for name in SERVICES:
         p = sub.add_parser(name, help=f"run the {name} service")
         p.add_argument("--config")

@@ -31,6 +31,7 @@ STYLES = {
     "started": "green",
     "completed": "bold green",
     "failed": "bold red",
+    "attempt_failed": "red",
     "timed_out": "bold red",
     "cancelled": "bold yellow",
     "cancel_requested": "yellow",
@@ -102,15 +103,19 @@ def table(*columns: str) -> Table:
 
 
 def print_jobs(jobs: list[JobInfo]) -> None:
-    rows = table("JOB", "STATUS", "GPU", "WORKER", "SUBMITTED", "RUNTIME", "NOTE")
+    rows = table("JOB", "NAME", "STATUS", "GPU", "TARGET", "WORKER", "AGE", "RUNTIME", "NOTE")
     for job in jobs:
         note = job.waiting_reason
         if job.error_code:
             note = f"{job.error_code}: {job.error_message}"
+        if job.tags:
+            note = " ".join([*(f"{k}={v}" for k, v in job.tags.items()), note]).strip()
         rows.add_row(
             job.job_id,
+            job.name or "-",
             styled_status(job.status),
             job.gpu,
+            job.target or job.entrypoint or "-",
             job.worker_id or "-",
             age(job.submitted_at),
             runtime(job),
@@ -149,6 +154,14 @@ def print_status(job: JobInfo) -> None:
     grid.add_column()
     fields: list[tuple[str, object]] = [
         ("job", job.job_id),
+        *([("name", job.name)] if job.name else []),
+        *([("tags", " ".join(f"{k}={v}" for k, v in job.tags.items()))] if job.tags else []),
+        *([("target", job.target)] if job.target else []),
+        *(
+            [("attempts", f"{job.failed_attempts} failed of {job.retries + 1} allowed")]
+            if job.retries
+            else []
+        ),
         ("status", styled_status(job.status)),
         ("gpu", job.gpu),
         ("duration", f"{job.duration_s} s"),
@@ -160,8 +173,8 @@ def print_status(job: JobInfo) -> None:
     ]
     if job.queue_position is not None:
         fields.append(("queue position", job.queue_position))
-    if job.waiting_reason:
-        fields.append(("waiting for", job.waiting_reason))
+    if job.waiting_reason:  # it says what it waits for ("waiting for 1 GPU; …")
+        fields.append(("reason", job.waiting_reason))
     if job.error_code:
         fields.append(("error", f"{job.error_code}: {job.error_message}"))
     if job.cancel_requested and not job.status.is_terminal:
@@ -218,6 +231,11 @@ def _(event: ev.PartitionFailed | ev.JobFailed | ev.JobTimedOut) -> str:
 @describe.register
 def _(event: ev.JobStarted) -> str:
     return f"{event.backend} {event.handle}"
+
+
+@describe.register
+def _(event: ev.JobAttemptFailed) -> str:
+    return f"attempt {event.attempt}: {event.code}: {_first_line(event.message)}"
 
 
 @describe.register

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cumulus import AsyncClient, AsyncJob, JobOptions, read_requirements
+from cumulus import AsyncClient, AsyncJob, JobOptions, RemoteFunction, _profiles, read_requirements
 from cumulus.cli.exits import EXIT_OK, STATUS_EXIT, Interrupted, UsageError
+from cumulus.cli.live import LiveOutput
 from cumulus.cli.render import console, show_value
 from shared import events as ev
 
@@ -58,11 +60,19 @@ def _import_target(target: str) -> tuple[str, Any]:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
 
 
+def _looks_like_option(item: str) -> bool:
+    """`--gpu`, `-q`: an option of `run` put after the target (`-1` and `"--x"` are values)."""
+    return item.startswith("-") and len(item) > 1 and isinstance(parse_value(item), str)
+
+
 def function_call(
     target: str, argv: list[str]
-) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
-    """`module:function` (or `path/file.py:function`) and its arguments: JSON where they parse
-    as JSON, else strings; `name=value` is a keyword argument."""
+) -> tuple[Callable[..., Any], list[Any], dict[str, Any], JobOptions | None]:
+    """`module:function` (or `path/file.py:function`), its arguments (JSON where they parse as
+    JSON, else strings; `name=value` is a keyword argument) and the job options of its
+    `@remote(...)`, if it has one. The arguments are checked against the function's signature
+    here, before anything is submitted (a GPU share is never taken for a call that cannot
+    start)."""
     name = target.rpartition(":")[2]
     module_name, func = _import_target(target)
     for part in name.split("."):
@@ -74,12 +84,26 @@ def function_call(
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for item in argv:
+        if _looks_like_option(item):
+            raise UsageError(
+                f"{item} comes after the target {target}, so it would be an argument of "
+                f"{name}: options of `cumulus run` go before the target (for the string "
+                f"itself, write it as JSON: '\"{item}\"')"
+            )
         key, eq, value = item.partition("=")
         if eq and key.isidentifier():
             kwargs[key] = parse_value(value)
         else:
             args.append(parse_value(item))
-    return getattr(func, "__cumulus_function__", func), args, kwargs
+    declared = func.opts.job if isinstance(func, RemoteFunction) else None
+    func = getattr(func, "__cumulus_function__", func)
+    try:
+        inspect.signature(func).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"cannot call {name} with these arguments: {exc}") from None
+    except ValueError:  # no signature to check (a builtin): the job says
+        pass
+    return func, args, kwargs, declared
 
 
 def _requirements(args: argparse.Namespace, working_dir: Path | None) -> list[str]:
@@ -105,6 +129,30 @@ def _env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
+def _tags(pairs: list[str] | None) -> dict[str, str]:
+    """`--tag KEY=VALUE` options as a dict (the rules are checked by JobOptions)."""
+    tags: dict[str, str] = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--tag wants KEY=VALUE, not {pair!r}")
+        tags[key] = value
+    return tags
+
+
+def _volumes(pairs: list[str] | None, base: JobOptions) -> dict[str, str] | None:
+    """`--volume NAME:PATH` options over the function's own; None: none given."""
+    if not pairs:
+        return None
+    wanted = dict(base.volumes)
+    for pair in pairs:
+        name, colon, path = pair.partition(":")
+        if not colon or not name or not path:
+            raise UsageError(f"--volume wants NAME:PATH, not {pair!r}")
+        wanted[name] = path
+    return wanted
+
+
 @dataclass
 class Target:
     """What `run` or `submit` ships: a function call, or a script in its working directory."""
@@ -115,14 +163,16 @@ class Target:
     kwargs: dict[str, Any] = field(default_factory=dict)
     script: Path | None = None
     working_dir: Path | None = None
+    declared: JobOptions | None = None
+    """The function's own `@remote(...)` options: options given on the command line win."""
 
 
 def target_of(args: argparse.Namespace) -> Target:
     target: str = args.target
     path = Path(target)
     if ":" in target and not path.exists():
-        func, fargs, fkwargs = function_call(target, list(args.args))
-        return Target(_requirements(args, None), func, fargs, fkwargs)
+        func, fargs, fkwargs, declared = function_call(target, list(args.args))
+        return Target(_requirements(args, None), func, fargs, fkwargs, declared=declared)
     if path.is_dir():
         entry = next((path / n for n in ("main.py", "__main__.py") if (path / n).is_file()), None)
         if entry is None:
@@ -135,16 +185,34 @@ def target_of(args: argparse.Namespace) -> Target:
     return Target(_requirements(args, working_dir), script=path, working_dir=working_dir)
 
 
-async def _submit(client: AsyncClient, args: argparse.Namespace, target: Target) -> AsyncJob:
-    options = JobOptions(
+def job_options(args: argparse.Namespace, target: Target) -> JobOptions:
+    """The job's options: those given on the command line, over the function's `@remote(...)`
+    ones (its requirements, environment and secrets are added to), over the defaults."""
+    # the config.toml profile's defaults where the function declares none (cumulus/_profiles.py)
+    base = target.declared or JobOptions(**_profiles.job_defaults(args.profile))
+    env = _env(args.env)
+    secrets = tuple(args.secret or ())
+    tags = _tags(args.tag)
+    return JobOptions.build(
+        base,
         gpu=args.gpu,
         duration=args.duration,
         priority=args.priority,
-        env=_env(args.env),
-        requirements=target.requirements,
-        network=args.network,
-        secrets=tuple(args.secret or ()),
+        env={**base.env, **env} if env else None,
+        requirements=[*base.requirements, *target.requirements] if target.requirements else None,
+        network=True if args.network else None,
+        secrets=[*base.secrets, *secrets] if secrets else None,
+        packaging=args.packaging,
+        name=args.name or None,
+        tags={**base.tags, **tags} if tags else None,
+        volumes=_volumes(getattr(args, "volume", None), base),
+        image=getattr(args, "image", None),
+        retries=args.retries,
     )
+
+
+async def _submit(client: AsyncClient, args: argparse.Namespace, target: Target) -> AsyncJob:
+    options = job_options(args, target)
     if target.func is not None:
         return await client.submit_call(target.func, target.args, target.kwargs, options)
     assert target.script is not None
@@ -169,7 +237,10 @@ def waiting(event: ev.AnyJobEvent) -> str | None:
     if isinstance(event, ev.PartitionReady):
         return f"partition ready on {event.worker_id}: starting"
     if isinstance(event, ev.JobStarted):
-        return f"running on {event.worker_id}"
+        backend = f" ({event.backend})" if event.backend else ""
+        return f"running on {event.worker_id}{backend}"
+    if isinstance(event, ev.PlacementRevoked) and event.retry_at:
+        return event.reason  # "attempt 1 failed (…); retry 1 of 2 in 1 s"
     return None
 
 
@@ -205,18 +276,18 @@ class Progress:
 
 async def _follow(job: AsyncJob, progress: Progress, args: argparse.Namespace) -> ev.Terminal:
     """Show the job's progress and logs until its terminal event, and return that."""
-    logs_to = sys.stderr if args.json else None
+    output = LiveOutput(sys.stderr if args.json else None)  # progress bars drawn live
     async with contextlib.aclosing(job.events()) as events:
         async for event in events:
             progress.update(event)
             if isinstance(event, ev.JobStarted):
                 progress.done()
             elif isinstance(event, ev.JobLog) and not args.quiet:
-                for line in event.lines:
-                    stream = sys.stderr if line.stream == "stderr" else sys.stdout
-                    print(line.text, file=logs_to or stream, flush=True)
+                output.show(event)
             elif isinstance(event, ev.Terminal):
+                output.close()
                 return event
+    output.close()
     raise RuntimeError(f"job {job.job_id} ended without an outcome")
 
 
@@ -298,7 +369,7 @@ async def run(args: argparse.Namespace, target: Target) -> int:
     """`cumulus run` and `cumulus submit` (`args.detach`)."""
     is_function = target.func is not None
     async with AsyncClient(
-        args.url, args.user, profile=args.profile, packaging=args.packaging
+        args.url, args.user, profile=args.profile, packaging=args.packaging or "auto"
     ) as client:
         job = await _submit(client, args, target)
         if args.detach:

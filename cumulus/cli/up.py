@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import shutil
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cumulus import AsyncClient, _profiles
 from cumulus.cli.access import StackRecord, remove_record, write_record
-from cumulus.cli.exits import UsageError
+from cumulus.cli.exits import EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
 from shared import auth
 
 if TYPE_CHECKING:
@@ -53,15 +54,60 @@ def _example() -> Any:
     return namespace["example"]
 
 
+def _example_path() -> str | None:
+    """examples/train.py of this checkout, as the user can type it here (None: cumulus was
+    installed without the examples)."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "train.py"
+    if not path.is_file():
+        return None
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _banner(url: str, workers: int, devices: object, data_dir: Path) -> None:
+    """What runs, and commands that work against it as printed (the profile `default` that
+    `up` writes carries the URL, whatever --port); tests/cli/test_up_banner.py runs them."""
     print(
         f"Cumulus is up: NATS at {url}, {workers} worker(s) with "
         f"virtual devices {devices}; logs in {data_dir / 'logs'}",
         flush=True,
     )
-    print("  cumulus run examples/train.py      # or, from Python:", flush=True)
+    print(
+        "  stopping it (Ctrl-C) stops its jobs; a job that outlives it anyway (up killed) "
+        "ends when its partition expires",
+        flush=True,
+    )
+    example = _example_path()
+    if example is not None:
+        print(f"  cumulus run {example}:train      # a function on half a GPU", flush=True)
+        print(f"  python {example}                 # the same, from Python", flush=True)
     call = "cumulus.Client().run(lambda: 2 + 2, gpu=0.5)"
     print(f'  python -c "import cumulus; print({call})"', flush=True)
+
+
+BACKEND_NOTES = {
+    "process": "jobs run as processes on this machine",
+    "docker": "jobs run in containers of the job image: its Python packages and what a job "
+    "ships, not this virtualenv nor host paths (--backend process for those)",
+    "swarm": "jobs run as Swarm services of the job image, placed on their worker's node",
+}
+
+
+def say_backend(stack: Stack) -> None:
+    """Which backend runs the jobs, and why: `auto` never switches silently (no quote in the
+    line: the banner's test reads its lines as shell words)."""
+    if stack.config is None:
+        return
+    kind: str = stack.config.worker.backend
+    why = "as configured"
+    if kind == "auto":
+        from services.runner.config import explain
+
+        kind, found = explain(stack.config)
+        why = f"auto: {found}"
+    print(f"  backend: {kind} ({why}); {BACKEND_NOTES.get(kind, '')}", flush=True)
 
 
 def serve_metrics(stack: Stack) -> None:
@@ -119,6 +165,13 @@ def write_profiles(stack: Stack) -> list[Path]:
         _profiles.save(name, auth.load_credentials(stack.credentials(role, name)))
         for role, name in identities
     ]
+    record(stack)
+    return made
+
+
+def record(stack: Stack) -> None:
+    """(Re)write the record of the running stack: its nats-server's pid changes when the
+    stack restarts it."""
     nats_proc = stack.procs["nats"]
     write_record(
         StackRecord(
@@ -130,7 +183,25 @@ def write_profiles(stack: Stack) -> list[Path]:
             ca_dir=str(stack.ca_dir.absolute()) if stack.ca_dir else "",
         )
     )
-    return made
+
+
+def _supervise(stack: Stack, stop: asyncio.Event, lost: list[str], recorded: bool) -> None:
+    """Say what the stack's watchdog does (a nats-server restarted: the record, if `up`
+    keeps one, follows its pid); when it gives up, `up` stops (`lost` says why)."""
+    loop = asyncio.get_running_loop()
+
+    def notify(line: str) -> None:
+        print(f"cumulus: {line}", file=sys.stderr, flush=True)
+        if recorded and stack.procs["nats"].alive():
+            with contextlib.suppress(OSError):
+                record(stack)
+
+    def failed(line: str) -> None:
+        lost.append(line)
+        loop.call_soon_threadsafe(stop.set)
+
+    stack.notify = notify
+    stack.on_failure = failed
 
 
 def _ca_dir(args: argparse.Namespace) -> Path | None:
@@ -145,8 +216,11 @@ async def _demo(profile: str) -> None:
 
 
 async def up(args: argparse.Namespace, demo: bool) -> int:
-    """Start the stack; run the example and stop (`demo`), or wait for Ctrl-C or SIGTERM."""
-    from services.stack import Stack
+    """Start the stack; run the example and stop (`demo`), or wait for Ctrl-C or SIGTERM.
+
+    Exits 2 when another stack holds the data dir or the port (nothing of it touched), 6 when
+    the stack's nats-server cannot be kept up."""
+    from services.stack import Stack, StackInUse
 
     scratch = demo and not args.data_dir
     data_dir = Path(
@@ -179,15 +253,21 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    lost: list[str] = []
+    _supervise(stack, stop, lost, recorded=not demo)
     print(f"starting Cumulus in {data_dir} …", flush=True)
     try:
         try:
             await stack.start()
+        except StackInUse as exc:  # the other stack is left as it was
+            print(f"cumulus: {exc}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
         except RuntimeError as exc:  # a process exited at start; its own line says why
             print(f"cumulus: {exc}", file=sys.stderr)
             return 1
         devices = stack.devices or (stack.config.worker.devices if stack.config else "")
         _banner(stack.url, len(stack.workers), devices, data_dir)
+        say_backend(stack)
         serve_metrics(stack)
         if demo:
             await _demo(stack.profile())
@@ -203,9 +283,13 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
         finally:
             if board is not None:
                 await board.stop()
+        if lost:
+            print("cumulus: stopping: the stack's nats-server cannot be kept up", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         return 0
     finally:
-        print("stopping Cumulus …", flush=True)
+        if stack.procs:
+            print("stopping Cumulus (and its jobs) …", flush=True)
         if "nats" in stack.procs and stack.procs["nats"].popen is not None:
             remove_record(stack.procs["nats"].pid)
         stack.stop()

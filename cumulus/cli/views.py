@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Awaitable, Callable
 
 from cumulus import AsyncClient
 from cumulus.cli.exits import EXIT_OK
+from cumulus.cli.live import LiveOutput
 from cumulus.cli.render import dump, print_jobs, print_status, print_workers
+from shared import events as ev
+from shared import labels
 
 
 async def _jobs(client: AsyncClient, args: argparse.Namespace) -> None:
-    jobs = await client.jobs([s.upper() for s in args.status or []], args.limit)
+    jobs = await client.jobs(
+        [s.upper() for s in args.status or []],
+        args.limit,
+        name=args.name,
+        tags=dict(labels.parse_tag(t) for t in args.tag or []),
+        since=args.since,
+        user=args.owner,
+        all_users=args.all_users,
+    )
     dump({"jobs": jobs}) if args.json else print_jobs(jobs)
 
 
@@ -44,18 +54,20 @@ async def _cancel(client: AsyncClient, args: argparse.Namespace) -> None:
     if args.json:
         dump(job)
     elif job.status.is_terminal:
-        print(f"job {args.job_id} already ended: {job.status}")
+        print(f"job {job.job_id} already ended: {job.status}")
     else:
-        print(f"cancel requested for job {args.job_id} (was {job.status})")
+        print(f"cancel requested for job {job.job_id} (was {job.status})")
 
 
 async def _logs(client: AsyncClient, args: argparse.Namespace) -> None:
     handle = client.get_job(args.job_id)
     await handle.status()  # NOT_FOUND (exit 3) for a job that does not exist
-    async with contextlib.aclosing(handle.logs(follow=args.follow)) as lines:
-        async for line in lines:
-            out = sys.stderr if line.stream == "stderr" else sys.stdout
-            print(line.text, file=out, flush=True)
+    output = LiveOutput()  # with -f, progress bars drawn live (cumulus/cli/live.py)
+    async with contextlib.aclosing(handle.events(follow=args.follow)) as events:
+        async for event in events:
+            if isinstance(event, ev.JobLog):
+                output.show(event)
+    output.close()
 
 
 COMMANDS: dict[str, Callable[[AsyncClient, argparse.Namespace], Awaitable[None]]] = {

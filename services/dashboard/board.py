@@ -186,7 +186,9 @@ def _share(tenths: int) -> str:
 def event_json(event: ev.AnyJobEvent) -> dict[str, Any]:
     """A job event as the page shows it: its name, time, worker and a few details."""
     if isinstance(event, ev.JobLog):
-        return {"kind": "log", "seq": event.seq, "lines": [[x.stream, x.text] for x in event.lines]}
+        # a partial line (a progress bar as it stands) is left out: its complete line follows
+        lines = [] if event.partial else [[x.stream, x.text] for x in event.lines]
+        return {"kind": "log", "seq": event.seq, "lines": lines}
     details = {f: getattr(event, f) for f in DETAIL_FIELDS if hasattr(event, f)}
     if isinstance(event, ev.JobSubmitted):
         details.update(gpu=_share(event.spec.gpu_tenths), duration_s=event.spec.duration_s)

@@ -28,7 +28,7 @@ from services.gateway import watch as watching
 from services.gateway.objects import CodeStore, UploadRequest
 from services.gateway.secrets import MAX_SECRETS, SecretStore, check_name
 from services.gateway.state import TERMINAL, JobTable, JobView
-from shared import api, bus, metrics, subjects, tracing
+from shared import api, bus, images, labels, metrics, subjects, tracing, volumes
 from shared import events as ev
 from shared.errors import (
     ApiUnreachable,
@@ -170,6 +170,11 @@ class Gateway(EventService[JobTable]):
             subject=f"{subjects.OBSERVE_PREFIX}.watch",
             handler=api.endpoint(self.observe_watch),
         )
+        await self._micro.add_endpoint(
+            name="observe-jobs",
+            subject=f"{subjects.OBSERVE_PREFIX}.jobs",
+            handler=api.endpoint(self.observe_jobs),
+        )
         # A worker asks for the secrets of a job placed on it (only its own subject).
         await self._micro.add_endpoint(
             name="secrets-get",
@@ -267,7 +272,20 @@ class Gateway(EventService[JobTable]):
             network=network,
             secrets=_secret_names(req.secrets, env),
             map=maps.check_map(req.map, req.entrypoint),
+            name=labels.check_name(req.name),
+            tags=labels.check_tags(req.tags),
+            target=labels.check_target(req.target),
+            volumes=volumes.check_request(req.volumes),
+            retries=_retries(req.retries),
+            image=images.check_allowed(
+                req.image, self.config.policy.images, self.config.container.image, user
+            ),
         )
+        if spec.map is not None and spec.retries:
+            raise InvalidArgument(
+                "A warm map is not retried as a whole: its inputs are (`map(..., retries=N)`)",
+                field="retries",
+            )
         assert self.nc is not None
         return checks.check_spec(spec, self.nc.max_payload)
 
@@ -368,6 +386,8 @@ class Gateway(EventService[JobTable]):
     async def _watch(self, user: str, data: bytes, *, observer: bool) -> Any:
         assert self.js is not None
         req = api.decode_request(data, watching.WatchRequest)
+        if req.job_id and not observer:
+            req.job_id = await self._resolve(user, req.job_id)
         _subject(req.deliver, "deliver")
         if req.filter:
             _subject(req.filter, "filter")
@@ -395,8 +415,9 @@ class Gateway(EventService[JobTable]):
     async def status(self, user: str, data: bytes) -> Any:
         ref = api.decode_request(data, api.JobRef)
         _same_user(user, ref.user)
-        await self._catch_up(ref.job_id)
-        return await self._find(user, ref.job_id)
+        job_id = await self._resolve(user, ref.job_id)
+        await self._catch_up(job_id)
+        return await self._find(user, job_id)
 
     async def _catch_up(self, job_id: str) -> None:
         """Read-your-writes: a client that saw an event of this job sees it in status too."""
@@ -437,16 +458,46 @@ class Gateway(EventService[JobTable]):
         retention.forget_after_s (older ones still answer status, one by one)."""
         req = api.decode_request(data, api.ListJobsRequest)
         _same_user(user, req.user)
+        return await self._listing({user}, req)
+
+    async def observe_jobs(self, data: bytes) -> Any:
+        """Every user's jobs (or `users`'), for observers and operators (only they may
+        publish here), with the same filters."""
+        req = api.decode_request(data, api.ListJobsRequest)
+        for name in req.users:
+            if not subjects.valid_token(name):
+                raise InvalidArgument(f"Invalid user {shown(repr(name))}", field="users")
+        return await self._listing(set(req.users) or None, req)
+
+    async def _listing(self, users: set[str] | None, req: api.ListJobsRequest) -> Any:
+        """The jobs in memory of `users` (None: everyone's) that pass the request's filters
+        (status, name, tags, age), newest first, at most `limit`."""
         wanted = _statuses(req.status)
         if not 0 <= req.limit <= MAX_LIST_LIMIT:
             raise InvalidArgument(
                 f"Invalid limit {shown(req.limit)}: from 0 to {MAX_LIST_LIMIT} jobs", field="limit"
             )
+        if not 0 <= req.since_s <= MAX_SINCE_S:  # NaN fails too
+            raise InvalidArgument(
+                f"Invalid since_s {shown(req.since_s)}: from 0 to {MAX_SINCE_S:.0f} seconds",
+                field="since_s",
+            )
+        if len(req.name) > labels.MAX_NAME:
+            raise InvalidArgument(
+                f"Invalid name filter {shown(repr(req.name))}: at most {labels.MAX_NAME} "
+                "characters (a name, or a pattern such as train-*)",
+                field="name",
+            )
+        oldest = time.time() - req.since_s if req.since_s else 0.0
         async with self.reading() as table:
             jobs = [
                 job
                 for job in table.jobs.values()
-                if job.user == user and (not wanted or job.status in wanted)
+                if (users is None or job.user in users)
+                and (not wanted or job.status in wanted)
+                and job.submitted_at >= oldest
+                and labels.name_matches(job.name, req.name)
+                and labels.tags_match(job.tags, req.tags)
             ]
         jobs.sort(key=lambda j: j.submitted_at, reverse=True)
         assert self.nc is not None
@@ -479,6 +530,7 @@ class Gateway(EventService[JobTable]):
         """The user's job, from the table or, once it left memory, from the job stream;
         another user's job is NOT_FOUND, as if it did not exist (its id tells the asker
         nothing)."""
+        job_id = await self._resolve(user, job_id)
         async with self.reading() as table:
             job = table.get(job_id)
         if job is None:
@@ -486,6 +538,26 @@ class Gateway(EventService[JobTable]):
         if job is None or job.user != user:
             raise NotFound(f"Job {job_id} not found")
         return job
+
+    async def _resolve(self, user: str, job_id: str) -> str:
+        """The id `job_id` stands for: itself if a job has it, else the one job of `user`'s in
+        memory whose id starts with it (a unique prefix, as `cumulus status j3f9` gives);
+        several: INVALID_ARGUMENT; none: `job_id` as given (NOT_FOUND follows)."""
+        if not job_id or self.state.get(job_id) is not None:
+            return job_id  # the common case, without waiting for a batch being applied
+        async with self.reading() as table:
+            found = [
+                job.job_id
+                for job in table.jobs.values()
+                if job.job_id.startswith(job_id) and job.user == user
+            ]
+        if len(found) > 1:
+            raise InvalidArgument(
+                f"ambiguous: {len(found)} jobs start with {shown(repr(job_id))}; give more of "
+                "the job id",
+                field="job_id",
+            )
+        return found[0] if found else job_id
 
     async def _from_stream(self, job_id: str, user: str = "*") -> JobView | None:
         """A job that ended long enough ago to have left the table (retention.forget_after_s),
@@ -520,6 +592,8 @@ def secrets_holder(table: JobTable, worker_id: str, job_id: str) -> JobView:
 
 MAX_LIST_LIMIT = 10_000
 """Jobs one `jobs` request may ask for (a reply also stops where the bus's payload would)."""
+MAX_SINCE_S = 10 * 365 * 86400.0
+"""The oldest a `jobs` request's `since_s` may reach back (ten years)."""
 MAX_SUBJECT = 256
 """Characters of a subject a request names (a watch's inbox or filter)."""
 MAX_SEQ = 2**63 - 1
@@ -589,6 +663,15 @@ def _secret_names(names: list[str], env: dict[str, str]) -> list[str]:
                 field="secrets",
             )
     return unique
+
+
+def _retries(retries: int) -> int:
+    """A job's `retries`, if 0-MAX_RETRIES (the SDK and the CLI check it too)."""
+    if not 0 <= retries <= ev.MAX_RETRIES:
+        raise InvalidArgument(
+            f"Invalid retries {shown(retries)}: from 0 to {ev.MAX_RETRIES}", field="retries"
+        )
+    return retries
 
 
 def _same_user(user: str, claimed: str) -> None:

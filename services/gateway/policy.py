@@ -7,6 +7,7 @@ The gateway calls these before it publishes `submitted` (services/gateway/app.py
     requirements  PEP 508 specifiers only, in canonical form (job_image.requirements)
     priority      |priority| <= the user's max_priority
     network       only where the user's policy allows it
+    image         a well-formed reference that policy.images allows (shared/images.py)
     waiting       at most max_queued jobs waiting per user
     share         a job larger than the user's max_share can never run: refused at once
     spec          the whole spec, encoded, within its budget (spec_limit): every event about
@@ -221,4 +222,5 @@ def check_share(tenths: int, policy: UserPolicy, user: str) -> None:
             f"Job asks for {asked} GPU but user {user}'s running jobs may hold at most "
             f"{format_amount(limit)} GPU (policy.max_share); ask for at most that",
             requested=asked,
+            permanent=True,
         )

@@ -97,6 +97,10 @@ class JobTable:
             entrypoint=spec.entrypoint,
             submitted_at=event.ts,
             waiting_reason="waiting for the scheduler",
+            name=spec.name,
+            tags=dict(spec.tags),
+            target=spec.target,
+            retries=spec.retries,
         )
 
     @_apply.register
@@ -141,6 +145,25 @@ class JobTable:
             job.status = JobStatus.RUNNING
             job.started_at = event.ts
             job.waiting_reason = ""
+
+    @_apply.register
+    def _(self, event: ev.JobAttemptFailed) -> None:
+        job = self._current(event, event.attempt)
+        if job is not None and event.worker_id == job.worker_id:
+            job.status = JobStatus.SUBMITTED
+            job.failed_attempts += 1
+            job.waiting_reason = (
+                f"attempt {event.attempt} failed ({event.code}: {event.message}); "
+                "the scheduler decides whether it runs again"
+            )
+
+    @_apply.register
+    def _(self, event: ev.PlacementRevoked) -> None:
+        # Only a retry's says something to the user (a lost worker's ends the job or is
+        # followed by its placement).
+        job = self._current(event, event.attempt)
+        if job is not None and event.retry_at:
+            job.waiting_reason = event.reason
 
     @_apply.register
     def _(self, event: ev.PartitionReleased) -> None:

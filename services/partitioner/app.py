@@ -66,9 +66,14 @@ class Partitioner(EventService[States]):
             self._add([local_agent(self.config, chronos)])
         worker = self.config.worker
         self.effects = Effects(worker, self.emit, self._spawn, self.wake)
-        self.presence = Presence(
-            worker.backend, worker.heartbeat_s, self.emit, self._beat, self.ssh
-        )
+        backend: str = worker.backend
+        if backend == "auto" and self.ssh is None:
+            # The worker registers what runs its jobs, as its runner resolves `auto` on this
+            # host (`cumulus workers` shows it): docker or process, never "auto".
+            from services.runner.config import explain
+
+            backend = explain(self.config)[0]
+        self.presence = Presence(backend, worker.heartbeat_s, self.emit, self._beat, self.ssh)
         self.reaper = Reaper(worker.reap_interval_s, self.wake)
 
     def new_state(self) -> States:

@@ -25,12 +25,13 @@ from typing import Any
 
 import msgspec
 
-from services.runner import handlers, mapfeed, results
+from services.runner import handlers, mapfeed, outputs, results
+from services.runner import lines as lines_mod
 from services.runner import snapshot as snapshots
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
 from services.runner.config import make_backend
-from shared import api, bus, metrics, subjects, tracing
+from shared import api, bus, images, metrics, subjects, tracing
 from shared import events as ev
 from shared.config import Config
 from shared.errors import ApiUnreachable
@@ -176,6 +177,7 @@ class Runner(EventService[st.RunnerState]):
             package = await fetch
             values = await self._secrets(job)
             self._masks[job.job_id] = handlers.secret_masks(values.values())
+            images.refuse_without_containers(job.spec.image, self.backend.name)
             handle = await self.backend.start(
                 Launch(
                     job_id=job.job_id,
@@ -185,6 +187,8 @@ class Runner(EventService[st.RunnerState]):
                     env=self._env(job, values),
                     requirements=list(job.spec.requirements),
                     network=job.spec.network,
+                    volumes=dict(job.spec.volumes),
+                    image=job.spec.image,
                 )
             )
         except Exception as exc:
@@ -349,6 +353,7 @@ class Runner(EventService[st.RunnerState]):
     async def _follow(self, job: st.RunJob, out: Output) -> None:
         """Deliver the job's output until it is over, then report how it ended."""
         frames = handlers.Frames(job.nonce)
+        live = lines_mod.Live()
         end: Exit | ev.Terminal | None = None
         held: list[ev.LogLine] = []
         """Lines after the result frame: logged with the outcome, so a restart re-reads the
@@ -367,7 +372,8 @@ class Runner(EventService[st.RunnerState]):
                 return
             held = lines if frames.result is not None else []
             if frames.result is None:
-                await self._emit_logs(job, lines, out.cursor())
+                partials = self._partials(job, out, live, got) if end is None else []
+                await self._emit_logs(job, lines, out.cursor(), partials)
             if got:
                 idle = 0
                 await asyncio.sleep(0)
@@ -389,13 +395,34 @@ class Runner(EventService[st.RunnerState]):
         await self.backend.kill(job.job_id, job.attempt, job.handle)
         return handlers.ending(job, self.worker_id, why)
 
-    async def _emit_logs(self, job: st.RunJob, lines: list[ev.LogLine], cursor: Any) -> None:
-        records = self._log_events(job, lines, cursor)
+    def _partials(
+        self, job: st.RunJob, out: Output, live: lines_mod.Live, got: list[tuple[str, str]]
+    ) -> list[ev.LogLine]:
+        """The job's unterminated last lines to show live now (services/runner/lines.py Live).
+        None for a job with secrets: a secret still being written could not be masked."""
+        live.ended({name for name, _ in got})
+        now = time.monotonic()
+        if self._masks.get(job.job_id, []) != [] or not live.due(now):
+            return []
+        return [ev.LogLine(name, text) for name, text in live.look(out.partial(), now)]
+
+    async def _emit_logs(
+        self,
+        job: st.RunJob,
+        lines: list[ev.LogLine],
+        cursor: Any,
+        partials: list[ev.LogLine] | None = None,
+    ) -> None:
+        records = self._log_events(job, lines, cursor, partials or [])
         if records:
             await self.emit(records[0], internal=records[1])
 
     def _log_events(
-        self, job: st.RunJob, lines: list[ev.LogLine], offsets: dict[str, int]
+        self,
+        job: st.RunJob,
+        lines: list[ev.LogLine],
+        offsets: dict[str, int],
+        partials: list[ev.LogLine] | None = None,
     ) -> handlers.LogRecords | None:
         masks = self._masks.get(job.job_id, [])
         if masks is None:
@@ -403,7 +430,7 @@ class Runner(EventService[st.RunnerState]):
         else:
             lines = handlers.mask_lines(lines, masks)
         records = handlers.log_events(
-            job, self.worker_id, lines, offsets, self.config.worker.max_log_bytes
+            job, self.worker_id, lines, offsets, self.config.worker.max_log_bytes, partials or []
         )
         if records is not None:
             metrics.count_logs(records[0])
@@ -418,10 +445,33 @@ class Runner(EventService[st.RunnerState]):
         cursor: dict[str, int],
     ) -> None:
         ended = tracing.now() if tracing.enabled() else 0
+        kept, why_not = await self._keep_outputs(job)
+        if why_not:
+            lines = [*lines, ev.LogLine("stderr", why_not)]
         logs, internal = self._log_events(job, lines, cursor) or ([], [])
+        own = isinstance(end, Exit)  # it ended by itself: a failure of its code may be retried
         if isinstance(end, Exit):
             end = await self._outcome(job, result, end)
-        await self._end(job, end, (logs, internal), ended)
+        if kept is not None:
+            end = msgspec.structs.replace(end, outputs=kept)
+        await self._end(job, end, (logs, internal), ended, retryable=own)
+
+    async def _keep_outputs(self, job: st.RunJob) -> tuple[ev.OutputsKept | None, str]:
+        """The job's `outputs/` folder published in parts (services/runner/outputs.py), and
+        what its end says of it; or why it was not kept (a line for the job's log)."""
+        job_dir = self.backend.result_path(job.job_id, job.attempt).parent
+        limit = self.config.worker.output_bytes
+        try:
+            kept = await outputs.keep(job, self.worker_id, job_dir, limit, self._publish_part)
+        except outputs.NotKept as exc:
+            return None, f"[cumulus] {exc}: not kept"
+        except Exception as exc:
+            log.warning(
+                "could not keep the job's outputs",
+                extra={"fields": {**_fields(job), "error": repr(exc)}},
+            )
+            return None, f"[cumulus] outputs/ could not be kept ({exc})"
+        return kept, ""
 
     async def _outcome(
         self, job: st.RunJob, result: dict[str, Any] | None, exit_: Exit
@@ -463,7 +513,9 @@ class Runner(EventService[st.RunnerState]):
             return None
         return await results.store_bytes(job, self.worker_id, encoded, self._publish_part)
 
-    async def _publish_part(self, part: ev.JobResultPart) -> asyncio.Future[Any]:
+    async def _publish_part(
+        self, part: ev.JobResultPart | ev.JobOutputsPart
+    ) -> asyncio.Future[Any]:
         """Publish a result part straight to the bus (never through the log: it would hold
         the whole result); the future of its acknowledgement."""
         assert self.js is not None
@@ -478,8 +530,12 @@ class Runner(EventService[st.RunnerState]):
         ending: ev.Terminal,
         records: handlers.LogRecords | None = None,
         ended: int = 0,
+        *,
+        retryable: bool = False,
     ) -> None:
-        """Report the job's end (`ended`: when its exit was seen, for its spans; 0: none)."""
+        """Report the job's end (`ended`: when its exit was seen, for its spans; 0: none);
+        a failure of its own code (`retryable`) of a job with retries ends the attempt only
+        (`handlers.attempt_failed`: the scheduler decides whether it runs again)."""
         logs, internal = records or ([], [])
         if job.revoked:  # given up while it ended: no outcome for this attempt
             await self._discard(job)
@@ -487,7 +543,8 @@ class Runner(EventService[st.RunnerState]):
         self._masks.pop(job.job_id, None)
         ending = handlers.fenced(ending, job)
         ending = handlers.counted(ending, job, internal)
-        await self.emit([*logs, ending], internal=internal)
+        reported = handlers.attempt_failed(ending, job) if retryable else ending
+        await self.emit([*logs, reported], internal=internal)
         if ended and job.started_at:
             _trace_end(job, ending, ended)
         if job.started_at:

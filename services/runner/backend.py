@@ -53,6 +53,10 @@ class Launch:
     requirements: list[str] = field(default_factory=list)
     network: bool = False
     """The job asked for network access (isolated by default)."""
+    volumes: dict[str, str] = field(default_factory=dict)
+    """Offered folders to mount, {name: where} (shared/volumes.py; container backends)."""
+    image: str = ""
+    """The job's own image (shared/images.py); "": container.image. Container backends."""
 
 
 class Output(Protocol):
@@ -76,6 +80,11 @@ class Output(Protocol):
 
     def cursor(self) -> dict[str, int]:
         """Where the lines returned so far end (per stream), for resuming after a restart."""
+        ...
+
+    def partial(self) -> dict[str, bytes]:
+        """Per stream, the unterminated output after the lines returned so far (b"" while
+        complete lines wait): a progress bar's current state, shown live."""
         ...
 
     async def wait(self, timeout: float) -> None:
@@ -149,6 +158,9 @@ class FileOutput:
     def cursor(self) -> dict[str, int]:
         return {name: tail.offset for name, tail in self.tails.items()}
 
+    def partial(self) -> dict[str, bytes]:
+        return {name: tail.pending() for name, tail in self.tails.items()}
+
     async def wait(self, timeout: float) -> None:
         if self._ended is None or self._ended.is_set():
             await asyncio.sleep(timeout)
@@ -215,6 +227,15 @@ class FileTail:
             end = min(len(data), MAX_LINE) - 1
             self._cut = True
         return self._take(data[: end + 1], through=end + 1)
+
+    def pending(self) -> bytes:
+        """The unterminated rest after the lines read so far (b"" while lines wait)."""
+        if self._dropping:
+            return b""
+        data = self._read(MAX_LINE)
+        if b"\n" in data:
+            return b""
+        return data
 
     def _take(self, chunk: bytes, through: int) -> list[str]:
         """Every line of `chunk` (the last one whether or not a newline ends it)."""

@@ -18,23 +18,34 @@ BACKENDS: tuple[BackendKind, ...] = typing.get_args(BackendKind)
 
 def detect(config: Config) -> str:
     """`docker` when an engine answers and holds the job image, else `process`."""
-    from services.runner.spec import engine, reachable
-
-    if not reachable():
-        return "process"
-    client = engine(timeout=5)
-    try:
-        client.images.get(config.container.image)
-    except Exception:
+    kind, why = explain(config)
+    if kind == "process" and why != NO_ENGINE:
         log.warning(
             "a Docker engine is reachable but the job image is missing; using the process "
             "backend (build it: infra/images/build-images.sh)",
             extra={"fields": {"image": config.container.image}},
         )
-        return "process"
+    return kind
+
+
+NO_ENGINE = "no Docker engine answers"
+
+
+def explain(config: Config) -> tuple[str, str]:
+    """What `auto` resolves to here, and why, in words (`cumulus up` prints them)."""
+    from services.runner.spec import engine, reachable
+
+    image = config.container.image
+    if not reachable():
+        return "process", NO_ENGINE
+    client = engine(timeout=5)
+    try:
+        client.images.get(image)
+    except Exception:
+        return "process", f"the Docker engine has no job image {image}"
     finally:
         client.close()
-    return "docker"
+    return "docker", f"the Docker engine holds the job image {image}"
 
 
 def make_backend(config: Config, root: Path, ledger: Path) -> Backend:

@@ -29,8 +29,9 @@ from services.runner.claim import Claim, owner_id
 from services.runner.jobdirs import JobDirs, requirements_key
 from services.runner.labels import LABEL_ENV, LABEL_OWNER, LABEL_WORKER, owned
 from services.runner.spec import hardening
+from shared import volumes
 from shared.config import Config
-from shared.errors import ConfigError
+from shared.errors import ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,21 @@ class Jobs:
                 ) from None
         return self._image_id
 
+    def job_image(self, client: docker.DockerClient, launch: Launch) -> str:
+        """The image a job runs: its own (`image=`), taken from this engine only (no registry
+        is asked), else the job image. InvalidArgument naming a missing image."""
+        if not launch.image or launch.image == self.config.container.image:
+            return self.image_id(client)
+        try:
+            return str(client.images.get(launch.image).id)
+        except docker.errors.ImageNotFound:
+            raise InvalidArgument(
+                f"Image {launch.image} is not on this worker's Docker engine (no registry is "
+                "asked): the operator builds it FROM the job image on every worker, or loads "
+                "it there (docker load)",
+                field="image",
+            ) from None
+
     def result_path(self, job_id: str, attempt: int) -> Path:
         """The in-job runner's result file (`/job/<RESULT_FILE>` in the container)."""
         return self.dirs.path(job_id, attempt) / RESULT_FILE
@@ -100,6 +116,8 @@ class Jobs:
             _give_to_job(path)
         mounts = [Mount("/job", str(job_dir), type="bind")]
         mounts += self._wheelhouse()
+        offered = volumes.mounts(self.config.container.volumes, launch.volumes)
+        mounts += [Mount(to, host, type="bind", read_only=ro) for host, to, ro in offered]
         if launch.requirements:
             volume = self.ensure_env(client, launch)
             mounts.append(Mount("/env", volume, type="volume", read_only=True))

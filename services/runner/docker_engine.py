@@ -64,7 +64,7 @@ class DockerBackend:
         )
         try:
             container = self.client.containers.run(
-                self.jobs.image_id(self.client),
+                self.jobs.job_image(self.client, launch),
                 ["--job-dir", "/job"],
                 name=name,
                 detach=True,
@@ -87,7 +87,8 @@ class DockerBackend:
     def output(
         self, job_id: str, attempt: int, handle: str, nonce: str, cursor: dict[str, int]
     ) -> Output:
-        return LogStream(self.client, f"/containers/{handle}/logs", nonce, cursor)
+        path = f"/containers/{handle}/logs"
+        return LogStream(self.client, path, nonce, cursor, attach=handle)
 
     def result_path(self, job_id: str, attempt: int) -> Path:
         return self.jobs.result_path(job_id, attempt)

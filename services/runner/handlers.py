@@ -18,7 +18,7 @@ import msgspec
 from job_image.runner import end_marker, parse_frame
 from services.runner import state as st
 from shared import events as ev
-from shared.errors import deadline_exceeded
+from shared.errors import InvalidArgument, deadline_exceeded
 from shared.policy import env_refusal
 from shared.tracing import child_trace
 
@@ -137,6 +137,13 @@ def start_failed(job: st.RunJob, worker_id: str, exc: BaseException) -> ev.JobFa
                 f"Worker {worker_id}'s container engine did not answer while the job started "
                 f"({exc}); submit the job again"
             ),
+            **_common(job, worker_id),
+        )
+    if isinstance(exc, InvalidArgument):  # e.g. a volume this worker does not offer
+        return ev.JobFailed(
+            code=exc.code,
+            message=f"Cannot start the job on {worker_id}: {exc.message}",
+            permanent=True,
             **_common(job, worker_id),
         )
     return ev.JobFailed(
@@ -276,9 +283,12 @@ def log_events(
     lines: list[ev.LogLine],
     offsets: dict[str, int],
     limit: int,
+    partials: Iterable[ev.LogLine] = (),
 ) -> LogRecords | None:
-    """JobLog events for `lines` (batched, capped at `limit` bytes) and the new cursor."""
-    if not lines and offsets == job.offsets:
+    """JobLog events for `lines` (batched, capped at `limit` bytes) and the new cursor; then
+    one `partial` JobLog per unterminated last line in `partials` (within the cap too)."""
+    partials = list(partials)
+    if not lines and not partials and offsets == job.offsets:
         return None
     out: list[ev.Event] = []
     batch: list[ev.LogLine] = []
@@ -295,6 +305,7 @@ def log_events(
                     worker_id=worker_id,
                     seq=seq,
                     lines=batch,
+                    attempt=job.attempt,
                     trace=job.trace,
                 )
             )
@@ -314,6 +325,24 @@ def log_events(
         if len(batch) >= MAX_LINES_PER_EVENT or size >= MAX_BYTES_PER_EVENT:
             flush()
     flush()
+    for line in partials:
+        cost = len(line.text) + 8
+        if truncated or sent + cost > limit:
+            break
+        out.append(
+            ev.JobLog(
+                job_id=job.job_id,
+                user=job.user,
+                worker_id=worker_id,
+                seq=seq,
+                lines=[line],
+                partial=True,
+                attempt=job.attempt,
+                trace=job.trace,
+            )
+        )
+        seq += 1
+        sent += cost
     cursor = st.LogCursor(
         job_id=job.job_id, seq=seq, offsets=offsets, sent_bytes=sent, truncated=truncated
     )
@@ -367,6 +396,7 @@ def result_too_large(job: st.RunJob, worker_id: str, size: int, limit: int) -> e
             f"The result is {_mib(size)}; the most a job may return is {_mib(limit)} "
             "(worker.max_result_bytes): write large outputs to storage and return a path"
         ),
+        permanent=True,
         **_common(job, worker_id),
     )
 
@@ -374,6 +404,12 @@ def result_too_large(job: st.RunJob, worker_id: str, size: int, limit: int) -> e
 def result_failed(job: st.RunJob, worker_id: str, code: str, message: str) -> ev.JobFailed:
     """A result that could not be delivered (unreadable, or the bus did not take it)."""
     return ev.JobFailed(code=code, message=message, **_common(job, worker_id))
+
+
+def _exit_status(result: dict[str, Any]) -> int:
+    """n of the job's `sys.exit(n)` (job_image/runner.py's frame says so); 0: not an exit."""
+    value = result.get("exit_status")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _reported_size(result: dict[str, Any], key: str) -> int:
@@ -407,14 +443,48 @@ def outcome(
         size = _reported_size(result, "size")
         limit = max_result or _reported_size(result, "limit")
         return result_too_large(job, worker_id, size, limit)
+    if result is not None and _exit_status(result):
+        status, said = _exit_status(result), str(result.get("message") or "")
+        return ev.JobFailed(
+            code="INTERNAL",
+            message=f"the job exited with exit status {status}" + (f": {said}" if said else ""),
+            exit_status=status,
+            **common,
+        )
     if result is not None:
         return ev.JobFailed(
             code="INTERNAL",
             message=f"{result.get('type')}: {result.get('message')}",
             traceback=str(result.get("traceback", "")),
+            error_type=str(result.get("error_type", "")),
             **common,
         )
     return ev.JobFailed(code="INTERNAL", message=f"Job ended without a result: {reason}", **common)
+
+
+def attempt_failed(ending: ev.Terminal, job: st.RunJob) -> ev.Terminal | ev.JobAttemptFailed:
+    """How the end of a job that ended by itself is reported: a failure of its code (INTERNAL,
+    and not one a rerun cannot change) of a job that may be retried (`spec.retries`) ends
+    the attempt only, as `attempt_failed`; the scheduler decides whether the job runs again
+    or ends with this error. Any other end is reported as it is."""
+    if not isinstance(ending, ev.JobFailed) or job.spec.retries <= 0:
+        return ending
+    if ending.code != "INTERNAL" or ending.permanent:
+        return ending
+    return ev.JobAttemptFailed(
+        job_id=ending.job_id,
+        user=ending.user,
+        worker_id=ending.worker_id,
+        trace=ending.trace,
+        attempt=ending.attempt,
+        code=ending.code,
+        message=ending.message,
+        traceback=ending.traceback,
+        error_type=ending.error_type,
+        exit_status=ending.exit_status,
+        log_lines=ending.log_lines,
+        outputs=ending.outputs,
+    )
 
 
 def counted(ending: ev.Terminal, job: st.RunJob, records: Iterable[Any]) -> ev.Terminal:

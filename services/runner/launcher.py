@@ -7,6 +7,10 @@ sandboxed (`services/runner/sandbox.py`: bwrap and a fresh interpreter, as a uid
 leases) or, with `worker.sandbox: none`, right here (no second interpreter start); the parent
 waits and writes `exit.json` atomically. The runner finds everything again in JOB_DIR after a
 restart; the job never sees JOB_DIR itself, only JOB_DIR/job.
+
+The job carries its own deadline: the launcher kills it when its partition expires
+(CHRONOS_PARTITION_EXPIRES_AT: the job's duration plus the partitioner's grace), whether or
+not a runner is still there to enforce the duration (a stack stopped by SIGKILL).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -90,7 +95,9 @@ def claim(job_dir: Path, spec: dict[str, Any]) -> bool:
 def finish(job_dir: Path, spec: dict[str, Any], pid: int) -> int:
     """Wait for the job's process, write `exit.json` atomically, wake the runner."""
     (job_dir / "child.pid").write_text(str(pid))
+    _expire_at(job_dir, spec, pid)
     _, status = os.waitpid(pid, 0)
+    signal.setitimer(signal.ITIMER_REAL, 0)
     code = os.waitstatus_to_exitcode(status)
     tmp = job_dir / "exit.json.tmp"
     tmp.write_text(json.dumps({"code": code, "ts": time.time()}))
@@ -100,6 +107,35 @@ def finish(job_dir: Path, spec: dict[str, Any], pid: int) -> int:
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(str(job_dir).encode(), notify)
     return 0
+
+
+EXPIRES_AT = "CHRONOS_PARTITION_EXPIRES_AT"
+"""The job's partition's end (epoch seconds, cumulus_core/env.py): the job's own deadline."""
+
+
+def _expire_at(job_dir: Path, spec: dict[str, Any], pid: int) -> None:
+    """Kill the job (`pid`) when its partition expires, should it still run then (SIGALRM
+    interrupts the launcher's wait, which then goes on and records the exit)."""
+    try:
+        expires = float(spec["env"][EXPIRES_AT])
+    except (KeyError, TypeError, ValueError):
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError), open(job_dir / "stderr.log", "a") as err:
+            err.write(
+                "[cumulus] the job ran past its partition's expiry (its duration and a grace "
+                "period, with no runner to end it): killed\n"
+            )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != os.getpgrp():  # a spare's sandbox: a group of its own
+                os.killpg(group, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(expires - time.time(), 0.001))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,10 @@ import time
 from typing import Any
 
 import docker
+import docker.utils.socket
 
 from services.runner.backend import DROPPED, END, FRAME, MAX_FRAME
-from services.runner.lines import LineSplitter, text
+from services.runner.lines import MAX_LINE, LineSplitter, text
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,51 @@ STREAMS = {1: "stdout", 2: "stderr"}
 
 
 Item = tuple[int, str, bytes] | tuple[int, None, None]
+
+
+class LiveTail:
+    """What a running container writes, straight from the engine (attach, not its log): each
+    stream's bytes after its last newline, for partial lines (a progress bar). The engine's
+    log driver holds a line back until its newline (or 16 KiB), so they cannot come from the
+    log. Display only: the lines themselves, their order and cursor, come from the log."""
+
+    def __init__(self, client: docker.DockerClient, container: str) -> None:
+        self.client = client
+        self.container = container
+        self.rest = dict.fromkeys(STREAMS.values(), b"")
+        self._sock: Any = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name=f"attach {container}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
+            self._sock = self.client.api.attach_socket(self.container, params=params)
+            if self._stop.is_set():
+                return
+            for kind, data in docker.utils.socket.frames_iter(self._sock, tty=False):
+                if self._stop.is_set():
+                    break
+                name = STREAMS.get(kind, "stdout")
+                got = self.rest[name] + data
+                self.rest[name] = got[got.rfind(b"\n") + 1 :][-MAX_LINE:]
+        except Exception as exc:
+            if not self._stop.is_set():
+                fields = {"container": self.container, "error": repr(exc)}
+                log.info("attach ended; no partial lines", extra={"fields": fields})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            raw = getattr(sock, "_sock", sock)  # a SocketIO around the socket, over plain HTTP
+            with contextlib.suppress(Exception):
+                raw.shutdown(socket.SHUT_RDWR)
+            for each in (sock, raw):
+                with contextlib.suppress(Exception):
+                    each.close()
 
 
 class LogStream:
@@ -50,9 +96,12 @@ class LogStream:
         nonce: str,
         cursor: dict[str, int],
         max_queue: int = 256,
+        attach: str = "",
     ) -> None:
+        """`attach`: a container to attach to for partial lines (`LiveTail`; "": none)."""
         self.client = client
         self.path = path
+        self.live = LiveTail(client, attach) if attach else None
         self.end = f"{END} {nonce}".encode() if nonce else b"\x00"
         start = {name: cursor.get(name, 0) for name in STREAMS.values()}
         self.split = {name: LineSplitter(at) for name, at in start.items()}
@@ -213,6 +262,16 @@ class LogStream:
             return DROPPED
         return text(bytes(body))
 
+    def partial(self) -> dict[str, bytes]:
+        """Each stream's unterminated rest (none on stdout while a result frame is rejoined)."""
+        rest = self.live.rest if self.live is not None else {}
+        return {
+            name: b""
+            if name == "stdout" and self._pending is not None
+            else rest.get(name, split.pending())
+            for name, split in self.split.items()
+        }
+
     @property
     def done(self) -> bool:
         return self._done
@@ -237,6 +296,8 @@ class LogStream:
     def close(self) -> None:
         self._stop.set()
         self._close_responses()
+        if self.live is not None:
+            self.live.close()
 
     def _close_responses(self) -> None:
         for response in list(self._responses.values()):

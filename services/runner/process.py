@@ -35,7 +35,7 @@ from services.runner import zygote as zygote_mod
 from services.runner.backend import Exit, FileOutput, Launch, Output
 from services.runner.jobdirs import JobDirs, requirements_key
 from services.runner.sandbox import Sandbox, warm_env
-from shared.errors import ConfigError
+from shared.errors import ConfigError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,12 @@ class ProcessBackend:
         return spec
 
     def _start(self, launch: Launch, notify: str | None = None) -> str:
+        if launch.volumes:
+            raise InvalidArgument(
+                "Volumes are mounted by the docker and swarm backends only; this worker runs "
+                "jobs as processes (worker.backend)",
+                field="volumes",
+            )
         job_dir = self.job_dir(launch.job_id, launch.attempt)
         pid_file = job_dir / "launcher.pid"
         if pid_file.exists():
@@ -307,6 +313,58 @@ class ProcessBackend:
     def handles(self) -> list[tuple[str, int]]:
         """(job id, attempt) of every job directory present, for reconciling after a crash."""
         return self.dirs.scan()
+
+
+def stop_jobs(root: Path, why: str, grace: float = 5.0) -> list[str]:
+    """Kill every job still running under `root`, a process backend's job directories: the
+    stack that runs them is stopping (a job outliving it would run on unwatched).
+
+    `why` goes to each job's stderr. The job's process is killed first, so that its launcher
+    records the exit (`exit.json`, read by the runner now or at its next start); then the
+    launcher's whole process group. Returns the job directories' names."""
+    running: list[tuple[Path, int]] = []
+    for job_dir in sorted(root.glob("*.*")):
+        pid = _launcher_of(job_dir)
+        if pid is None:
+            continue
+        with contextlib.suppress(OSError), open(job_dir / "stderr.log", "a") as err:
+            err.write(f"[cumulus] {why}\n")
+        with contextlib.suppress(OSError, ValueError):
+            child = int((job_dir / "child.pid").read_text().strip())
+            if _parent(child) == pid:
+                os.kill(child, signal.SIGKILL)
+        running.append((job_dir, pid))
+    deadline = time.monotonic() + grace
+    for job_dir, pid in running:
+        while not (job_dir / "exit.json").exists() and _alive(pid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    return [job_dir.name for job_dir, _ in running]
+
+
+def _launcher_of(job_dir: Path) -> int | None:
+    """The pid of the launcher still running the job in `job_dir`, checked to be one (a
+    session leader running services.runner code), not a process that reused the pid."""
+    try:
+        pid = int((job_dir / "launcher.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        leader = os.getsid(pid) == pid
+    except (OSError, ValueError):
+        return None
+    if (job_dir / "exit.json").exists() or not _alive(pid) or not leader:
+        return None
+    return pid if b"services.runner" in cmdline else None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _sandbox(kind: str, data_dir: Path) -> Sandbox | None:

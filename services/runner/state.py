@@ -246,3 +246,10 @@ class RunnerState:
     @_apply.register
     def _(self, event: ev.JobCancelled) -> None:
         self._finish(event)
+
+    @_apply.register
+    def _(self, event: ev.JobAttemptFailed) -> None:
+        # Its own report that the attempt's code failed: the attempt is over, as with an end.
+        job = self.attempt_of(event.job_id, event.attempt)
+        if job is not None:
+            job.status = "done"

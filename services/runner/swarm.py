@@ -160,7 +160,7 @@ class SwarmBackend:
             "/tmp", None, type="tmpfs", tmpfs_size=parse_size(self.config.container.tmp_size)
         )
         spec = ContainerSpec(
-            self.jobs.image_id(self.client),
+            self.jobs.job_image(self.client, launch),
             args=["--job-dir", "/job"],
             env=sp.job_env(launch),
             workdir="/job",

@@ -49,6 +49,7 @@ from services.scheduler.handlers import (
     admission_error,
     decide,
     promotion,
+    retry_due,
     schedule,
     waiting_reason,
 )
@@ -89,6 +90,7 @@ JOB_EVENTS = [
     "cancel_requested",
     "partition_failed",
     "partition_released",
+    "attempt_failed",
     *ev.TERMINAL_NAMES,
 ]
 DECISIONS = ["queued", "scheduled", "revoked"]
@@ -98,6 +100,10 @@ JOBS_CONSUMER = "scheduler-jobs"
 PAGE_HEADROOM = 1024
 """Room kept in a `workers` page for its envelope (`queued`, `next`)."""
 MARKER_WAIT_S = 30.0
+RETRY_TICK_S = 0.25
+"""How often the leader looks for retries whose backoff is over."""
+MAX_RETRIES_PER_TICK = 100
+"""Retries placed again in one look at most (the rest at the next)."""
 """How long a new leader waits to read its own election marker back before it gives up."""
 
 
@@ -460,6 +466,7 @@ class Scheduler(EventService[SchedulerState]):
         for worker in self.state.workers.values():
             worker.last_seen = max(worker.last_seen, now)
         self.spawn(self._liveness(), name="liveness")
+        self.spawn(self._retries(), name="retries")
         if self.config.scheduler.swarm_nodes:
             self.spawn(self._swarm(), name="swarm")
         for op, handler in (
@@ -517,6 +524,27 @@ class Scheduler(EventService[SchedulerState]):
                     )
             interval = min((w.heartbeat_s for w in self.state.workers.values()), default=5.0)
             await asyncio.sleep(max(0.1, min(1.0, interval / 2)))
+
+    async def _retries(self) -> None:
+        """Place again each job whose retry's backoff is over (handlers.retry_due), one
+        decision at a time, against the state as it is when applied."""
+        while True:
+            await asyncio.sleep(RETRY_TICK_S)
+            for _ in range(MAX_RETRIES_PER_TICK):
+                if self.paused or not self.deciding:
+                    break
+                now = time.time()
+                if not retry_due(self.state, self.policy, now):
+                    break
+                try:
+                    await self.emit_decided(
+                        lambda: self.stamp(retry_due(self.state, self.policy, now))  # noqa: B023
+                    )
+                except Unavailable as exc:  # stopping, or the log refuses writes: next tick
+                    log.warning(
+                        "could not place a retry now", extra={"fields": {"error": str(exc)}}
+                    )
+                    break
 
     async def _declare(self, lost: list[ev.Event]) -> None:
         """Take the `lost` decisions only if the bus stores them: a bus that cannot store

@@ -91,6 +91,7 @@ def share_error(job: JobState, policy: Policy) -> ResourceExhausted | None:
         f"Job asks for {asked} GPU but user {job.user}'s running jobs may hold at most "
         f"{format_amount(limit)} GPU (policy.max_share); ask for at most that",
         requested=asked,
+        permanent=True,
     )
 
 
@@ -132,7 +133,7 @@ def _(event: ev.PartitionFailed, state: SchedulerState, policy: Policy = DEFAULT
         return []
     if job.cancel_requested:
         return [_cancelled(job)]
-    if job.attempt >= policy.max_attempts:
+    if job.attempt - job.retried >= policy.max_attempts:
         # The partitioner's message is the seed's already ("Chronos partition creation failed:
         # …" or the SSH one): wrapping it again printed the prefix twice.
         return [
@@ -156,8 +157,8 @@ def _(
     event: ev.PlacementRevoked, state: SchedulerState, policy: Policy = DEFAULT
 ) -> list[ev.Event]:
     job = state.jobs.get(event.job_id)
-    if job is None or job.status != "pending":
-        return []
+    if job is None or job.status != "pending" or event.retry_at:
+        return []  # a retry is placed once its backoff is over (`retry_due`)
     # A job started, or whose partition was ready, is failed by the `lost` that revoked it,
     # unless it is a warm map that may run again (rerun_when_lost).
     if (job.started or job.partitioned) and not rerun_when_lost(job, policy):
@@ -173,7 +174,69 @@ def rerun_when_lost(job: JobState, policy: Policy) -> bool:
     once (an input its lost process never acknowledged is redelivered, and answers are
     de-duplicated), so a second attempt elsewhere loses nothing and repeats nothing. The
     attempt it loses still counts against `max_attempts`."""
-    return job.spec.map is not None and job.attempt < policy.max_attempts
+    return job.spec.map is not None and job.attempt - job.retried < policy.max_attempts
+
+
+@decide.register
+def _(
+    event: ev.JobAttemptFailed, state: SchedulerState, policy: Policy = DEFAULT
+) -> list[ev.Event]:
+    job = state.jobs.get(event.job_id)
+    if job is None or job.status != "placed" or job.failure is None:
+        return []  # not the current attempt's (SchedulerState kept it only if it was)
+    return after_failure(job, event.ts)
+
+
+def after_failure(job: JobState, now: float) -> list[ev.Event]:
+    """What follows a failure of the job's code in its current attempt (`job.failure`): while
+    it has retries left and nobody asked to cancel it, the attempt is given up (`revoked`: its
+    worker releases the partition) and the job placed again once `retry_backoff` is over
+    (`retry_due`); else the job ends with the attempt's error, once (docs/lifecycle.md)."""
+    failure = job.failure
+    assert failure is not None
+    if job.cancel_requested or job.retried >= job.spec.retries:
+        after = f" (after {job.retried + 1} attempts)" if job.retried else ""
+        return [
+            ev.JobFailed(
+                job_id=job.job_id,
+                user=job.user,
+                worker_id=failure.worker_id,
+                attempt=failure.attempt,
+                code=failure.code,
+                message=failure.message + after,
+                traceback=failure.traceback,
+                error_type=failure.error_type,
+                exit_status=failure.exit_status,
+                log_lines=failure.log_lines,
+                outputs=failure.outputs,
+                trace=job.trace,
+            )
+        ]
+    wait = ev.retry_backoff(job.retried)
+    return [
+        ev.PlacementRevoked(
+            job_id=job.job_id,
+            user=job.user,
+            worker_id=job.worker_id,
+            attempt=job.attempt,
+            reason=f"attempt {job.attempt} failed ({failure.message}); retry "
+            f"{job.retried + 1} of {job.spec.retries} in {wait:g} s",
+            retry_at=now + wait,
+            trace=child_trace(job.trace),
+        )
+    ]
+
+
+def retry_due(state: SchedulerState, policy: Policy = DEFAULT, now: float = 0.0) -> list[ev.Event]:
+    """The first retry whose backoff is over at `now`: its job placed again, or queued (the
+    scheduler's timer asks again after each, until none is due)."""
+    for job in state.jobs.values():
+        if job.status == "pending" and 0 < job.retry_at <= now:
+            if job.cancel_requested:
+                return [_cancelled(job)]
+            reason = f"retry {job.retried} of {job.spec.retries}"
+            return _place_or_queue(state, job, policy, now, reason=reason)
+    return []
 
 
 @decide.register
@@ -434,7 +497,11 @@ def promotion(
     # already (a set: a lapse in a burst leaves thousands pending).
     revoked = {getattr(e, "job_id", "") for e in out}
     for job in state.jobs.values():
-        if job.status == "placed" and job.cancel_requested:
+        if job.status == "placed" and job.failure is not None and job.job_id not in revoked:
+            out += after_failure(job, now)
+        elif job.status == "pending" and job.retry_at:
+            continue  # placed again when its backoff is over (`retry_due`)
+        elif job.status == "placed" and job.cancel_requested:
             out.append(
                 ev.CancelOrdered(
                     job_id=job.job_id,
@@ -464,7 +531,7 @@ def _pending(
             )
         if error is not None:
             return ev.failure_of(error, _as_event(job))
-    elif job.revoked != job.attempt and job.attempt >= policy.max_attempts:
+    elif job.revoked != job.attempt and job.attempt - job.retried >= policy.max_attempts:
         return ev.JobFailed(
             job_id=job.job_id,
             user=job.user,

@@ -79,6 +79,13 @@ class JobState(msgspec.Struct, kw_only=True):
     failed_message: str = ""
     """The current attempt's partition failure, for a scheduler that takes over before the
     failure was decided on (handlers.promotion)."""
+    failure: ev.JobAttemptFailed | None = None
+    """The current attempt's failure of the job's code (`attempt_failed`), until decided on:
+    a retry or the job's end (handlers; a scheduler that takes over decides it then)."""
+    retried: int = 0
+    """Times the job was run again after its code failed (`revoked` with `retry_at`)."""
+    retry_at: float = 0.0
+    """The pending job is placed again from this time on (a retry's backoff); 0: at once."""
 
 
 class SchedulerState:
@@ -283,6 +290,7 @@ class SchedulerState:
         job = self.jobs.get(event.job_id)
         if job is not None and job.status == "pending":
             job.status = "queued"
+            job.retry_at = 0.0
             job.queued_reason = event.reason
             job.queued_at = event.ts
             self.queue.push(job.job_id, job.spec.priority, job.spec.gpu_tenths, job.order, job.user)
@@ -301,6 +309,8 @@ class SchedulerState:
         job.started = False
         job.partitioned = False
         job.failed_code = job.failed_message = ""
+        job.failure = None
+        job.retry_at = 0.0
         job.tried = [*job.tried, event.worker_id]
         self._hold(job)
 
@@ -330,11 +340,20 @@ class SchedulerState:
             job.failed_code, job.failed_message = event.code, event.message
 
     @_apply.register
+    def _(self, event: ev.JobAttemptFailed) -> None:
+        if job := self._current(event, event.attempt):
+            job.failure = event
+
+    @_apply.register
     def _(self, event: ev.PlacementRevoked) -> None:
         if job := self._current(event, event.attempt):
             self._free(job, keep_as=retained_key(job.job_id, job.attempt))
             job.revoked = job.attempt
             job.status = "pending"
+            if event.retry_at:
+                job.retried += 1
+                job.retry_at = event.retry_at
+                job.failure = None
 
     @_apply.register
     def _(self, event: ev.PartitionReleased) -> None:

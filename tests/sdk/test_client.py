@@ -198,6 +198,23 @@ async def test_resource_exhausted_is_retried_with_backoff_then_raised(
 ) -> None:
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.2, multiplier=2)
     assert policy.backoffs() == [0.2, 0.4]
+    attempts: list[float] = []
+
+    async def full_queue() -> None:  # "not now": a full queue may drain
+        attempts.append(time.monotonic())
+        raise ResourceExhausted("Job queue is full (5 jobs waiting); retry later")
+
+    with (
+        caplog.at_level(logging.WARNING, logger="cumulus"),
+        pytest.raises(ResourceExhausted, match="queue is full"),
+    ):
+        await policy.call("submit", full_queue)
+    assert len(attempts) == 3
+    assert attempts[-1] - attempts[0] >= 0.6
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2
+    # A job larger than any worker can never fit: raised at once (issue 15, bug 7).
+    caplog.clear()
     async with AsyncClient(profile=stack.profile(), retry=policy) as c:
         started = time.monotonic()
         with (
@@ -205,12 +222,12 @@ async def test_resource_exhausted_is_retried_with_backoff_then_raised(
             pytest.raises(ResourceExhausted) as info,
         ):
             await c.run(square, 2, gpu=8, logs=False)
-        assert time.monotonic() - started >= 0.6
+        assert time.monotonic() - started < 0.5
     assert info.value.message == (
         "No workers with sufficient GPU capacity (requested: 8, max available: 2)"
     )
-    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
-    assert len(retries) == 2
+    assert info.value.permanent
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
 def test_retry_policy_is_validated() -> None:

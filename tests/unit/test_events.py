@@ -33,6 +33,10 @@ SAMPLES: list[tuple[ev.Event, str]] = [
     (ev.PlacementRevoked(attempt=1, reason="worker w1 lost", **JOB), "cumulus.job.v1.revoked"),
     (ev.JobStarted(backend="process", handle="1234", **JOB), "cumulus.job.v1.started"),
     (
+        ev.JobAttemptFailed(attempt=1, code="INTERNAL", message="ValueError: x", **JOB),
+        "cumulus.job.v1.attempt_failed",
+    ),
+    (
         ev.JobLog(
             seq=7, lines=[ev.LogLine("stdout", "hi"), ev.LogLine("stderr", "ünïcode")], **JOB
         ),
@@ -41,6 +45,10 @@ SAMPLES: list[tuple[ev.Event, str]] = [
     (
         ev.JobResultPart(attempt=1, index=0, count=2, data=b"\x00\xffpart", **JOB),
         "cumulus.job.v1.result",
+    ),
+    (
+        ev.JobOutputsPart(attempt=1, index=0, count=1, data=b"\x1f\x8btar", **JOB),
+        "cumulus.job.v1.outputs",
     ),
     (
         ev.JobCompleted(result=msgspec.Raw(b'{"ok":true,"data":[1,2]}'), runtime_s=2.5, **JOB),

@@ -54,6 +54,8 @@ def example_subject(event_type: type[ev.Event]) -> str:
         return subjects.log("alice", "j1", WORKER)
     if event_type is ev.JobResultPart:
         return subjects.result("alice", "j1", WORKER, 1)
+    if event_type is ev.JobOutputsPart:
+        return subjects.outputs("alice", "j1", WORKER, 1)
     if issubclass(event_type, ev.JobEvent):
         return subjects.job("alice", "j1", WORKER, event_type.name)
     return subjects.worker(WORKER, event_type.name)
