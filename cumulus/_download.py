@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tarfile
-import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -64,26 +63,10 @@ def _part(msg: Msg, end: ev.Terminal, count: int) -> ev.JobOutputsPart | None:
 
 async def gather(job: AsyncJob, end: ev.Terminal, kept: ev.OutputsKept, into: Any) -> None:
     """The outputs' parts joined into `into` (a `_Gathered`), digest checked."""
-    from cumulus._jobs import PART_WAIT_S, WatchReply, replay
+    from cumulus._jobs import gather_parts
 
     subject = subjects.outputs(end.user, end.job_id, end.worker_id, end.attempt)
-
-    async def start(deliver: str, last: dict[str, int]) -> dict[str, int]:
-        first = last.get(subjects.RESULTS_STREAM, 0) + 1
-        body = {"filter": subject, "deliver": deliver, "from_seq": first}
-        reply = await job.client._call("watch", body, WatchReply)
-        return {reply.stream: reply.last_seq}
-
-    heard = time.monotonic()
-    items = replay(job.client.nc, start, ticks=True)
-    async with contextlib.aclosing(items) as messages:
-        async for item in messages:
-            part = None if item is None else _part(item[2], end, kept.parts)
-            if part is not None:
-                into.add(part.index, part.data)
-                heard = time.monotonic()
-            if into.complete or time.monotonic() - heard > PART_WAIT_S:
-                break
+    await gather_parts(job, subject, lambda msg: _part(msg, end, kept.parts), into)
     if not into.complete:
         raise _not_found(
             f"The outputs of job {job.job_id} are no longer kept ({into.have} of {kept.parts} "

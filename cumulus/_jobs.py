@@ -645,25 +645,9 @@ class AsyncJob:
         count = parts.count
         worker = completed.worker_id
         subject = subjects.result(completed.user, self.job_id, worker, attempt)
-
-        async def start(deliver: str, last: Cursor) -> Cursor:
-            first = last.get(subjects.RESULTS_STREAM, 0) + 1
-            body = {"filter": subject, "deliver": deliver, "from_seq": first}
-            reply = await self.client._call("watch", body, WatchReply)
-            return {reply.stream: reply.last_seq}
-
-        heard = time.monotonic()
-        items = replay(self.client.nc, start, ticks=True)
-        async with contextlib.aclosing(items) as messages:
-            async for item in messages:
-                part = None if item is None else _part(item[2], worker, attempt, count)
-                if part is not None:
-                    parts.add(part.index, part.data)
-                    heard = time.monotonic()
-                if parts.complete:
-                    return
-                if time.monotonic() - heard > PART_WAIT_S:
-                    break
+        await gather_parts(self, subject, lambda msg: _part(msg, worker, attempt, count), parts)
+        if parts.complete:
+            return
         raise CumulusError.from_code(
             "NOT_FOUND",
             f"The result of job {self.job_id} is no longer kept ({parts.have} of {count} "
@@ -699,6 +683,34 @@ class AsyncJob:
 
 SPOOL_BYTES = 16 * 1024 * 1024
 """A large result's parts are gathered in memory up to this size, in a temporary file beyond."""
+
+
+async def gather_parts(
+    job: AsyncJob,
+    subject: str,
+    take: Callable[[Msg], ev.JobResultPart | ev.JobOutputsPart | None],
+    into: _Gathered,
+) -> None:
+    """The parts on `subject` (RESULTS, replayed through the gateway's watch) added to `into`:
+    each message `take` accepts, until `into` is complete or none came for PART_WAIT_S (parts
+    still on their way are waited for; the caller checks `into.complete`)."""
+
+    async def start(deliver: str, last: Cursor) -> Cursor:
+        first = last.get(subjects.RESULTS_STREAM, 0) + 1
+        body = {"filter": subject, "deliver": deliver, "from_seq": first}
+        reply = await job.client._call("watch", body, WatchReply)
+        return {reply.stream: reply.last_seq}
+
+    heard = time.monotonic()
+    items = replay(job.client.nc, start, ticks=True)
+    async with contextlib.aclosing(items) as messages:
+        async for item in messages:
+            part = None if item is None else take(item[2])
+            if part is not None:
+                into.add(part.index, part.data)
+                heard = time.monotonic()
+            if into.complete or time.monotonic() - heard > PART_WAIT_S:
+                return
 
 
 class _Gathered:

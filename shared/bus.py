@@ -551,28 +551,28 @@ def stream_seq(msg: Msg) -> int:
     <pending>` (with a domain: `$JS.ACK.<domain>.<account hash>.<stream>.…`, 12 tokens or
     more). nats-py's `msg.metadata` parses every token into objects, a fifth of a busy
     consumer's time for this one number; it stays the answer for anything else."""
-    reply = msg.reply or ""
-    tokens = reply.split(".")
-    if tokens[:2] == ["$JS", "ACK"]:
-        if len(tokens) == 9:
-            return int(tokens[5])
-        if len(tokens) >= 12:
-            return int(tokens[7])
-    return int(msg.metadata.sequence.stream)
+    seq = _reply_token(msg, 0)
+    return int(msg.metadata.sequence.stream) if seq is None else seq
 
 
 def consumer_seq(msg: Msg) -> int:
     """The consumer sequence of a delivered message (the token after the stream sequence in
     its reply subject): it counts the consumer's deliveries one by one, so a jump over a
     number is a delivery that never arrived. A redelivery carries its first number again."""
-    reply = msg.reply or ""
-    tokens = reply.split(".")
+    seq = _reply_token(msg, 1)
+    return int(msg.metadata.sequence.consumer) if seq is None else seq
+
+
+def _reply_token(msg: Msg, after: int) -> int | None:
+    """The number `after` tokens past the stream sequence in a delivery's reply subject (0:
+    the stream sequence, 1: the consumer's); None where the subject has another form."""
+    tokens = (msg.reply or "").split(".")
     if tokens[:2] == ["$JS", "ACK"]:
         if len(tokens) == 9:
-            return int(tokens[6])
+            return int(tokens[5 + after])
         if len(tokens) >= 12:
-            return int(tokens[8])
-    return int(msg.metadata.sequence.consumer)
+            return int(tokens[7 + after])
+    return None
 
 
 async def ack_all(msg: Msg) -> None:

@@ -120,24 +120,23 @@ def _requirements(args: argparse.Namespace, working_dir: Path | None) -> list[st
 
 
 def _env(pairs: list[str] | None) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs or []:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--env wants NAME=VALUE, not {pair!r}")
-        env[key] = value
-    return env
+    return _pairs(pairs, "--env wants NAME=VALUE")
 
 
 def _tags(pairs: list[str] | None) -> dict[str, str]:
     """`--tag KEY=VALUE` options as a dict (the rules are checked by JobOptions)."""
-    tags: dict[str, str] = {}
+    return _pairs(pairs, "--tag wants KEY=VALUE")
+
+
+def _pairs(pairs: list[str] | None, wants: str) -> dict[str, str]:
+    """`KEY=VALUE` options as a dict; UsageError `wants, not …` for one without a key or `=`."""
+    out: dict[str, str] = {}
     for pair in pairs or []:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise UsageError(f"--tag wants KEY=VALUE, not {pair!r}")
-        tags[key] = value
-    return tags
+            raise UsageError(f"{wants}, not {pair!r}")
+        out[key] = value
+    return out
 
 
 def _volumes(pairs: list[str] | None, base: JobOptions) -> dict[str, str] | None:

@@ -16,17 +16,15 @@ pipes are left out), and the file bytes stop at `worker.max_output_bytes`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import os
 import stat
 import tarfile
 import tempfile
-from collections import deque
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from services.runner import handlers
+from services.runner import handlers, results
 from services.runner import state as st
 from shared import events as ev
 
@@ -34,12 +32,6 @@ FOLDER = ("work", "outputs")
 """Where the outputs are, under the job's directory (its working directory's `outputs/`)."""
 MAX_ENTRIES = 100_000
 """Files and folders packed at most (a folder of a million empty files is not kept)."""
-WINDOW = 4
-"""Parts published and not yet acknowledged at once."""
-ACK_S = 30.0
-
-Publish = Callable[[ev.JobOutputsPart], Awaitable["asyncio.Future[Any]"]]
-
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -123,32 +115,8 @@ def part(job: st.RunJob, worker_id: str, index: int, count: int, data: bytes) ->
     )
 
 
-async def _publish(
-    job: st.RunJob, worker_id: str, source: BinaryIO, size: int, publish: Publish
-) -> str:
-    """Publish `size` bytes of `source` as parts, a few awaiting their ack at once; sha256."""
-    count = handlers.part_count(size)
-    digest = hashlib.sha256()
-    pending: deque[asyncio.Future[Any]] = deque()
-    try:
-        for index in range(count):
-            data = await asyncio.to_thread(source.read, handlers.RESULT_PART_BYTES)
-            digest.update(data)
-            pending.append(await publish(part(job, worker_id, index, count, data)))
-            while len(pending) >= WINDOW:
-                await asyncio.wait_for(pending.popleft(), ACK_S)
-        while pending:
-            await asyncio.wait_for(pending.popleft(), ACK_S)
-    finally:
-        for future in pending:
-            if future.done() and not future.cancelled():
-                future.exception()
-            future.cancel()
-    return digest.hexdigest()
-
-
 async def keep(
-    job: st.RunJob, worker_id: str, job_dir: Path, limit: int, publish: Publish
+    job: st.RunJob, worker_id: str, job_dir: Path, limit: int, publish: results.Publish
 ) -> ev.OutputsKept | None:
     """Pack and publish the job's outputs; what its end says of them (None: no outputs/, or
     nothing in it). NotKept when they are over the limits."""
@@ -160,5 +128,6 @@ async def keep(
             return None
         size = spool.tell()
         spool.seek(0)
-        digest = await _publish(job, worker_id, spool, size, publish)
+        make = functools.partial(part, job, worker_id)
+        digest = await results.publish_all(spool, size, make, publish)
     return ev.OutputsKept(parts=handlers.part_count(size), size=size, sha256=digest, files=files)

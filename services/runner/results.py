@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -45,8 +46,11 @@ ACK_S = 30.0
 RETRY_S = 120.0
 """How long a result is tried again while the bus does not take it; then the job fails."""
 
-Publish = Callable[[ev.JobResultPart], Awaitable["asyncio.Future[Any]"]]
+Part = ev.JobResultPart | ev.JobOutputsPart
+Publish = Callable[[Part], Awaitable["asyncio.Future[Any]"]]
 """Publishes a part and returns the future of the bus's acknowledgement."""
+MakePart = Callable[[int, int, bytes], Part]
+"""The part of a given index (of a count) carrying the given bytes."""
 
 
 class TooLarge(Exception):
@@ -95,10 +99,9 @@ def _read(source: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _publish_all(
-    job: st.RunJob, worker_id: str, source: BinaryIO, size: int, publish: Publish
-) -> str:
-    """Publish `size` bytes of `source` as the job's parts, in order; their sha256."""
+async def publish_all(source: BinaryIO, size: int, make: MakePart, publish: Publish) -> str:
+    """Publish `size` bytes of `source` as the parts `make` makes, in order, with at most
+    WINDOW awaiting their acknowledgement; their sha256."""
     count = handlers.part_count(size)
     digest = hashlib.sha256()
     pending: deque[asyncio.Future[Any]] = deque()
@@ -109,7 +112,7 @@ async def _publish_all(
             if len(data) != want:
                 raise ResultError("INTERNAL", "The job's result file shrank while it was read")
             digest.update(data)
-            pending.append(await publish(handlers.result_part(job, worker_id, index, count, data)))
+            pending.append(await publish(make(index, count, data)))
             del data
             while len(pending) >= WINDOW:
                 await asyncio.wait_for(pending.popleft(), ACK_S)
@@ -126,13 +129,15 @@ async def _publish_all(
 async def publish_parts(
     job: st.RunJob, worker_id: str, source: BinaryIO, size: int, publish: Publish
 ) -> str:
-    """`_publish_all`, again from the first part while the bus does not take them (the copies
-    it has are dropped), for up to RETRY_S; ResultError (UNAVAILABLE) after that."""
+    """`publish_all` of the job's result parts, again from the first part while the bus does
+    not take them (the copies it has are dropped), for up to RETRY_S; ResultError
+    (UNAVAILABLE) after that."""
     deadline = time.monotonic() + RETRY_S
     pause = 0.5
     while True:
         try:
-            return await _publish_all(job, worker_id, source, size, publish)
+            make = functools.partial(handlers.result_part, job, worker_id)
+            return await publish_all(source, size, make, publish)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             if time.monotonic() + pause > deadline:
                 raise ResultError(
