@@ -56,6 +56,15 @@ retention.code_ttl_s, 30 days by default): its next submits skip the upload."""
 UPLOAD_RESTARTS = 3
 """Times an upload starts again from its first chunk when the gateway replica holding the
 first chunks is gone."""
+UPLOAD_WINDOW = 8
+"""Chunks of one upload sent before the first of them is answered: the gateway takes them in
+the order sent (services/gateway/objects.py), so a large package streams instead of waiting
+a round trip per chunk."""
+UPLOAD_TIMEOUT_S = 5.0
+"""How long a chunk's answer is waited for (the last one's longer: STORE_RATE)."""
+STORE_RATE = 16 * 1024 * 1024
+"""Bytes per second the gateway is given to check and store a whole package after its last
+chunk (the answer to that chunk waits for it)."""
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 CONNECT_TIMEOUT_S = 5.0
@@ -320,37 +329,67 @@ class AsyncClient:
         ref = code_ref(data)
         if time.monotonic() - self._uploaded.get(ref, -UPLOADED_S) < UPLOADED_S:
             return ref  # stored a moment ago (submit uploads again if it is not)
-        offset, here, restarts = 0, "", 0
+        restarts = 0
         while True:
-            chunk = data[offset : offset + UPLOAD_CHUNK]
-            body = {"code_ref": ref, "size": len(data), "offset": offset, "data": chunk}
             try:
-                reply = await self._upload_chunk(body, here)
-            except CumulusError as exc:
+                await self._send_package(ref, memoryview(data))
+                break
+            except _StartAgain as again:
                 # The replica holding the first chunks is gone (or forgot them): start again
                 # on any gateway, a few times at most.
-                if not here or restarts >= UPLOAD_RESTARTS or not _start_again(exc):
-                    raise
-                log.info("upload of %s restarts: %s", ref, exc.message)
-                offset, here, restarts = 0, "", restarts + 1
-                continue
-            if reply.stored:
-                if len(self._uploaded) >= 1024:
-                    self._uploaded.clear()
-                self._uploaded[ref] = time.monotonic()
-                return ref
-            offset, here = reply.received, reply.gateway
-            if not chunk:
-                raise CumulusError.from_code("INTERNAL", f"upload of {ref} made no progress")
+                if restarts >= UPLOAD_RESTARTS:
+                    raise again.error from None
+                log.info("upload of %s restarts: %s", ref, again.error.message)
+                restarts += 1
+        if len(self._uploaded) >= 1024:
+            self._uploaded.clear()
+        self._uploaded[ref] = time.monotonic()
+        return ref
 
-    async def _upload_chunk(self, body: dict[str, Any], here: str) -> _Uploaded:
-        """One chunk: the first to any gateway, the next to the replica that holds the first
-        (`here`; its chunks are assembled in its memory)."""
-        if not here:
-            # a full quota is no "not now": only a gateway that is away is worth retrying
-            return await self._call("upload", body, _Uploaded, self._upload_retry)
-        subject = subjects.api(f"upload.{here}", self.user)
-        return await api.request(self.nc, subject, body, _Uploaded, user=self.user)
+    async def _send_package(self, ref: str, data: memoryview) -> None:
+        """One try at the whole package: the first chunk to any gateway, then the rest, up
+        to UPLOAD_WINDOW at once, to the replica that answered (its chunks are on its disk).
+        _StartAgain when that replica is gone or no longer holds the upload."""
+        size = len(data)
+
+        def body(offset: int) -> dict[str, Any]:
+            chunk = data[offset : offset + UPLOAD_CHUNK]
+            return {"code_ref": ref, "size": size, "offset": offset, "data": chunk}
+
+        def timeout(offset: int) -> float:
+            last = offset + UPLOAD_CHUNK >= size  # its answer waits for the checks and store
+            return UPLOAD_TIMEOUT_S + (size / STORE_RATE if last else 0.0)
+
+        async def first() -> _Uploaded:
+            return await api.request(
+                self.nc, "upload", body(0), _Uploaded, timeout=timeout(0), user=self.user
+            )
+
+        # a full quota is no "not now": only a gateway that is away is worth retrying
+        reply = await self._upload_retry.call("upload", first)
+        subject = subjects.api(f"upload.{reply.gateway}" if reply.gateway else "upload", self.user)
+        sent: list[asyncio.Task[_Uploaded]] = []
+        offset = reply.received
+        try:
+            while not reply.stored:
+                while len(sent) < UPLOAD_WINDOW and offset < size:
+                    request = api.request(
+                        self.nc, subject, body(offset), _Uploaded, timeout=timeout(offset)
+                    )
+                    sent.append(asyncio.create_task(request))
+                    offset += UPLOAD_CHUNK
+                if not sent:
+                    raise CumulusError.from_code("INTERNAL", f"upload of {ref} made no progress")
+                try:
+                    reply = await sent.pop(0)
+                except CumulusError as exc:
+                    if _start_again(exc):
+                        raise _StartAgain(exc) from None
+                    raise
+        finally:
+            # Answers still due are awaited, not abandoned: a try that starts again must not
+            # overtake this one's chunks.
+            await asyncio.gather(*sent, return_exceptions=True)
 
     async def submit_package(
         self,
@@ -663,6 +702,14 @@ def _start_again(exc: CumulusError) -> bool:
     if exc.code == "UNAVAILABLE":
         return True
     return isinstance(exc, InvalidArgument) and exc.field == "offset"
+
+
+class _StartAgain(Exception):
+    """An upload's try that should start again from its first chunk (`error` says why)."""
+
+    def __init__(self, error: CumulusError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class _Uploaded(msgspec.Struct):

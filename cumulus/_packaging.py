@@ -40,8 +40,8 @@ from job_image.package import MANIFEST, MAX_FILES, MAX_RATIO
 from shared.errors import PackagingError
 
 CLIENT_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-MAX_PACKAGE_BYTES = 64 * 1024 * 1024
-"""The gateway's default limit on a code package."""
+MAX_PACKAGE_BYTES = 2 * 1024 * 1024 * 1024
+"""The gateway's default limit on a code package (limits.max_code_bytes)."""
 MAIN_AS = "__cumulus_main__"
 """The name a `__main__` script's source is imported under in the job."""
 SKIP_DIRS = frozenset(
@@ -107,18 +107,41 @@ def local_modules(func: Any) -> list[ModuleType]:
     )
 
 
-def _zip(files: dict[str, bytes]) -> bytes:
-    """A reproducible zip; entries that compress too well (the gateway's bomb guard) are stored."""
+SAMPLE_BYTES = 1 << 20
+"""Piece of a large entry compressed to judge the whole (three: its start, middle and end)."""
+
+
+def _ratio(data: bytes) -> float:
+    """How well `data` compresses: exactly for a small entry; from three samples for a large
+    one (compressing hundreds of MiB twice, to judge and then to store, was most of a large
+    submit's time)."""
+    if len(data) <= 4 * SAMPLE_BYTES:
+        return len(data) / (len(zlib.compress(data, 6)) or 1)
+    view = memoryview(data)
+    starts = (0, len(data) // 2, len(data) - SAMPLE_BYTES)
+    samples = [view[i : i + SAMPLE_BYTES] for i in starts]
+    return 3 * SAMPLE_BYTES / (sum(len(zlib.compress(piece, 1)) for piece in samples) or 1)
+
+
+def _zip(files: dict[str, bytes], stored: frozenset[str] = frozenset()) -> bytes:
+    """A reproducible zip. Stored rather than deflated: an entry that does not compress (random
+    data, compressed formats: deflating it costs time and saves nothing) and one that compresses
+    too well (the gateway's bomb guard), judged by `_ratio`, or named in `stored`."""
     buf = io.BytesIO()
+    too_good: list[str] = []
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
         for name in sorted(files):
             data = files[name]
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
-            compressed = len(zlib.compress(data, 6)) or 1
-            too_good = len(data) / compressed > MAX_RATIO / 2
-            info.compress_type = zipfile.ZIP_STORED if too_good else zipfile.ZIP_DEFLATED
+            ratio = _ratio(data) if name not in stored else 0.0
+            keep = name in stored or ratio < 1.05 or ratio > MAX_RATIO / 2
+            info.compress_type = zipfile.ZIP_STORED if keep else zipfile.ZIP_DEFLATED
             archive.writestr(info, data)
+            if not keep and info.file_size > (info.compress_size or 1) * (MAX_RATIO / 2):
+                too_good.append(name)  # a large entry its samples misjudged
+    if too_good:
+        return _zip(files, stored | frozenset(too_good))
     return buf.getvalue()
 
 

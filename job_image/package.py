@@ -17,7 +17,7 @@ import os
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any, TypeAlias
 
 MANIFEST = "cumulus.json"
 MAX_FILES = 20_000
@@ -25,8 +25,17 @@ MAX_RATIO = 200
 """Largest compression ratio of one entry; beyond it the entry is treated as a zip bomb."""
 
 
+Source: TypeAlias = "bytes | str | os.PathLike[str] | IO[bytes]"
+"""A package in memory, or a path to it, or a seekable file holding it: a large package is
+checked and unpacked from its file, never read whole into memory."""
+
+
 class PackageError(ValueError):
     """The package cannot be run as it is; the message says why."""
+
+
+def _open(source: Source) -> zipfile.ZipFile:
+    return zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def _check_name(name: str) -> None:
@@ -35,11 +44,12 @@ def _check_name(name: str) -> None:
         raise PackageError(f"code package entry {name!r} points outside the package")
 
 
-def check(data: bytes, max_unpacked: int) -> dict[str, Any]:
-    """Validate a package and return its manifest; raises PackageError."""
+def check(source: Source, max_unpacked: int) -> dict[str, Any]:
+    """Validate a package and return its manifest; raises PackageError. Reads only the zip's
+    directory and its manifest, whatever the package's size."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+        archive = _open(source)
+    except (zipfile.BadZipFile, EOFError):
         raise PackageError("code package is not a zip file") from None
     with archive:
         infos = archive.infolist()
@@ -86,12 +96,14 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
     return manifest
 
 
-def unpack(data: bytes, dest: Path, max_unpacked: int) -> dict[str, Any]:
+def unpack(source: Source, dest: Path, max_unpacked: int) -> dict[str, Any]:
     """Check, then extract into `dest`, counting real bytes written (sizes in headers can lie)."""
-    manifest = check(data, max_unpacked)
+    manifest = check(source, max_unpacked)
+    if not isinstance(source, (bytes, str, os.PathLike)):
+        source.seek(0)
     dest.mkdir(parents=True, exist_ok=True)
     written = 0
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    with _open(source) as archive:
         for info in archive.infolist():
             target = dest / info.filename
             if not os.path.realpath(target).startswith(os.path.realpath(dest) + os.sep):

@@ -193,6 +193,29 @@ def _error_envelope(exc: BaseException, stage: str, work: Path | None = None) ->
     }
 
 
+def _import_hint(exc: BaseException) -> str:
+    """For a job in a container (the job image sets $CUMULUS_IMAGE) that could not import a
+    module the image lacks: where the job ran, and how to get the module there. Not for a
+    missing submodule of a package that is there (a bug, not a missing requirement)."""
+    image = os.environ.get("CUMULUS_IMAGE")
+    if not image or not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    top = exc.name.partition(".")[0]
+    try:
+        import importlib.util
+
+        if top != exc.name and importlib.util.find_spec(top) is not None:
+            return ""
+    except (ImportError, ValueError):
+        pass
+    return (
+        f"the job runs in the job image {image}, not in the Python environment it was "
+        "submitted from (a package installed only there does not travel with the job): list "
+        f"it in requirements=[{top!r}] (its distribution's name, where that differs), to be "
+        "installed from the operator's wheelhouse or package index"
+    )
+
+
 def _exit_envelope(exc: SystemExit) -> tuple[dict[str, Any], int]:
     """`sys.exit(n)` with n not 0 (or a message) in the job: an exit status, no traceback.
     A message is printed to stderr, as Python prints it, and the status is then 1."""
@@ -431,9 +454,8 @@ def run(job_dir: Path) -> int:
     nonce_file.unlink()
     work = job_dir / "work"
     try:
-        data = (job_dir / "package.zip").read_bytes()
         limit = int(os.environ.get("CUMULUS_MAX_UNPACKED", str(512 * 1024 * 1024)))
-        manifest = package.unpack(data, work, limit)
+        manifest = package.unpack(job_dir / "package.zip", work, limit)  # from the file
         given = os.environ.get("CUMULUS_REQUIREMENTS")
         requirements = json.loads(given) if given else list(manifest.get("requirements", []))
         deps = Path(os.environ.get("CUMULUS_DEPS_DIR", str(job_dir / "deps")))
@@ -456,7 +478,10 @@ def run(job_dir: Path) -> int:
             _emit(nonce, envelope)
             return status
     except BaseException as exc:
-        _emit(nonce, _error_envelope(exc, "run", work))
+        envelope = _error_envelope(exc, "run", work)
+        if hint := _import_hint(exc):  # the traceback stays as Python printed it
+            envelope["message"] = _cut(f"{envelope['message']}: {hint}")
+        _emit(nonce, envelope)
         return EXIT_USER_ERROR
     _emit(nonce, result_frame(value, job_dir))
     return 0

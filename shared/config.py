@@ -70,9 +70,10 @@ class LimitsConfig(_Section):
     """Shortest duration a job may ask for, in seconds (the seed: 60)."""
     max_job_duration: Positive = 86400
     """Longest duration a job may ask for, in seconds (the seed: 86400)."""
-    max_code_bytes: Positive = 64 * 1024 * 1024
-    """Largest code package accepted, zipped."""
-    max_unpacked_bytes: Positive = 512 * 1024 * 1024
+    max_code_bytes: Positive = 2 * 1024 * 1024 * 1024
+    """Largest code package accepted, zipped (spooled to the gateway's disk, streamed into
+    the object store: never held whole in memory)."""
+    max_unpacked_bytes: Positive = 4 * 1024 * 1024 * 1024
     """Largest total size a code package may unpack to (zip-bomb guard)."""
 
 
@@ -209,7 +210,7 @@ class PolicyConfig(_Section):
     """GPUs one user's running jobs may hold at once; 0: no limit."""
     max_queued: Positive = 1000
     """Jobs one user may have waiting (submitted or queued)."""
-    stored_bytes: str = "1GiB"
+    stored_bytes: str = "4GiB"
     """Code one user may keep in the code store (a size: 512MiB, 2GiB)."""
     users: dict[str, dict[str, Any]] = {}
     """Per-user overrides of the keys above: `{alice: {network: true, max_share: 4}}`."""
@@ -249,6 +250,13 @@ class RetentionConfig(_Section):
     input does not fit is told so (RESOURCE_EXHAUSTED) and the queue keeps what it holds."""
     code_ttl_s: Seconds = 30 * 86400.0
     """Code packages are kept this long after their upload."""
+    large_code_bytes: str = "64MiB"
+    """A package at least this large (large arguments, data files) is deleted once the last
+    job using it ended (after `large_code_grace_s`), not kept for `code_ttl_s`: it would fill
+    its owner's `policy.stored_bytes`. Smaller ones stay, so a rerun skips the upload."""
+    large_code_grace_s: SecondsOrOff = 60.0
+    """How long a large package outlives the last job using it (a resubmit within it reuses
+    the upload)."""
     dead_letters: Positive = 10_000
     """Messages set aside that each service keeps in its log (the newest)."""
 
@@ -478,9 +486,13 @@ def _check(config: Config, names: Mapping[str, str], path: str | Path | None) ->
 
 
 def _check_result_bytes(config: Config, names: Mapping[str, str], path: str | Path | None) -> None:
-    for name in ("max_result_bytes", "max_output_bytes"):
-        key = f"worker.{name}"
-        value = getattr(config.worker, name)
+    """Sizes of at least one byte: the worker's result and output bounds, the large-package
+    threshold."""
+    sizes = {
+        f"worker.{n}": getattr(config.worker, n) for n in ("max_result_bytes", "max_output_bytes")
+    }
+    sizes["retention.large_code_bytes"] = config.retention.large_code_bytes
+    for key, value in sizes.items():
         try:
             size = parse_size(str(value))
         except ValueError as exc:

@@ -43,7 +43,7 @@ class UserPolicy:
     """Tenths of GPUs the user's placed jobs may hold at once; 0: no limit."""
     max_queued: int = 1000
     """Jobs the user may have waiting (submitted or queued)."""
-    stored_bytes: int = 1 << 30
+    stored_bytes: int = 4 << 30
     """Bytes of code the user may keep in the code store."""
 
 

@@ -10,6 +10,7 @@ to answer status queries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -63,6 +64,10 @@ class Gateway(EventService[JobTable]):
         self._secrets: SecretStore | None = None
         self._maps: dict[str, str] = {}
         """Warm maps whose input queue is open: job id -> user (services/gateway/maps.py)."""
+        self._code_of: dict[str, str] = {}
+        """Job id -> its package's object name, for the jobs submitted since this gateway
+        started reading (replayed or live) that have not ended: a large package is released
+        when the last of them ends (`_release_code`)."""
         self.started_at = time.time()
 
     def new_state(self) -> JobTable:
@@ -102,10 +107,36 @@ class Gateway(EventService[JobTable]):
         if isinstance(event, ev.Terminal) and event.job_id in self._maps and self.ready.is_set():
             user = self._maps.pop(event.job_id)
             self.spawn(self._close_map(user, event.job_id), name=f"close-map-{event.job_id}")
+        self._track_code(event)
         if isinstance(event, ev.JobStarted) and self.ready.is_set():  # live, not replayed
             job = self.state.get(event.job_id)
             if job is not None:
                 metrics.observe(COLD_START, event.ts - job.submitted_at, event.trace)
+
+    def _track_code(self, event: Any) -> None:
+        if isinstance(event, ev.JobSubmitted):
+            self._code_of[event.job_id] = subjects.code_object(event.user, event.spec.code_ref)
+        elif isinstance(event, ev.Terminal):
+            job = self.state.get(event.job_id)
+            if job is not None and job.status not in TERMINAL:
+                return  # an older attempt's end: the job goes on
+            name = self._code_of.pop(event.job_id, None)
+            code = self._code
+            if name and code is not None and name in code.large and self.ready.is_set():
+                self.spawn(self._release_code(name), name=f"release-{name[-12:]}")
+
+    async def _release_code(self, name: str) -> None:
+        """Delete a large package once no job uses it (retention.large_code_bytes), after a
+        grace in which a resubmit reuses it. Kept when a job this gateway cannot account for
+        (live before its snapshot) might use it: the TTL removes it then."""
+        await asyncio.sleep(self.config.retention.large_code_grace_s)
+        async with self.reading() as table:
+            live = [j for j, job in table.jobs.items() if job.status not in TERMINAL]
+        if any(self._code_of.get(job_id, "") in ("", name) for job_id in live):
+            return
+        assert self._code is not None
+        if await self._code.release(name):
+            log.info("released large code package", extra={"fields": {"object": name}})
 
     def _status_of(self, job_id: str) -> JobStatus | None:
         job = self.state.get(job_id)
@@ -139,7 +170,12 @@ class Gateway(EventService[JobTable]):
         )
         assert self.js is not None
         self._code = CodeStore(
-            self.js, self.config.limits, self.config.retention.code_ttl_s, self.config.instance
+            self.js,
+            self.config.limits,
+            self.config.retention.code_ttl_s,
+            self.config.instance,
+            spool=self.db_path.with_suffix(".uploads"),
+            large_bytes=self.config.retention.bytes_of("large_code_bytes"),
         )
         for op, handler in (
             ("submit", self.submit),
@@ -158,7 +194,7 @@ class Gateway(EventService[JobTable]):
                 name=op, subject=subjects.api(op, "*"), handler=api.user_endpoint(handler)
             )
         if self.config.instance:
-            # A replica assembles an upload's chunks in its memory: the uploader sends the
+            # A replica spools an upload's chunks on its disk: the uploader sends the
             # chunks after the first to this replica's own subject (objects.UploadReply).
             await self._micro.add_endpoint(
                 name="upload-here",
@@ -204,6 +240,8 @@ class Gateway(EventService[JobTable]):
             await self._micro.stop()
         if self._secrets is not None:
             self._secrets.close()
+        if self._code is not None:
+            self._code.close()
 
     # -- operations ------------------------------------------------------------------------
 

@@ -19,9 +19,8 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -31,6 +30,7 @@ from services.runner import snapshot as snapshots
 from services.runner import state as st
 from services.runner.backend import Backend, Exit, Launch, Output
 from services.runner.config import make_backend
+from services.runner.jobdirs import PackageCache
 from shared import api, bus, images, metrics, subjects, tracing
 from shared import events as ev
 from shared.config import Config
@@ -40,8 +40,9 @@ from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS
 
 log = logging.getLogger(__name__)
 
-PACKAGE_CACHE_BYTES = 64 * 1024 * 1024
-"""Code packages kept in memory by content address (repeated and retried jobs reuse them)."""
+PACKAGE_CACHE_BYTES = 4 * 1024 * 1024 * 1024
+"""Code packages kept on disk by content address (repeated and retried jobs reuse them),
+under `<data_dir>/runner-<worker>/packages/` (services/runner/jobdirs.py PackageCache)."""
 MAX_INLINE_RESULT = 256 * 1024
 """A larger result travels in parts (services/runner/results.py); the event carries a digest."""
 POLL_FAST_S = 0.005
@@ -72,8 +73,7 @@ class Runner(EventService[st.RunnerState]):
         self._busy: set[str] = set()
         """Jobs with a start or a watcher under way."""
         self._store: Any = None
-        self._packages: OrderedDict[str, bytes] = OrderedDict()
-        self._package_bytes = 0
+        self._packages = PackageCache(root / "packages", PACKAGE_CACHE_BYTES)
         self._masks: dict[str, list[str] | None] = {}
         """Running jobs' secret values to mask in their output (memory only, never logged
         or stored); None: they could not be fetched, so the output is withheld."""
@@ -230,28 +230,28 @@ class Runner(EventService[st.RunnerState]):
         await self.emit([], internal=[st.Discarded(job_id=job.job_id, attempt=job.attempt)])
         log.info("revoked job discarded", extra={"fields": _fields(job)})
 
-    async def _package(self, code_ref: str) -> bytes:
-        """The code package (its object name, `<user>.<sha256>`), from a small in-memory cache
-        (packages are content addressed)."""
+    async def _package(self, code_ref: str) -> Path:
+        """The code package (its object name, `<user>.<sha256>`) as a file of the on-disk
+        cache (packages are content addressed), streamed there from the object store."""
         assert self.js is not None
-        if (cached := self._packages.get(code_ref)) is not None:
-            self._packages.move_to_end(code_ref)
-            return cached
-        # A cluster electing a leader (it lost a server) answers "not yet": wait, not fail.
         js = self.js
-        if self._store is None:
-            self._store = await bus.until_ready(
-                lambda: js.object_store(subjects.CODE_BUCKET), within=30.0
-            )
-        store = self._store
-        result = await bus.until_ready(lambda: store.get(code_ref), within=30.0)
-        data = result.data or b""
-        self._packages[code_ref] = data
-        self._package_bytes += len(data)
-        while self._package_bytes > PACKAGE_CACHE_BYTES and len(self._packages) > 1:
-            _, dropped = self._packages.popitem(last=False)
-            self._package_bytes -= len(dropped)
-        return data
+
+        async def fetch(into: BinaryIO) -> None:
+            # A cluster electing a leader (it lost a server) answers "not yet": wait, not fail.
+            if self._store is None:
+                self._store = await bus.until_ready(
+                    lambda: js.object_store(subjects.CODE_BUCKET), within=30.0
+                )
+            store = self._store
+
+            async def get() -> Any:
+                into.seek(0)
+                into.truncate()
+                return await store.get(code_ref, writeinto=into)
+
+            await bus.until_ready(get, within=30.0)
+
+        return await self._packages.get(code_ref, fetch)
 
     def _env(self, job: st.RunJob, secrets: dict[str, str] | None = None) -> dict[str, str]:
         wheelhouse = self.config.container.wheelhouse if self.backend.name == "process" else ""

@@ -47,7 +47,9 @@ class Launch:
 
     job_id: str
     attempt: int
-    package: bytes
+    package: Path | bytes
+    """The code package: the runner's cached file (copied into the job's directory), or the
+    bytes of a small one built in this process."""
     nonce: str
     env: dict[str, str]
     requirements: list[str] = field(default_factory=list)

@@ -68,7 +68,7 @@ class DockerBackend:
                 ["--job-dir", "/job"],
                 name=name,
                 detach=True,
-                environment=sp.job_env(launch),
+                environment=sp.job_env(launch, self.config.container.image),
                 labels=lb.labels(self.worker_id, launch.job_id, launch.attempt, self.jobs.owner),
                 mounts=prepared.mounts,
                 working_dir="/job",

@@ -33,7 +33,7 @@ from pathlib import Path
 from job_image.runner import RESULT_FILE
 from services.runner import zygote as zygote_mod
 from services.runner.backend import Exit, FileOutput, Launch, Output
-from services.runner.jobdirs import JobDirs, requirements_key
+from services.runner.jobdirs import PACKAGE, JobDirs, place_package, requirements_key
 from services.runner.sandbox import Sandbox, warm_env
 from shared.errors import ConfigError, InvalidArgument
 
@@ -121,7 +121,7 @@ class ProcessBackend:
         job_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         own = job_dir / "job"
         own.mkdir(mode=0o700, exist_ok=True)
-        (own / "package.zip").write_bytes(launch.package)
+        place_package(launch.package, own / PACKAGE)
         (own / ".nonce").write_text(launch.nonce)
         (job_dir / "launch.json").write_text(json.dumps(self._spec(launch, notify)))
         pid = self._fork_launcher(job_dir) if self._use_zygote else None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import importlib.util
 import logging
 import os
 import shutil
@@ -301,7 +302,9 @@ def _filesystem(box: _Options, readonly: Iterable[str], lease: Lease) -> None:
 
 
 def python_paths() -> list[str]:
-    """The Python installation a job needs: prefixes, sys.path, the in-job runner's package.
+    """The Python installation a job needs: prefixes, sys.path, the in-job runner's package
+    and the SDK's (a job's `import cumulus`, as in the job image; an editable install finds
+    them outside sys.path).
 
     Not sys.path[0] (the working directory under `python -m`, a script's directory) nor the
     working directory: that is wherever the runner was started, perhaps a checkout with the
@@ -319,6 +322,10 @@ def python_paths() -> list[str]:
         os.path.dirname(os.path.realpath(sys.executable)),
         os.path.dirname(os.path.abspath(job_image.__file__)),
     ]
+    for name in ("cumulus", "shared", "cumulus_core"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            found += list(spec.submodule_search_locations)
     found += [p for p in sys.path if p and os.path.realpath(p) not in (cwd, start)]
     paths = sorted({os.path.abspath(p) for p in found if os.path.isdir(p)})
     kept: list[str] = []

@@ -31,10 +31,14 @@ def wants_network(launch: Launch) -> bool:
     return launch.network
 
 
-def job_env(launch: Launch) -> dict[str, str]:
-    """The job's environment inside the image: the host's paths stay outside."""
+def job_env(launch: Launch, default_image: str) -> dict[str, str]:
+    """The job's environment inside the image: the host's paths stay outside. CUMULUS_IMAGE
+    names the image it runs in (the job's own or `default_image`), which a failed import
+    names (job_image/runner.py)."""
     env = {k: v for k, v in launch.env.items() if k not in _HOST_ONLY}
-    env.update({"HOME": "/tmp", "CUMULUS_JOB_DIR": "/job"})
+    env.update(
+        {"HOME": "/tmp", "CUMULUS_JOB_DIR": "/job", "CUMULUS_IMAGE": launch.image or default_image}
+    )
     if launch.requirements:
         env["CUMULUS_DEPS_DIR"] = "/env/site"
     return env

@@ -162,7 +162,7 @@ class SwarmBackend:
         spec = ContainerSpec(
             self.jobs.job_image(self.client, launch),
             args=["--job-dir", "/job"],
-            env=sp.job_env(launch),
+            env=sp.job_env(launch, self.config.container.image),
             workdir="/job",
             user=sp.JOB_USER,
             labels=self._labels(launch),

@@ -402,7 +402,7 @@ def load(tmp_path: Path, policy: dict[str, object]) -> config_mod.Config:
 def test_defaults(tmp_path: Path) -> None:
     cfg = config_mod.load(environ={})
     assert policy_for(cfg, "anyone") == UserPolicy(
-        network=False, max_priority=100, max_share=0, max_queued=1000, stored_bytes=1 << 30
+        network=False, max_priority=100, max_share=0, max_queued=1000, stored_bytes=4 << 30
     )
     assert share_limits(cfg) == (0, {})
 
