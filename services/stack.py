@@ -182,13 +182,22 @@ class Proc:
             self.popen.wait(timeout=10)
 
     def stop(self, grace: float = 10.0) -> None:
+        self.terminate()
+        self.finish(time.monotonic() + grace)
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: `finish` waits (several stop at once)."""
         self.stopped = True
-        if not self.alive():
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(signal.SIGTERM)
+
+    def finish(self, deadline: float) -> None:
+        """Wait for the process to end until `deadline` (monotonic), then SIGKILL it."""
+        if self.popen is None:
             return
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGTERM)
         try:
-            self.popen.wait(timeout=grace)
+            self.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(timeout=10)
@@ -693,12 +702,27 @@ class Stack:
                 watchdog.stop()
         if self._lock is not None:
             self._stop_jobs()
-        for name, proc in reversed(list(self.procs.items())):
-            if name != "nats":
-                proc.stop()
+        # All at once: each service stops by itself within its own deadline
+        # (shared/lifecycle.py), so the stack takes as long as the slowest, not their sum.
+        services = [p for name, p in reversed(list(self.procs.items())) if name != "nats"]
+        for proc in services:
+            proc.terminate()
+        deadline = time.monotonic() + SERVICES_STOP_S
+        for proc in services:
+            proc.finish(deadline)
         if "nats" in self.procs:
-            self.procs["nats"].stop()
+            self.procs["nats"].stop(NATS_STOP_S)
         self._release_lock()
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the stack now (a second Ctrl-C): their replay repairs
+        what this cuts short; the data dir lock goes with the last of them."""
+        for proc in self.procs.values():
+            if proc.alive():
+                assert proc.popen is not None
+                with contextlib.suppress(OSError):
+                    proc.popen.kill()
+                proc.stopped = True
 
     def _stop_jobs(self) -> None:
         """Kill the jobs the process backend runs for this stack's workers, while their
@@ -717,6 +741,11 @@ class Stack:
 
 JOBS_REPORT_S = 1.0
 """How long a stopping stack gives its runners to report the jobs it killed."""
+SERVICES_STOP_S = 4.0
+"""How long a stopping stack waits for its services, together, before SIGKILL (each ends
+itself within 4.5 s of SIGTERM; a clean stop takes about one)."""
+NATS_STOP_S = 3.0
+"""How long the stack's nats-server gets to stop (it flushes its store) before SIGKILL."""
 BUS_CHECK_S = 2.0
 """How often the bus watchdog asks nats-server's `/healthz`."""
 BUS_RESTART_GAP_S = 15.0

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
+from shared import health, lifecycle
 from shared.config import Config
 from shared.errors import ConfigError, CumulusError
 from shared.main import configured, run_loop
@@ -76,7 +77,9 @@ async def refused(config: Config) -> str:
                 servers=config.nats.url.split(","),
                 name="cumulus-worker-probe",
                 allow_reconnect=False,
-                max_reconnect_attempts=0,
+                # nats-py tries a server until it failed more than this (0 would be forever)
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
                 connect_timeout=timeout,
                 error_cb=_quiet,
                 **auth.connect_options(creds),
@@ -96,6 +99,20 @@ async def _quiet(exc: Exception) -> None:
     """The probe's errors are reported by `refused`, not logged one by one."""
 
 
+async def _unless(stop: asyncio.Event, check: Coroutine[Any, Any, str]) -> str:
+    """`check`'s answer, or "" once `stop` is set first (a signal while it runs)."""
+    task = asyncio.ensure_future(check)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return ""
+    return task.result()
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, CumulusError):
         return f"{exc.code}: {exc.message}"
@@ -111,7 +128,9 @@ async def _start(services: list[EventService[Any]], stop: asyncio.Event) -> str:
     stopped = asyncio.create_task(stop.wait(), name="stop")
     pending: set[asyncio.Task[Any]] = set(starts)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT_S
+    waits = services[0].config.nats.startup_timeout if services else 0.0
+    # The bus may take nats.startup_timeout to come (0: as long as it takes), the rest as much.
+    deadline = loop.time() + (START_TIMEOUT_S + waits if waits else float("inf"))
     try:
         while pending:
             left = deadline - loop.time()
@@ -156,21 +175,20 @@ async def run_agent(
     """Run the worker's services until `stop` is set (SIGTERM/SIGINT set it) or one fails;
     the exit status (module docstring)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    lifecycle.on_signals("worker", stop.set)
     try:
         services = services if services is not None else build(config)
     except ConfigError as exc:
         print(f"cumulus worker: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    why = await refused(config)
+    why = await _unless(stop, refused(config))
     if why:
         print(f"cumulus worker {config.worker_id}: {why}", file=sys.stderr)
         return EXIT_FAILED
+    health.group("worker", services)  # systemd's READY=1 waits for both (shared/health.py)
     why = await _start(services, stop)
     if not why and not stop.is_set():
+        await health.serve_group("worker", services)  # cumulus.health.worker.<worker id>
         log.info("worker agent running", extra={"fields": {"worker_id": config.worker_id}})
         why = await _watch(services, stop)
     for service in reversed(services):  # the runner first: no job starts after its partition

@@ -19,8 +19,13 @@ publish and subscribe permissions made from its role:
   (`jobs.*.*.W.<partition or run event>`, its jobs' output `logs.*.*.W` and result parts
   `results.*.*.W.*`, `workers.W.>`), uses only its own durable consumers, reads code, pulls
   warm maps' inputs (any map's: which map runs where is the scheduler's choice).
-- `observer`: reads `jobs.>`, `logs.>`, `results.>` and `workers.>` and the read-only API;
-  publishes no event.
+- `observer`: reads `jobs.>`, `logs.>`, `results.>` and `workers.>` and the read-only API,
+  and asks any service whether it is alive and ready (`cumulus.health.>`); publishes no event.
+
+Every service identity answers, and may ask, its own health subjects only
+(`cumulus.health.<service>[.<instance>]`, shared/health.py; a worker W those of its
+partitioner, runner and agent under `W`), so a Swarm HEALTHCHECK or a systemd unit can ask
+with the service's own credentials.
 - `admin`: everything (the operator's tool and `cumulus up`).
 
 Credentials live in one JSON file per identity (mode 0600): name, role, URL, nkey seed, inbox
@@ -67,6 +72,9 @@ SCHEDULER_JOB_EVENTS = ("queued", "scheduled", "cancel", "revoked", "failed", "c
 GATEWAY_JOB_EVENTS = ("submitted", "cancel_requested")
 WORKER_EVENTS = ("registered", "heartbeat", "deregistered")
 SCHEDULER_WORKER_EVENTS = ("lost", "node")
+WORKER_SERVICES = ("partitioner", "runner", "worker")
+"""A worker's processes that answer health checks (shared/health.py): its two services and
+the agent that runs both."""
 READ_ONLY_OPS = ("status", "jobs", "workers", "health", "watch")
 """API operations an observer may call for any user."""
 
@@ -177,6 +185,17 @@ def _map_reader() -> list[str]:
     return [f"{api}.INFO.{stream}.*", f"{api}.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>"]
 
 
+def _health(services: Iterable[str], instances: Iterable[str], roll_call: bool) -> list[str]:
+    """Health subjects (shared/health.py) of `services` under each of `instances` ("*": any),
+    and with `roll_call` the subjects every instance answers."""
+    out = [subjects.health(s, i) for s in services for i in instances]
+    return out + ([subjects.health(s) for s in services] if roll_call else [])
+
+
+HEALTH_MICRO = ["$SRV.*", "$SRV.*.cumulus-health", "$SRV.*.cumulus-health.*"]
+"""The micro discovery subjects (`nats micro ls`) of the `cumulus-health` service."""
+
+
 def permissions(creds: Credentials) -> dict[str, Any]:
     """The nats-server `permissions` block of one identity."""
     inbox = f"{creds.inbox_prefix}.>"
@@ -194,11 +213,13 @@ def permissions(creds: Credentials) -> dict[str, Any]:
         subscribe = [f"jobs.{creds.name}.>", f"logs.{creds.name}.>", inbox]
     elif creds.role == "observer":
         publish = [f"cumulus.api.*.{op}" for op in READ_ONLY_OPS]
-        publish += ["cumulus.observe.>", "$SRV.>", "$JS.FC.>"]
+        publish += ["cumulus.observe.>", "$SRV.>", "$JS.FC.>", f"{subjects.HEALTH_PREFIX}.>"]
         subscribe = ["jobs.>", "logs.>", "results.>", "workers.>", "cumulus.dead.>", inbox]
     elif creds.role == "worker":
-        publish = _worker_publish(creds.workers)
-        subscribe = [inbox]
+        mine = _health(WORKER_SERVICES, creds.workers, roll_call=False)
+        publish = _worker_publish(creds.workers) + mine
+        subscribe = [inbox, *mine, *_health(WORKER_SERVICES, (), roll_call=True), *HEALTH_MICRO]
+        responses = True  # health answers only: it subscribes to nothing else with a reply
     elif creds.role == "gateway":
         publish = [f"jobs.*.*.{subjects.NO_WORKER}.{name}" for name in GATEWAY_JOB_EVENTS]
         publish += ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$O.>", "cumulus.dead.>"]
@@ -207,6 +228,9 @@ def permissions(creds: Credentials) -> dict[str, Any]:
         subscribe = ["cumulus.api.*.*", "cumulus.api.*.upload.*", "cumulus.observe.>"]
         subscribe += ["cumulus.secrets.*.get"]
         subscribe += ["$SRV.>", inbox]
+        health = _health(["gateway"], ["*"], roll_call=True)
+        publish += health
+        subscribe += health
         responses = True
     else:  # scheduler
         publish = [f"jobs.*.*.*.{name}" for name in SCHEDULER_JOB_EVENTS]
@@ -215,6 +239,9 @@ def permissions(creds: Credentials) -> dict[str, Any]:
         publish += [subjects.ELECTED, f"$KV.{subjects.LEASE_BUCKET}.>"]
         publish += ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "cumulus.dead.>", "$SRV.>"]
         subscribe = ["cumulus.scheduler.>", "cumulus.consumers.*.create", "$SRV.>", inbox]
+        health = _health(["scheduler"], ["*"], roll_call=True)
+        publish += health
+        subscribe += health
         responses = True
     block: dict[str, Any] = {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
     if responses:

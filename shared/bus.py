@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -172,31 +173,167 @@ async def connect(
     timeout: float = 5.0,
     credentials: str = "",
     reconnected: Callable[[], Awaitable[None]] | None = None,
+    startup_timeout: float = 0.0,
 ) -> Client:
-    """Connect with reconnects forever: a bus restart must not kill a service. With
+    """Connect, and reconnect forever: a bus restart must not kill a service. With
     `credentials` (a file shared/auth.py wrote), as that identity, over TLS where it says.
-    A permission the server refuses is logged (nats-py does not raise it). `reconnected` is
-    called after each reconnection."""
+
+    While the bus cannot be reached, first or later, each attempt waits a little longer
+    (RECONNECT_FIRST_S doubling up to RECONNECT_MAX_S) and the log gets one line when it is
+    lost, a summary at most every BUS_SUMMARY_EVERY_S, and one line when it is back (`_Link`).
+    The first connection gives up after `startup_timeout` seconds (0: never) with
+    BusUnreachable. A permission the server refuses is logged (nats-py does not raise it).
+    `reconnected` is called after each reconnection."""
     creds = auth.load_credentials(credentials) if credentials else None
-    extra: dict[str, Any] = {"reconnected_cb": reconnected} if reconnected else {}
-    return await nats.connect(
+    link = _Link(url, name, reconnected)
+    nc = Client()
+    link.nc = nc
+    attempt = nc.connect(
         servers=url.split(","),
         name=name,
-        connect_timeout=timeout,
+        connect_timeout=timeout,  # type: ignore[arg-type]  # typed int, takes seconds as float
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.25,
+        reconnect_time_wait=0,  # the wait is the link's backoff, in its error callback
         allow_reconnect=True,
-        error_cb=_log_error,
-        **extra,
+        error_cb=link.error,
+        disconnected_cb=link.disconnected,
+        reconnected_cb=link.reconnected,
         **auth.connect_options(creds),
     )
+    try:
+        if startup_timeout > 0:
+            await asyncio.wait_for(attempt, startup_timeout)
+        else:
+            await attempt
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 1.0)
+        if isinstance(exc, asyncio.TimeoutError):
+            raise BusUnreachable(
+                f"Cannot reach the bus at {url} within nats.startup_timeout ({startup_timeout:g} "
+                f"s; {link.attempts} attempts, last error: {link.last_error or 'none'}): start "
+                "nats-server there, or fix nats.url (0 waits forever)",
+            ) from None
+        raise
+    link.connected = True
+    link.up("connected to the bus")
+    return nc
 
 
+class BusUnreachable(Unavailable):
+    """The bus could not be reached before `nats.startup_timeout`."""
+
+
+RECONNECT_FIRST_S = 0.25
+RECONNECT_MAX_S = 2.0
+"""Backoff between attempts to reach the bus: from the first, doubling, capped (each with
++-20 % jitter, so a fleet does not knock in step). The cap is how long a service may take to
+notice that its bus is back."""
+BUS_SUMMARY_EVERY_S = 60.0
+"""While the bus stays away, one summary line per connection at most this often."""
 BUS_ERROR_EVERY_S = 10.0
-"""The same bus error (a server away: every reconnect attempt fails alike) is logged at most
-once in this time, with a count of those left out: a bus down must not flood the logs."""
+"""The same bus error while connected (a slow consumer, a permission refused) is logged at
+most once in this time, with a count of those left out: a fault must not flood the logs."""
 _bus_errors: dict[str, tuple[float, int]] = {}
 """Each error's text -> (when it was last logged, how many were left out since)."""
+CONNECTION_LOST: tuple[type[Exception], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+)
+"""What nats-py reports as a connection ends: the link's "lost" line tells it, not a line each."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:300]
+
+
+class _Link:
+    """One connection's account of its bus, told in few lines and no tracebacks.
+
+    nats-py calls `error` for each failed attempt to reach the server (the first connection
+    and reconnections alike) and awaits it before the next attempt: the backoff is a sleep
+    here. `disconnected` and `reconnected` mark the loss and the return.
+    """
+
+    def __init__(
+        self, url: str, name: str, reconnected: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        self.url, self.name = url, name
+        self.nc: Client | None = None
+        self.connected = False
+        self.lost_at: float | None = None
+        """When the bus was lost (monotonic; None while connected)."""
+        self.attempts = 0
+        self.last_error = ""
+        self.summarized = 0.0
+        self.backoff = RECONNECT_FIRST_S
+        self.on_reconnected = reconnected
+
+    def _fields(self, **more: object) -> dict[str, Any]:
+        return {"fields": {"connection": self.name, "url": self.url, **more}}
+
+    def _away_s(self) -> float:
+        return round(time.monotonic() - (self.lost_at or time.monotonic()), 1)
+
+    async def error(self, exc: Exception) -> None:
+        if self.connected:
+            if isinstance(exc, CONNECTION_LOST):
+                self.last_error = _describe(exc)  # `disconnected` says it next
+                return
+            await _log_error(exc)
+            return
+        self.attempts += 1
+        self.last_error = _describe(exc)
+        now = time.monotonic()
+        if self.lost_at is None:  # the first connection's first failure
+            self.lost_at = self.summarized = now
+            log.warning(
+                "cannot reach the bus; retrying until it comes",
+                extra=self._fields(error=self.last_error),
+            )
+        elif now - self.summarized >= BUS_SUMMARY_EVERY_S:
+            self.summarized = now
+            log.warning(
+                "the bus is still away",
+                extra=self._fields(
+                    attempts=self.attempts, away_s=self._away_s(), error=self.last_error
+                ),
+            )
+        delay = self.backoff * random.uniform(0.8, 1.2)
+        self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
+        await asyncio.sleep(delay)
+
+    async def disconnected(self) -> None:
+        if self.nc is None or self.nc.is_closed or not self.connected:
+            return  # closed on purpose, or never connected
+        self.connected = False
+        self.lost_at = self.summarized = time.monotonic()
+        self.attempts = 0
+        self.backoff = RECONNECT_FIRST_S
+        log.warning(
+            "lost the bus; reconnecting", extra=self._fields(error=self.last_error or "closed")
+        )
+
+    async def reconnected(self) -> None:
+        self.connected = True
+        self.up("connected to the bus again")
+        if self.on_reconnected is not None:
+            await self.on_reconnected()
+
+    def up(self, line: str) -> None:
+        """The line of a connection made; after a wait, with what the wait took."""
+        if self.lost_at is None:
+            log.info(line, extra=self._fields())
+        else:
+            log.info(line, extra=self._fields(attempts=self.attempts, away_s=self._away_s()))
+        self.lost_at = None
+        self.attempts = 0
+        self.last_error = ""
+        self.backoff = RECONNECT_FIRST_S
 
 
 async def _log_error(exc: Exception) -> None:
@@ -213,13 +350,14 @@ async def _log_error(exc: Exception) -> None:
     log.warning("bus error: %s%s", exc, more)
 
 
-async def wait_streams(js: JetStreamContext, timeout: float = 60.0) -> None:
+async def wait_streams(js: JetStreamContext, timeout: float | None = 60.0) -> None:
     """Until the streams and buckets exist (a worker may not create them: the control plane
-    does, shared/auth.py). A cluster still electing its leaders answers 503 meanwhile."""
+    does, shared/auth.py), for up to `timeout` seconds (None: as long as it takes). A cluster
+    still electing its leaders answers 503 meanwhile."""
     names = [c.name for c in STREAMS if c.name] + [
         f"OBJ_{subjects.CODE_BUCKET}",
     ]
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
     for name in names:
         while True:
             try:

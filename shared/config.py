@@ -56,7 +56,11 @@ class NatsConfig(_Section):
     url: str = "nats://127.0.0.1:4222"
     """Where the bus is; a comma-separated list for a cluster."""
     connect_timeout: Seconds = 5.0
-    """Seconds to wait for the first connection to the bus."""
+    """Seconds one attempt to reach the bus may take (a TCP connect and the NATS handshake)."""
+    startup_timeout: SecondsOrOff = 300.0
+    """Seconds a starting service waits for its bus before it exits, status 1, with a line
+    naming the URL (0: wait forever). Meanwhile it retries with backoff, quietly
+    (docs/operations.md, "The bus away")."""
     credentials: str = ""
     """This process's credentials file (written by `cumulus up` / `cumulus users add`): its
     identity's nkey seed, inbox prefix and TLS files. Empty: connect without an identity."""

@@ -18,6 +18,8 @@ from shared.telemetry import setup_logging, start_metrics
 T = TypeVar("T")
 EXIT_USAGE = 2
 """What a bad command line or configuration exits with (argparse's own code)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C before the service took its signals (shared/lifecycle.py has the rest)."""
 
 
 def configured(name: str, argv: list[str] | None, description: str | None) -> Config | None:
@@ -58,5 +60,8 @@ def run_service(cls: type[EventService[Any]], argv: list[str] | None = None) -> 
     except ConfigError as exc:
         print(f"cumulus {cls.name}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    run_loop(service.run_forever())
+    try:
+        run_loop(service.run_forever())
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
+        return EXIT_INTERRUPTED
     return 0

@@ -2,7 +2,8 @@
 scrape reads from live services.
 
 Every process registers prometheus_client's default collectors (process CPU and RSS, Python's
-GC); `start` serves them with the rest on `<bind>:<port>/metrics`. Labels are bounded: status,
+GC); `start` serves them with the rest on `<bind>:<port>/metrics`, and the process's health
+checks on `/healthz` and `/readyz` beside it (shared/health.py). Labels are bounded: status,
 phase, stream, service, consumer, worker and device, never a job id. The job-latency
 histograms carry the job's trace id as an exemplar (OpenMetrics exposition), so a slow job in
 Grafana links to its trace.
@@ -17,13 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import socketserver
 import threading
+import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
@@ -171,14 +178,59 @@ _start_lock = threading.Lock()
 
 
 def start(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve /metrics on `addr:port` (0: off); once per port in a process."""
+    """Serve /metrics on `addr:port` (0: off), and the process's `/healthz` and `/readyz`
+    beside it (shared/health.py); once per port in a process. Any other path is /metrics, as
+    prometheus_client serves it."""
     if not port:
         return
     with _start_lock:
         if port in _started:
             return
-        start_http_server(port, addr=addr)
+        _Server.address_family = _family(addr, port)
+        httpd = make_server(addr, port, _app(), _Server, handler_class=_Quiet)
+        threading.Thread(target=httpd.serve_forever, name=f"metrics-{port}", daemon=True).start()
         _started.add(port)
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _app() -> WsgiApp:
+    metrics_app: WsgiApp = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)
+        from shared import health
+
+        status, body = health.http(path, parse_qs(environ.get("QUERY_STRING", "")))
+        start_response(
+            f"{status} {HTTPStatus(status).phrase}",
+            [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+        )
+        return [body]
+
+    return app
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request: a slow scrape never holds up a health check."""
+
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log: a supervisor asks every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _family(addr: str, port: int) -> socket.AddressFamily:
+    """IPv6 for an IPv6 address (`::`), else IPv4."""
+    infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM)
+    return infos[0][0] if infos else socket.AF_INET
 
 
 class NatsCollector:
@@ -246,10 +298,28 @@ _nats: NatsCollector | None = None
 
 
 def watch_nats(monitor_port: int) -> None:
-    """Serve nats-server's figures (its monitoring port on loopback) with this process's."""
+    """Serve nats-server's figures (its monitoring port on loopback) with this process's,
+    and its `/healthz` as this process's readiness (`cumulus up`: shared/health.py)."""
     global _nats
     if _nats is None:
         _nats = NatsCollector(monitor_port)
         REGISTRY.register(_nats)
+        from shared import health
+
+        health.check_also("nats", _nats_health)
     else:
         _nats.base = f"http://127.0.0.1:{monitor_port}"
+
+
+def _nats_health() -> str:
+    """Why the stack's nats-server is not healthy ("" when it is)."""
+    if _nats is None:
+        return "not watched"
+    try:
+        with urllib.request.urlopen(_nats.base + "/healthz", timeout=2) as reply:
+            reply.read()
+    except urllib.error.HTTPError as exc:
+        return f"nats-server's /healthz answers {exc.code}: {exc.read()[:200]!r}"
+    except OSError as exc:
+        return f"nats-server does not answer at {_nats.base} ({exc})"
+    return ""

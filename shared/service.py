@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Sequence
@@ -52,7 +51,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shared import bus, events, metrics, subjects, tracing, trust
+from shared import bus, events, health, lifecycle, metrics, subjects, tracing, trust
 from shared.config import Config
 from shared.errors import EventLogError, MalformedEvent, ResourceExhausted, Unavailable
 from shared.eventlog import Batch, EventLog, OutboxRow
@@ -72,6 +71,9 @@ log = logging.getLogger(__name__)
 
 STOP_STEP_S = 10.0
 """Longest wait for each step of a stop, so a stuck effect cannot hang a shutdown."""
+STOP_S = 3.5
+"""Longest a whole stop takes: its steps share it (the bus away, a stuck effect), and what
+is cut short is in the log and the outbox for the next start (shared/lifecycle.py)."""
 DRAIN_S = 2.0
 """How long a stop lets the relay publish what is committed; the outbox keeps the rest."""
 LAG_EVERY_S = 2.0
@@ -137,6 +139,8 @@ class EventService(Generic[S]):
         self._spawned: set[asyncio.Task[Any]] = set()
         self._pullers: list[bus.Puller] = []
         self._stopping = asyncio.Event()
+        self._stop_by = float("inf")
+        """When the stop under way must be done (monotonic); `_stop_left`."""
         self._reconcile_wanted = asyncio.Event()
         self._progress = asyncio.Event()
         self.paused = False
@@ -394,12 +398,14 @@ class EventService(Generic[S]):
             timeout=self.config.nats.connect_timeout,
             credentials=self.config.nats.credentials,
             reconnected=self._reconnected,
+            startup_timeout=self.config.nats.startup_timeout,
         )
         self.js = self.nc.jetstream()
+        await health.serve(self)  # alive/ready on the bus and the metrics port
         if self.creates_streams:
             await bus.ensure_streams(self.js, self.config.retention, self.config.nats.replicas)
         else:
-            await bus.wait_streams(self.js)
+            await bus.wait_streams(self.js, self.config.nats.startup_timeout or None)
         await self.after_connect()
         self._relay = OutboxRelay(self.js, self.eventlog, self.name)
         self._relay.put(await self.eventlog.pending_outbox())
@@ -447,32 +453,38 @@ class EventService(Generic[S]):
         the bus and the log close, which gives the writer lock back.
         """
         self._stopping.set()
+        self._stop_by = time.monotonic() + STOP_S
         await self._stop_pullers()
         await self._end_loops()
-        await _cancel(self._spawned)
+        await _cancel(self._spawned, self._stop_left())
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.on_stop(), STOP_STEP_S)
-        if self._relay is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._relay.drained(), DRAIN_S)
+            await asyncio.wait_for(self.on_stop(), self._stop_left())
+        if self._relay is not None and self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(asyncio.TimeoutError):  # the bus away: the outbox keeps it
+                await asyncio.wait_for(self._relay.drained(), min(DRAIN_S, self._stop_left()))
         await self._release()
         if tracing.enabled():  # the last spans, exported (bounded: tracing.FLUSH_S)
             await asyncio.to_thread(tracing.flush)
 
+    def _stop_left(self) -> float:
+        """Seconds a step of the stop may take: STOP_STEP_S, within what is left of STOP_S
+        (a little at least, so each step gets its chance to end)."""
+        return max(0.1, min(STOP_STEP_S, self._stop_by - time.monotonic()))
+
     async def _stop_pullers(self) -> None:
         for puller in self._pullers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(puller.stop(), STOP_STEP_S)
+                await asyncio.wait_for(puller.stop(), self._stop_left())
         self._pullers.clear()
 
     async def _end_loops(self) -> None:
         # Under the write lock no batch is between its apply and its commit.
         acquired = False
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._write.acquire(), STOP_STEP_S)
+            await asyncio.wait_for(self._write.acquire(), self._stop_left())
             acquired = True
         try:
-            await _cancel(self._loops)
+            await _cancel(self._loops, self._stop_left())
         finally:
             if acquired:
                 self._write.release()
@@ -480,15 +492,15 @@ class EventService(Generic[S]):
     async def _release(self) -> None:
         """Close everything `start` opened, in any state it got to."""
         await self._stop_pullers()
-        await _cancel(self._loops)
+        await _cancel(self._loops, self._stop_left())
         self._loops.clear()
-        await _cancel(self._spawned)
+        await _cancel(self._spawned, self._stop_left())
         if self._relay_task is not None:
-            await _cancel([self._relay_task])
+            await _cancel([self._relay_task], self._stop_left())
             self._relay_task = None
         if self.nc is not None and not self.nc.is_closed:
             try:
-                await asyncio.wait_for(self.nc.drain(), STOP_STEP_S)
+                await asyncio.wait_for(self.nc.drain(), self._stop_left())
             except Exception:
                 with contextlib.suppress(Exception):
                     await self.nc.close()
@@ -497,20 +509,36 @@ class EventService(Generic[S]):
             self.eventlog = None
 
     async def run_forever(self) -> None:
-        """Start, serve until SIGINT/SIGTERM, stop cleanly.
+        """Start, serve until SIGINT/SIGTERM, stop cleanly (shared/lifecycle.py: a signal is
+        taken in every state, waiting for the bus included; the process ends within 5 s).
 
         A database that cannot be opened (another copy holds it, or it is unreadable) ends
         the process with one line naming the file, and exit status 1. So does a consumer that
         failed unexpectedly (after a clean stop): a supervisor restarts the service, whose
         replay is the safe way back.
         """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stopping.set)
+        lifecycle.on_signals(self.name, self._stopping.set)
+        starting = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not starting.done():  # a signal while it replays or waits for its bus
+            self._stop_by = time.monotonic() + STOP_S
+            starting.cancel()  # `start` gives back what it took
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
         try:
-            await self.start()
+            starting.result()
         except EventLogError as exc:
             raise SystemExit(f"cumulus {self.name}: {exc.message}") from None
+        except Unavailable as exc:  # the bus did not come (nats.startup_timeout)
+            raise SystemExit(f"cumulus {self.name}: {exc.message}") from None
+        except bus.CONNECTION_LOST as exc:  # the bus went away while it started
+            raise SystemExit(
+                f"cumulus {self.name}: the bus went away while it started ({exc!r}); "
+                "a restart tries again"
+            ) from None
         await self._stopping.wait()
         await self.stop()
         if self.exit_message:
@@ -909,11 +937,11 @@ class EventService(Generic[S]):
                 self._reconcile_wanted.set()
 
 
-async def _cancel(tasks: Collection[asyncio.Task[Any]]) -> None:
-    """Cancel `tasks` and wait for them, boundedly."""
+async def _cancel(tasks: Collection[asyncio.Task[Any]], within: float = STOP_STEP_S) -> None:
+    """Cancel `tasks` and wait for them, for `within` seconds at most."""
     pending = list(tasks)
     for task in pending:
         task.cancel()
     if pending:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), STOP_STEP_S)
+            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), within)

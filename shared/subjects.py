@@ -11,6 +11,7 @@ Consumers      cumulus.consumers.<worker_id>.create         a worker asks for it
 Election       jobs._._._.elected                     stream JOBS (`SchedulerElected`)
 Lease          $KV.cumulus-scheduler.leader                 KV bucket: the active scheduler
 Dead letters   cumulus.dead.<service>                       stream DEAD
+Health         cumulus.health.<service>[.<instance>]        NATS micro service "cumulus-health"
 
 The user is the second token so that a NATS permission on `jobs.<user>.>` lets a user read
 only its own jobs. The worker is the fourth token so that a worker's consumer filters its own
@@ -159,6 +160,15 @@ def code_object(user: str, code_ref: str) -> str:
 
 def dead(service: str) -> str:
     return f"cumulus.dead.{service}"
+
+
+HEALTH_PREFIX = "cumulus.health"
+
+
+def health(service: str, instance: str = "") -> str:
+    """Where one process's `service` answers whether it is alive and ready
+    (shared/health.py); without `instance`, the roll call every instance answers."""
+    return f"{HEALTH_PREFIX}.{service}.{instance}" if instance else f"{HEALTH_PREFIX}.{service}"
 
 
 def parse_job_subject(subject: str) -> tuple[str, str, str, str]:

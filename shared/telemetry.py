@@ -6,8 +6,11 @@ Tracing (OTel spans, the W3C trace context carried in events) is shared/tracing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import stat
 import sys
 import time
 from typing import Any
@@ -95,7 +98,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
     """Logs to stderr: `fmt` json (one object a line) or text; `level` a logging level name in
-    any case (the config's `logging` section, validated at load)."""
+    any case (the config's `logging` section, validated at load). Where stderr (and stdout) is
+    a file, its path is noted for `reopen_logs` (SIGHUP)."""
+    _log_files.clear()
+    for fd in (1, 2):
+        if path := _file_of(fd):
+            _log_files[fd] = path
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -106,8 +114,56 @@ def setup_logging(service: str, level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
 
 
+_log_files: dict[int, str] = {}
+"""Standard output and error (1, 2) -> the path of the regular file each was opened on."""
+
+
+def _file_of(fd: int) -> str:
+    """The path of the regular file `fd` writes to ("" for a terminal, pipe or socket)."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+    return path if path.startswith("/") and not path.endswith(" (deleted)") else ""
+
+
+def reopen_logs() -> None:
+    """SIGHUP: open the log file again by its path, as logrotate expects after it renamed it.
+
+    Cumulus logs to stderr; a supervisor that sends it to a file (`>> file`, systemd's
+    `StandardError=append:`, `cumulus up`'s logs/) opened the file. Standard error (and
+    standard output, where it is a file) is reopened at the path it had at the start, in
+    append mode, and the rest of the log goes there. Logs to a terminal or a pipe (journald,
+    docker logs) have nothing to reopen: a line says so."""
+    log = logging.getLogger(__name__)
+    if not _log_files:
+        log.info("SIGHUP: the log is not a file; nothing to reopen")
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    reopened = []
+    for fd, path in _log_files.items():
+        try:
+            new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            log.warning(
+                "SIGHUP: cannot reopen the log file",
+                extra={"fields": {"path": path, "error": str(exc)}},
+            )
+            continue
+        os.dup2(new, fd)
+        os.close(new)
+        reopened.append(path)
+    if reopened:
+        log.info("log file reopened", extra={"fields": {"paths": sorted(set(reopened))}})
+
+
 def start_metrics(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve /metrics on `addr:port` (0: off), with every metric of shared/metrics.py."""
+    """Serve /metrics on `addr:port` (0: off), with every metric of shared/metrics.py, and
+    the process's /healthz and /readyz beside it (shared/health.py)."""
     from shared import metrics
 
     metrics.start(port, addr)

@@ -11,8 +11,10 @@
     cumulus profile list | show [NAME] | use NAME                your profiles (config.toml)
     cumulus completion bash|zsh|fish                             a shell completion script
     cumulus jobs | workers | health                              tables (--json for scripts)
+    cumulus health --service NAME [--ready] [--config F]         a process alive/ready: exit 0/1
     cumulus events [SUBJECT]                                     live tail, like `nats sub 'jobs.>'`
     cumulus dashboard [--port N] [--bind HOST]                   live web page; prints its URL
+    cumulus doctor [--config F] [--json]                         check a deployment, with fixes
     cumulus users add NAME | users list                          identities (operator)
     cumulus certs init DIR | certs issue DIR NAME [--server --host H]   CA and certificates
     cumulus nats-config --name N --peer H:P ... --store-dir D --auth-dir A --cert/--key/--ca
@@ -112,10 +114,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(tail(args))
     if args.command in ("download", "profile", "completion"):
         return _client_tools(args)
+    if args.command == "doctor":
+        from cumulus.cli.doctor import doctor
+
+        return asyncio.run(doctor(args))
     if args.command == "dashboard":
         from cumulus.cli.dashboard import dashboard
 
         return asyncio.run(dashboard(args))
+    return _views(args)
+
+
+def _views(args: argparse.Namespace) -> int:
+    """The read-only views; `health --service NAME` asks one service (cumulus/cli/health.py)."""
+    if args.command == "health":
+        from cumulus.cli.health import service_health, wants_service
+
+        if wants_service(args):
+            return asyncio.run(service_health(args))
     from cumulus.cli.views import look
 
     return asyncio.run(look(args))

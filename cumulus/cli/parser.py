@@ -208,9 +208,15 @@ def _view_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="every user's jobs (an observer's or operator's profile only)",
     )
     p.add_argument("--json", action="store_true")
-    for name, text in (("workers", "workers and their GPU shares"), ("health", "API health")):
+    for name, text in (
+        ("workers", "workers and their GPU shares"),
+        ("health", "API health; --service NAME: one service alive (exit 0) or not (1)"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
+    from cumulus.cli import health
+
+    health.add_options(p)  # the last parser made: `health`
     p = sub.add_parser("events", help="live tail of events, like `nats sub 'jobs.>'`")
     p.add_argument(
         "subject", nargs="?", default="jobs.>", help="jobs.> (history), logs.> (output), results.>"
@@ -336,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cumulus.cli import natsconfig
 
     natsconfig.add_parser(sub)
-    from cumulus.cli import completion, download, profiles
+    from cumulus.cli import completion, doctor, download, profiles
 
+    doctor.add_parser(sub)
     download.add_parser(sub)
     profiles.add_parser(sub)
     completion.add_parser(sub)

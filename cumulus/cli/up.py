@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import shutil
 import signal
 import sys
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cumulus import AsyncClient, _profiles
 from cumulus.cli.access import StackRecord, remove_record, write_record
-from cumulus.cli.exits import EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
+from cumulus.cli.exits import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, UsageError
 from shared import auth
 
 if TYPE_CHECKING:
@@ -204,6 +205,65 @@ def _supervise(stack: Stack, stop: asyncio.Event, lost: list[str], recorded: boo
     stack.on_failure = failed
 
 
+async def _start(stack: Stack, stop: asyncio.Event) -> int | None:
+    """Start the stack; None once it runs, else the exit status: 2 when another stack holds
+    the data dir or the port (nothing of it touched), 1 when a process exited at start, 0
+    when a signal came first (what had started is stopped by the caller)."""
+    from services.stack import StackInUse
+
+    starting = asyncio.ensure_future(stack.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        return 0
+    try:
+        starting.result()
+    except StackInUse as exc:  # the other stack is left as it was
+        print(f"cumulus: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except RuntimeError as exc:  # a process exited at start; its own line says why
+        print(f"cumulus: {exc}", file=sys.stderr)
+        return 1
+    return None
+
+
+def _take_signals(stack: Stack, stop: asyncio.Event) -> None:
+    """SIGINT/SIGTERM set `stop`; a second one while the stack stops ends it at once."""
+
+    def stopping() -> None:
+        if stop.is_set():
+            _hurry(stack)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping)
+
+
+def _stop(stack: Stack) -> None:
+    """Stop the stack (its services together, within about 5 s: services/stack.py). The stop
+    blocks the event loop, so a second signal meanwhile is taken in the main thread."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, lambda *_: _hurry(stack))
+    stack.stop()
+
+
+def _hurry(stack: Stack) -> None:
+    """A second SIGINT/SIGTERM: SIGKILL the stack's processes and exit now (130). Their
+    next start replays what this cut short; a job the process backend ran dies with its
+    partition (`cumulus up` docs)."""
+    print("cumulus: stopping now (second signal): processes killed", file=sys.stderr, flush=True)
+    stack.kill_all()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def _ca_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.ca).absolute() if args.ca else None
 
@@ -220,7 +280,7 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
 
     Exits 2 when another stack holds the data dir or the port (nothing of it touched), 6 when
     the stack's nats-server cannot be kept up."""
-    from services.stack import Stack, StackInUse
+    from services.stack import Stack
 
     scratch = demo and not args.data_dir
     data_dir = Path(
@@ -250,21 +310,14 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
     if args.metrics_port is not None:
         stack.env["CUMULUS_METRICS_PORT"] = str(args.metrics_port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _take_signals(stack, stop)
     lost: list[str] = []
     _supervise(stack, stop, lost, recorded=not demo)
     print(f"starting Cumulus in {data_dir} …", flush=True)
     try:
-        try:
-            await stack.start()
-        except StackInUse as exc:  # the other stack is left as it was
-            print(f"cumulus: {exc}", file=sys.stderr, flush=True)
-            return EXIT_USAGE
-        except RuntimeError as exc:  # a process exited at start; its own line says why
-            print(f"cumulus: {exc}", file=sys.stderr)
-            return 1
+        failed = await _start(stack, stop)
+        if failed is not None:
+            return failed
         devices = stack.devices or (stack.config.worker.devices if stack.config else "")
         _banner(stack.url, len(stack.workers), devices, data_dir)
         say_backend(stack)
@@ -292,6 +345,7 @@ async def up(args: argparse.Namespace, demo: bool) -> int:
             print("stopping Cumulus (and its jobs) …", flush=True)
         if "nats" in stack.procs and stack.procs["nats"].popen is not None:
             remove_record(stack.procs["nats"].pid)
-        stack.stop()
+        stop.set()
+        _stop(stack)
         if scratch:
             shutil.rmtree(data_dir, ignore_errors=True)

@@ -109,6 +109,8 @@ class Partitioner(EventService[States]):
 
     async def _beat(self, heartbeat: ev.WorkerHeartbeat) -> None:
         assert self.js is not None
+        if self.nc is not None and not self.nc.is_connected:
+            return  # the bus away: no one to hear it, and the bus's own lines say so
         await bus.publish(self.js, heartbeat)
 
     @property
