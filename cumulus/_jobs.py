@@ -84,6 +84,11 @@ ROUTE_BYTES = 8 * 1024 * 1024
 go on with the job's own replay (a job printing much output that nobody reads yet)."""
 ROUTE_QUIET_S = 30.0
 """A route with nothing new this long hands its handle over to the job's own replay."""
+QUEUED_QUIET_S = 300.0
+"""The same bound while the job's newest event says it waits in the queue (`submitted`,
+`queued`): a queue may rightly hold a job for minutes, and a burst of queued handles each
+taking a replay of its own was what the feed is there to spare."""
+WAITING = (f".{ev.JobSubmitted.name}", f".{ev.JobQueued.name}")
 
 
 class WatchReply(msgspec.Struct, kw_only=True):
@@ -348,7 +353,7 @@ async def _routed(
     too, and None about every second while nothing comes, for the end's deadline), after
     `last` (per stream, updated as they go). Ends where the route cannot go on: the job's own
     replay goes on from `last`."""
-    index, first = 0, True
+    index, first, quiet = 0, True, ROUTE_QUIET_S
     since = time.monotonic()
     while not route.lost:
         arrived = route._arrived
@@ -359,6 +364,8 @@ async def _routed(
                 first = False
                 if not msg.subject.endswith("." + ev.JobSubmitted.name):
                     return  # the job was submitted before: the route lacks its beginning
+            if stream == subjects.JOBS_STREAM:
+                quiet = QUEUED_QUIET_S if msg.subject.endswith(WAITING) else ROUTE_QUIET_S
             if stream == subjects.LOGS_STREAM and not logs or seq <= last.get(stream, 0):
                 continue
             last[stream] = seq
@@ -366,11 +373,12 @@ async def _routed(
         if not route.items and time.monotonic() - since > FEED_WAIT_S:
             return
         if route.items and not logs:
-            # No deadline to keep, but a bound: a route quiet for ROUTE_QUIET_S hands over to
-            # the job's own replay (a long job costs one consumer then; a burst of short ones
-            # none), so no fault of the feed can leave a handle waiting for ever.
+            # No deadline to keep, but a bound: a route quiet for ROUTE_QUIET_S (QUEUED_QUIET_S
+            # while the job waits in the queue) hands over to the job's own replay (a long job
+            # costs one consumer then; a burst of short ones none), so no fault of the feed can
+            # leave a handle waiting for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrived.wait(), ROUTE_QUIET_S)
+                await asyncio.wait_for(arrived.wait(), quiet)
             if not arrived.is_set():
                 return
             continue

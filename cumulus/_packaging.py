@@ -194,6 +194,7 @@ def package_function(
         files["function.pkl"] = _source_call(func, module_name, tuple(args), dict(kwargs or {}))
     else:
         files = {"function.pkl": _pickled_call(func, tuple(args), dict(kwargs or {}))}
+        manifest["cloudpickle"] = cloudpickle.__version__  # the job's must load what it made
     files[MANIFEST] = json.dumps(manifest).encode()
     return _zip(files)
 

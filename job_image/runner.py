@@ -479,7 +479,7 @@ def run(job_dir: Path) -> int:
             return status
     except BaseException as exc:
         envelope = _error_envelope(exc, "run", work)
-        if hint := _import_hint(exc):  # the traceback stays as Python printed it
+        if hint := _import_hint(exc) or getattr(exc, "__cumulus_hint__", ""):  # same traceback
             envelope["message"] = _cut(f"{envelope['message']}: {hint}")
         _emit(nonce, envelope)
         return EXIT_USER_ERROR
@@ -493,7 +493,18 @@ def _call(manifest: dict[str, Any], work: Path, job_dir: Path) -> Any:
         import cloudpickle
 
         with open(work / manifest.get("pickle", "function.pkl"), "rb") as f:
-            func, args, kwargs = cloudpickle.load(f)
+            try:
+                func, args, kwargs = cloudpickle.load(f)
+            except Exception as exc:
+                made = manifest.get("cloudpickle")
+                if made and made != cloudpickle.__version__:
+                    exc.__cumulus_hint__ = (  # type: ignore[attr-defined]
+                        f"the function was pickled with cloudpickle {made} and the job has "
+                        f"cloudpickle {cloudpickle.__version__}, which may not load it: install "
+                        f"cloudpickle=={cloudpickle.__version__} where you submit from, or "
+                        f"rebuild the job image (infra/images/build-images.sh) with {made}"
+                    )
+                raise
         if warm_map := os.environ.get("CUMULUS_MAP"):  # the worker's runner says so
             from job_image.warm import run_map
 

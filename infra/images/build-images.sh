@@ -80,10 +80,13 @@ for py in python3 .venv/bin/python; do
     if command -v "$py" >/dev/null 2>&1 && "$py" -m pip --version >/dev/null 2>&1; then PIP=$py; break; fi
 done
 if [ -z "$PIP" ] && python3 -m venv "$CTX/venv" >/dev/null 2>&1; then PIP="$CTX/venv/bin/python"; fi
-# Where the client's versions are installed (pins, and the copy when there is no index).
+# Where the client's versions are installed (pins, and the copy when there is no index): the
+# checkout's .venv (scripts/install.sh), or $CUMULUS_SDK_PYTHON. Never another Python's
+# site-packages: a cloudpickle older than the client's cannot load its functions. Without one,
+# the index's newest, which is what a fresh install of the SDK gets.
 LOCAL=""
-for py in .venv/bin/python python3; do
-    if command -v "$py" >/dev/null 2>&1; then LOCAL=$py; break; fi
+for py in ${CUMULUS_SDK_PYTHON:-} .venv/bin/python; do
+    if [ -x "$py" ] || command -v "$py" >/dev/null 2>&1; then LOCAL=$py; break; fi
 done
 VERSIONS=""
 [ -z "$LOCAL" ] || VERSIONS=$("$LOCAL" - $DISTS <<'PY' 2>/dev/null || true

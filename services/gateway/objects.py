@@ -161,6 +161,10 @@ class CodeStore:
                 self._sized(name, req.size)
                 return UploadReply(stored=True, received=req.size)
             await self._check_quota(user, req, quota)
+            if len(req.data) == req.size:  # the whole package in one chunk: no spool file
+                self._uploads.pop((user, req.code_ref), None)
+                kind = await self._keep(user, name, req.data, req.size, quota)
+                return UploadReply(stored=True, received=req.size, kind=kind)
         # From here to the chunk's write nothing is awaited: chunks sent back to back are
         # written in the order they came (see the module's docstring).
         upload = self._assemble(user, req)
@@ -168,7 +172,10 @@ class CodeStore:
             return UploadReply(stored=False, received=upload.received, gateway=self.instance)
         del self._uploads[(user, req.code_ref)]
         try:
-            kind = await self._keep(user, name, upload, quota)
+            upload.file.close()
+            if upload.digest.hexdigest() != req.code_ref:
+                raise InvalidArgument("Code package does not match its code_ref (sha256)")
+            kind = await self._keep(user, name, upload.path, upload.size, quota)
         finally:
             upload.discard()
         return UploadReply(stored=True, received=upload.size, kind=kind)
@@ -239,21 +246,25 @@ class CodeStore:
         if total > quota:
             raise _over_quota(req.size, total, quota, self.code_ttl_s)
 
-    async def _keep(self, user: str, name: str, upload: _Upload, quota: int) -> str:
-        """Check a whole package (from its spool file) and stream it into the store; nothing
-        is stored if a check fails."""
-        if upload.digest.hexdigest() != name.split(".", 1)[1]:
-            raise InvalidArgument("Code package does not match its code_ref (sha256)")
-        upload.file.close()
+    async def _keep(
+        self, user: str, name: str, package: Path | bytes, size: int, quota: int
+    ) -> str:
+        """Check a whole package (its spool file, or the bytes of a one-chunk upload, checked
+        in the loop: a small zip's directory) and stream it into the store; nothing is stored
+        if a check fails. A spool file's hash was checked as it came."""
+        limit = self.limits.max_unpacked_bytes
         try:
-            manifest = await asyncio.to_thread(
-                check_package, upload.path, self.limits.max_unpacked_bytes
-            )
+            if isinstance(package, bytes):
+                if hashlib.sha256(package).hexdigest() != name.split(".", 1)[1]:
+                    raise InvalidArgument("Code package does not match its code_ref (sha256)")
+                manifest = check_package(package, limit)
+            else:
+                manifest = await asyncio.to_thread(check_package, package, limit)
         except PackageError as exc:
             raise InvalidArgument(f"Invalid code package: {exc}") from None
         used = await self.used(user)
-        if used + upload.size > quota:
-            raise _over_quota(upload.size, used + upload.size, quota, self.code_ttl_s)
+        if used + size > quota:
+            raise _over_quota(size, used + size, quota, self.code_ttl_s)
         kind = str(manifest["kind"])
         store = await self.store()
         meta = js_api.ObjectMeta(
@@ -261,14 +272,17 @@ class CodeStore:
             headers={KIND_HEADER: [kind]},
             options=js_api.ObjectMetaOptions(max_chunk_size=STORE_CHUNK_BYTES),
         )
-        source = await asyncio.to_thread(open, upload.path, "rb")
-        try:
-            await store.put(name, source, meta=meta)
-        finally:
-            source.close()
-        self._used[user] = (used + upload.size, self._used[user][1])
+        if isinstance(package, bytes):
+            await store.put(name, package, meta=meta)
+        else:
+            source = await asyncio.to_thread(open, package, "rb")
+            try:
+                await store.put(name, source, meta=meta)
+            finally:
+                source.close()
+        self._used[user] = (used + size, self._used[user][1])
         self.remember(name, kind)
-        self._sized(name, upload.size)
+        self._sized(name, size)
         return kind
 
     def _sized(self, name: str, size: int) -> None:

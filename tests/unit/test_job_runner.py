@@ -239,3 +239,26 @@ def test_a_large_result_survives_the_runner_service_line_reader(tmp_path: Path) 
     results = [r for r in (parse_frame(line, job.nonce) for line in lines) if r is not None]
     assert len(results) == 1
     assert results[0][1]["data"] == "x" * 60_000
+
+
+def test_a_pickle_the_jobs_cloudpickle_cannot_load_names_both_versions(tmp_path: Path) -> None:
+    # What a job image with another cloudpickle than the client's meets: a pickle that refers
+    # to a function its cloudpickle lacks (as 3.x pickles do for 2.x: `_function_setstate`).
+    import io
+    import json
+    import zipfile
+
+    # protocol 4: the global cloudpickle._no_such_setstate_x (STACK_GLOBAL), then STOP
+    data = b"\x80\x04\x8c\x0bcloudpickle\x94\x8c\x13_no_such_setstate_x\x94\x93\x94."
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("function.pkl", data)
+        manifest = {"kind": "function", "pickle": "function.pkl", "cloudpickle": "0.0.1"}
+        archive.writestr("cumulus.json", json.dumps(manifest))
+    job = Job(tmp_path, buf.getvalue())
+    done = job.run()
+    assert done.returncode == 1, done.stderr
+    [(_, envelope)] = job.results(done.stdout)
+    assert envelope["type"] == "AttributeError"  # the type stays the user's to see
+    assert "pickled with cloudpickle 0.0.1" in envelope["message"]
+    assert "build-images.sh" in envelope["message"]
