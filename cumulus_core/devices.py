@@ -17,7 +17,7 @@ import os
 import re
 import uuid
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -114,6 +114,33 @@ def discover_devices(spec: str | None = None, backend: str | None = None) -> lis
     return parse_virtual_spec(virtual_spec)
 
 
+class NvmlQueries(Protocol):
+    """The NVML calls discovery makes (pynvml's names); recorded answers stand in for tests."""
+
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
+    def nvmlDeviceGetName(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetUUID(self, handle: Any) -> Any: ...
+
+
+def nvml_devices(nvml: NvmlQueries) -> list[Device]:
+    """The Devices NVML reports, in its index order; NVML must already be initialised."""
+    devices = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        devices.append(
+            Device(
+                index=index,
+                name=_text(nvml.nvmlDeviceGetName(handle)),
+                memory_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+                kind="nvidia",
+                uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            )
+        )
+    return devices
+
+
 def _nvidia_devices() -> tuple[list[Device], str]:
     """NVIDIA GPUs via NVML, or none and the reason; pynvml is imported only if installed."""
     try:
@@ -125,19 +152,7 @@ def _nvidia_devices() -> tuple[list[Device], str]:
     except pynvml.NVMLError as err:
         return [], f"NVML failed to start: {err}"
     try:
-        devices = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            devices.append(
-                Device(
-                    index=index,
-                    name=_text(pynvml.nvmlDeviceGetName(handle)),
-                    memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
-                    kind="nvidia",
-                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
-                )
-            )
-        return devices, "NVML reports no devices"
+        return nvml_devices(pynvml), "NVML reports no devices"
     except pynvml.NVMLError as err:
         return [], f"NVML query failed: {err}"
     finally:
