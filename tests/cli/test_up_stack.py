@@ -374,7 +374,9 @@ def test_an_up_killed_with_sigkill_leaves_its_data_dir_locked_while_its_processe
         for pid in _holders_of(lock):
             os.kill(pid, signal.SIGKILL)
     _until("the orphans are gone", lambda: not _holders_of(lock), 20)
-    assert _lock_free(lock)
+    # A process killed is gone from /proc's fd tables a moment before the kernel drops its
+    # flock (its files are released at the end of its exit): the lock frees within a bound.
+    _until("the lock is free", lambda: _lock_free(lock), 5)
 
 
 def _holders_of(path: Path) -> set[int]:
