@@ -49,8 +49,8 @@ SLACK_SHARE = 0.1
 bus hops between services (~1 ms each), the end event's way to the client, clocks read at
 slightly different places. Here they cover about 97% of it."""
 OVERLAP_S = 0.02
-"""How much the phases may add up to beyond the measured latency: neighbours overlap by
-a few milliseconds where one ends after the next began (the submit's reply)."""
+"""How much neighbouring phases may overlap (with a tenth of the latency beyond it, for a
+loaded machine): where one ends after the next began (the submit's reply)."""
 
 
 def traced_work(x: int) -> int:
@@ -244,9 +244,16 @@ async def test_one_trace_across_every_service_and_the_job(
     total = sum(p.duration_s for p in phases)
     shown = {p.name: round(p.duration_s, 4) for p in phases}
     # The queue wait starts at the `submitted` event's time, a moment before the submit's
-    # reply ends `cumulus submit`: neighbours may overlap by a few milliseconds.
-    high = latency + OVERLAP_S
-    assert latency * (1 - SLACK_SHARE) - SLACK_S <= total <= high, (latency, total, shown)
+    # reply ends `cumulus submit`: neighbours overlap a little (tens of ms on a loaded
+    # machine). Less their overlaps, the phases fit inside the measured latency.
+    covered, end = 0, 0
+    for p in phases:  # the length of their union: what the phases cover once
+        covered += max(0, p.end_ns - max(p.start_ns, end))
+        end = max(end, p.end_ns)
+    union = covered / 1e9
+    assert union <= latency + 0.001, (latency, union, shown)
+    assert total - union <= OVERLAP_S + SLACK_SHARE * latency, (total, union, shown)
+    assert latency * (1 - SLACK_SHARE) - SLACK_S <= total, (latency, total, shown)
     assert phases[0].start_ns >= t0
     assert phases[-1].end_ns <= t1
     run, own = named["runner run"], named["job function"]
