@@ -82,10 +82,6 @@ class Doctor:
     def add(self, check: str, status: Status, detail: str, fix: str = "") -> None:
         self.findings.append(Finding(check, status, detail, fix))
 
-    @property
-    def failed(self) -> bool:
-        return any(f.status == "FAIL" for f in self.findings)
-
 
 # -- local checks --------------------------------------------------------------------------
 
@@ -511,11 +507,8 @@ async def _check_workers(doc: Doctor, client: AsyncClient) -> list[Any]:
         return []
     down = [w for w in workers if w.status != "ready"]
     now = time.time()
-    stale = [
-        w
-        for w in workers
-        if w.status == "ready" and w.last_seen and now - w.last_seen > 3 * _heartbeat_s(doc)
-    ]
+    late = 3 * doc.config.worker.heartbeat_s
+    stale = [w for w in workers if w.status == "ready" and w.last_seen and now - w.last_seen > late]
     if down:
         doc.add(
             "workers",
@@ -550,10 +543,6 @@ def _check_runners(doc: Doctor, workers: list[Any]) -> None:
                 "jobs are placed and never start",
                 f"start its runner (`cumulus worker` on {worker.hostname or 'its host'})",
             )
-
-
-def _heartbeat_s(doc: Doctor) -> float:
-    return float(doc.config.worker.heartbeat_s)
 
 
 async def _check_clocks(doc: Doctor, client: AsyncClient, workers: list[Any]) -> None:
@@ -649,9 +638,9 @@ async def doctor(args: argparse.Namespace) -> int:
         print(f"cumulus doctor: {exc.message}")
         return EXIT_USAGE
     findings = await diagnose(config, args.profile, args.timeout, args.url)
+    failed = any(f.status == "FAIL" for f in findings)
     if args.json:
-        failed = any(f.status == "FAIL" for f in findings)
         print(json.dumps({"ok": not failed, "checks": [asdict(f) for f in findings]}, indent=2))
     else:
         _print(findings)
-    return EXIT_FAILED if any(f.status == "FAIL" for f in findings) else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK

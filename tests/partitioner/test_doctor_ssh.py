@@ -20,6 +20,16 @@ pytestmark = pytest.mark.ssh
 CUMULUS = str(Path(sys.executable).parent / "cumulus")
 
 
+def doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CUMULUS, "doctor", "--json", "--timeout", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
 def test_doctor_names_the_agentless_workers_it_cannot_reach(sshd: Sshd, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger_key"  # a key the sshd has never seen
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
@@ -34,13 +44,7 @@ def test_doctor_names_the_agentless_workers_it_cannot_reach(sshd: Sshd, tmp_path
         "CUMULUS_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
         "CUMULUS_SSH_TIMEOUT": "3",
     }
-    out = subprocess.run(
-        [CUMULUS, "doctor", "--json", "--timeout", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    out = doctor(env)
     checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]}
     assert out.returncode == 1
     assert checks["ssh good"]["status"] == "ok", checks["ssh good"]
@@ -51,13 +55,7 @@ def test_doctor_names_the_agentless_workers_it_cannot_reach(sshd: Sshd, tmp_path
 
     env["CUMULUS_SSH_KEY_PATH"] = str(stranger)
     env["CUMULUS_SSH_WORKERS"] = f"good={sshd.address}"
-    out = subprocess.run(
-        [CUMULUS, "doctor", "--json", "--timeout", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    out = doctor(env)
     refused = {c["check"]: c for c in json.loads(out.stdout)["checks"]}["ssh good"]
     assert refused["status"] == "FAIL"
     assert "authorized_keys" in refused["fix"]
