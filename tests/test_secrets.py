@@ -340,3 +340,21 @@ def test_secrets_never_override_what_cumulus_sets() -> None:
     assert env["PATH"] == "/usr/bin"
     assert env["MODE"] == "x"
     assert env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+async def test_a_listing_always_shows_every_live_secret_and_leaves_no_consumer(
+    tmp_path: Path, nc: NatsClient, stack: Stack
+) -> None:
+    """Listings race the bus's delivery (CI once saw a user's only secret listed as []): many
+    at once each show exactly the live secrets, never a deleted one, and each listing's
+    consumer is gone after it."""
+    js = nc.jetstream()
+    store = await SecretStore.open(js, tmp_path / "g")
+    user = f"carol{secrets.token_hex(3)}"
+    for name in ("A_ONE", "B_TWO", "GONE"):
+        await store.put(user, name, "v")
+    await store.delete(user, "GONE")
+    before = (await js.stream_info("KV_cumulus-secrets")).state.consumer_count
+    listings = await asyncio.gather(*(store.names(user) for _ in range(300)))
+    assert [names for names in listings if names != ["A_ONE", "B_TWO"]] == []
+    assert (await js.stream_info("KV_cumulus-secrets")).state.consumer_count == before

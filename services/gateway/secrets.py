@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sqlite3
+import uuid
 from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -31,7 +32,13 @@ from typing import TypeVar
 import nats.errors
 from cryptography.fernet import Fernet, InvalidToken
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    StorageType,
+)
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -115,7 +122,8 @@ class SecretStore:
     """The users' secrets in the bucket, encrypted under this gateway's key. Every method is one
     or a few bus round trips; a bus that does not answer is UNAVAILABLE."""
 
-    def __init__(self, kv: KeyValue, key_file: Path) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, key_file: Path) -> None:
+        self.js = js
         self.kv = kv
         self.key_file = key_file
         self._fernet = Fernet(load_key(key_file))
@@ -136,7 +144,7 @@ class SecretStore:
                 description="Users' secrets, Fernet ciphertext (services/gateway/secrets.py)",
             )
             kv = await js.create_key_value(config=config)
-        store = cls(kv, data_dir / "secrets.key")
+        store = cls(js, kv, data_dir / "secrets.key")
         await store._migrate(data_dir / "secrets.sqlite")
         return store
 
@@ -173,16 +181,36 @@ class SecretStore:
         return await _call(self._names(user))
 
     async def _names(self, user: str) -> list[str]:
-        # A watch on `<user>.*` reads only this user's keys (the library's keys() scans all).
-        watcher = await self.kv.watch(f"{user}.*", ignore_deletes=True, meta_only=True)
+        # The last entry of each of `<user>.*`'s keys, through a pull consumer: it delivers
+        # nothing before it is asked, so its pending count at birth is exactly what there is
+        # to read. (The library's watch() and keys() decide "that was all" from a count read
+        # after delivery began, and could answer [] for a user who had secrets.)
+        stream, consumer = f"KV_{BUCKET}", f"secrets-{uuid.uuid4().hex}"
+        config = ConsumerConfig(
+            name=consumer,
+            filter_subject=f"$KV.{BUCKET}.{user}.*",
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            headers_only=True,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=CALL_TIMEOUT_S * 3,  # if the delete below is lost
+        )
+        left = (await self.js.add_consumer(stream, config=config)).num_pending or 0
         names: list[str] = []
         try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored
-                    break
-                names.append(entry.key.split(".", 1)[1])
+            sub = await self.js.pull_subscribe_bind(consumer=consumer, stream=stream)
+            try:
+                while left > 0:
+                    for msg in await sub.fetch(min(left, 256), timeout=CALL_TIMEOUT_S):
+                        left -= 1
+                        if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                            names.append(msg.subject.rsplit(".", 1)[1])
+            finally:
+                await sub.unsubscribe()
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(stream, consumer)
         return sorted(names)
 
     async def missing(self, user: str, names: Iterable[str]) -> list[str]:
