@@ -127,6 +127,10 @@ class WorkerConfig(_Section):
     """The most a job's `outputs/` folder may hold (a size) to be kept for `cumulus download`
     (in parts, in the RESULTS stream, for retention.results_ttl_s); a larger one is not kept,
     and the job's log says so."""
+    package_cache_bytes: str | int = "4GiB"
+    """The most the runner keeps of code packages on its disk (a size), under
+    `<data_dir>/runner-<worker>/packages/`: the least recently used go first, but never one
+    used in the last 10 minutes (a launch may be about to copy it)."""
     create_retries: Positive = 3
     """Attempts to create a partition (the seed: 3)."""
     create_backoff_s: SecondsOrOff = 1.0
@@ -147,6 +151,11 @@ class WorkerConfig(_Section):
     def output_bytes(self) -> int:
         """`max_output_bytes` in bytes (validated at load)."""
         return parse_size(str(self.max_output_bytes))
+
+    @property
+    def cache_bytes(self) -> int:
+        """`package_cache_bytes` in bytes (validated at load)."""
+        return parse_size(str(self.package_cache_bytes))
 
 
 class SshConfig(_Section):
@@ -490,10 +499,11 @@ def _check(config: Config, names: Mapping[str, str], path: str | Path | None) ->
 
 
 def _check_result_bytes(config: Config, names: Mapping[str, str], path: str | Path | None) -> None:
-    """Sizes of at least one byte: the worker's result and output bounds, the large-package
-    threshold."""
+    """Sizes of at least one byte: the worker's result and output bounds and package cache,
+    the large-package threshold."""
     sizes = {
-        f"worker.{n}": getattr(config.worker, n) for n in ("max_result_bytes", "max_output_bytes")
+        f"worker.{n}": getattr(config.worker, n)
+        for n in ("max_result_bytes", "max_output_bytes", "package_cache_bytes")
     }
     sizes["retention.large_code_bytes"] = config.retention.large_code_bytes
     for key, value in sizes.items():

@@ -40,9 +40,6 @@ from shared.telemetry import JOB_DURATION, WORKER_ACTIVE_JOBS
 
 log = logging.getLogger(__name__)
 
-PACKAGE_CACHE_BYTES = 4 * 1024 * 1024 * 1024
-"""Code packages kept on disk by content address (repeated and retried jobs reuse them),
-under `<data_dir>/runner-<worker>/packages/` (services/runner/jobdirs.py PackageCache)."""
 MAX_INLINE_RESULT = 256 * 1024
 """A larger result travels in parts (services/runner/results.py); the event carries a digest."""
 POLL_FAST_S = 0.005
@@ -73,7 +70,8 @@ class Runner(EventService[st.RunnerState]):
         self._busy: set[str] = set()
         """Jobs with a start or a watcher under way."""
         self._store: Any = None
-        self._packages = PackageCache(root / "packages", PACKAGE_CACHE_BYTES)
+        self._packages = PackageCache(root / "packages", self.config.worker.cache_bytes)
+        """Code packages by content address (repeated and retried jobs reuse them)."""
         self._masks: dict[str, list[str] | None] = {}
         """Running jobs' secret values to mask in their output (memory only, never logged
         or stored); None: they could not be fetched, so the output is withheld."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from services.runner.app import Runner
 from shared import config
 from shared.errors import ConfigError, InvalidArgument
 
@@ -229,6 +230,18 @@ def test_zero_where_zero_means_off_is_accepted() -> None:
     )
     assert cfg.worker.reap_interval_s == 0
     assert cfg.scheduler.reserve_after_s == 0
+
+
+def test_the_runners_package_cache_is_as_large_as_the_operator_says(tmp_path: Path) -> None:
+    environ = {"CUMULUS_WORKER_PACKAGE_CACHE_BYTES": "1GiB", "CUMULUS_DATA_DIR": str(tmp_path)}
+    runner = Runner(config.load(environ=environ))
+    assert runner._packages.limit == 1024**3
+    assert config.load(environ={}).worker.cache_bytes == 4 * 1024**3
+    for bad, expected in (("0", "at least 1 byte"), ("lots", "lots")):
+        with pytest.raises(ConfigError, match=expected) as info:
+            config.load(environ={"CUMULUS_WORKER_PACKAGE_CACHE_BYTES": bad})
+        assert info.value.key == "worker.package_cache_bytes"
+        assert "CUMULUS_WORKER_PACKAGE_CACHE_BYTES" in info.value.message
 
 
 def test_min_duration_above_max_is_refused(tmp_path: Path) -> None:
