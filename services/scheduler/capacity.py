@@ -8,10 +8,13 @@ choice among equals is deterministic.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from cumulus_core.amounts import TENTHS_PER_GPU
 from services.scheduler.inventory import WorkerState
+
+log = logging.getLogger(__name__)
 
 Slot = tuple[str, int]
 """(worker id, device index)."""
@@ -61,8 +64,18 @@ class Capacity:
         for device in worker.devices:
             slot = (worker_id, device.index)
             free = TENTHS_PER_GPU - sum(device.allocated.values())
-            if free < 0:
-                free = 0
+            if not 0 <= free <= TENTHS_PER_GPU:
+                # A bug's trace, never a reason to stop placing: the leader indexes on every
+                # event, and an exception here restarted it in a loop (seen once in the chaos
+                # run with free > 10). Counted as empty or whole, and said loudly.
+                if free > TENTHS_PER_GPU:
+                    log.error(
+                        "device %s of %s holds a negative share: %s",
+                        device.index,
+                        worker_id,
+                        device.allocated,
+                    )
+                free = min(max(free, 0), TENTHS_PER_GPU)
             by_free[free][slot] = None
             slots.append((slot, free))
             frees.append((device.index, free))
