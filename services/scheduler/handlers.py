@@ -27,6 +27,7 @@ from services.scheduler import placement
 from services.scheduler.state import JobState, SchedulerState
 from shared import events as ev
 from shared.errors import (
+    InvalidGpuAmount,
     ResourceExhausted,
     Unavailable,
     no_workers,
@@ -101,6 +102,10 @@ def queue_full(limit: int) -> ResourceExhausted:
 
 def admission_error(state: SchedulerState, tenths: int, policy: Policy) -> Exception | None:
     """Why a request must be refused at once, or None if it can be accepted."""
+    if not (0 < tenths < 10 or (tenths % 10 == 0 and 10 <= tenths <= 80)):
+        # The gateway refuses these; a `submitted` written on the bus by another hand is not
+        # placed (a share of -5 tenths made a device more than whole, and its index raised).
+        return InvalidGpuAmount(tenths / 10)
     if not state.has_live_workers():
         return no_workers()
     if not placement.fits_ever(state, tenths):

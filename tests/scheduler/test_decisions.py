@@ -86,6 +86,22 @@ def test_no_workers_is_unavailable_and_too_big_is_resource_exhausted() -> None:
     )
 
 
+@pytest.mark.parametrize("tenths", [-5, 0, 15, 90, 10**9])
+def test_a_submitted_with_an_invalid_share_from_the_bus_is_refused_and_holds_nothing(
+    tenths: int,
+) -> None:
+    d = Driver()
+    d.add_worker("w1", 2)
+    _, out = d.submit(tenths)
+    assert isinstance(out[0], ev.JobFailed)
+    assert out[0].code == "INVALID_ARGUMENT"
+    assert "Invalid GPU amount" in out[0].message
+    _, out = d.submit(10)  # the devices are as whole as before
+    assert isinstance(out[0], ev.WorkerSelected)
+    _, out = d.submit(10)
+    assert isinstance(out[0], ev.WorkerSelected)
+
+
 def test_queue_limit_is_resource_exhausted() -> None:
     d = Driver(queue_limit=2)
     d.add_worker("w1", 1)
