@@ -37,8 +37,13 @@ def parse_amount(value: str | int | float | Decimal) -> int:
         whole = int(tenths)
     except ArithmeticError:  # InvalidOperation, Overflow ("1e999999") and the like
         raise InvalidAmount(value) from None
-    if 1 <= whole < TENTHS_PER_GPU:
-        return whole
-    if whole % TENTHS_PER_GPU == 0 and 1 <= whole // TENTHS_PER_GPU <= MAX_WHOLE_GPUS:
+    if valid_tenths(whole):
         return whole
     raise InvalidAmount(value)
+
+
+def valid_tenths(tenths: int) -> bool:
+    """Whether `tenths` is a share of one device (1-9 tenths) or 1-8 whole devices."""
+    if 1 <= tenths < TENTHS_PER_GPU:
+        return True
+    return tenths % TENTHS_PER_GPU == 0 and 1 <= tenths // TENTHS_PER_GPU <= MAX_WHOLE_GPUS

@@ -64,18 +64,19 @@ class Capacity:
         for device in worker.devices:
             slot = (worker_id, device.index)
             free = TENTHS_PER_GPU - sum(device.allocated.values())
-            if not 0 <= free <= TENTHS_PER_GPU:
+            if free < 0:
+                free = 0
+            elif free > TENTHS_PER_GPU:
                 # A bug's trace, never a reason to stop placing: the leader indexes on every
-                # event, and an exception here restarted it in a loop (seen once in the chaos
-                # run with free > 10). Counted as empty or whole, and said loudly.
-                if free > TENTHS_PER_GPU:
-                    log.error(
-                        "device %s of %s holds a negative share: %s",
-                        device.index,
-                        worker_id,
-                        device.allocated,
-                    )
-                free = min(max(free, 0), TENTHS_PER_GPU)
+                # event, and an exception here restarted it in a loop (a share of -5 tenths
+                # forged on the bus, before the scheduler checked shares). Said loudly.
+                log.error(
+                    "device %s of %s holds a negative share: %s",
+                    device.index,
+                    worker_id,
+                    device.allocated,
+                )
+                free = TENTHS_PER_GPU
             by_free[free][slot] = None
             slots.append((slot, free))
             frees.append((device.index, free))

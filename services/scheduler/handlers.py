@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import singledispatch
 from typing import Any
 
-from cumulus_core.amounts import format_amount
+from cumulus_core.amounts import format_amount, valid_tenths
 from services.scheduler import placement
 from services.scheduler.state import JobState, SchedulerState
 from shared import events as ev
@@ -102,7 +102,7 @@ def queue_full(limit: int) -> ResourceExhausted:
 
 def admission_error(state: SchedulerState, tenths: int, policy: Policy) -> Exception | None:
     """Why a request must be refused at once, or None if it can be accepted."""
-    if not (0 < tenths < 10 or (tenths % 10 == 0 and 10 <= tenths <= 80)):
+    if not valid_tenths(tenths):
         # The gateway refuses these; a `submitted` written on the bus by another hand is not
         # placed (a share of -5 tenths made a device more than whole, and its index raised).
         return InvalidGpuAmount(tenths / 10)
