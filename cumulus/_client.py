@@ -301,7 +301,8 @@ class AsyncClient:
             body = {"filter": subject, "deliver": deliver, "from_seq": first}
             return await self._call(op, body, WatchReply)
 
-        async with contextlib.aclosing(watch_messages(self.nc, start, None)) as messages:
+        stream = subjects.stream_of(subject) or subjects.JOBS_STREAM
+        async with contextlib.aclosing(watch_messages(self.nc, stream, start, None)) as messages:
             async for _, msg in messages:
                 yield msg.subject, msg.data
 

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar, cast
 
@@ -105,18 +105,58 @@ class _Restart(Exception):
     """The replay lost its place (a gap, or silence): start again after the last event."""
 
 
+def deliver_to(inbox: str, stream: str) -> str:
+    """Where a replay's consumer over `stream` pushes: a subject of its own under the replay's
+    inbox. A replay of two streams (a job with its output, the feed) then tells whose heartbeat
+    it hears: one consumer lost with a server (an R1 watch consumer lives on one) is silence,
+    even while the other still beats."""
+    return f"{inbox}.{stream}"
+
+
+class _Inbox:
+    """A replay's subscriptions, one per stream's deliver subject (the server pushes a
+    consumer's messages to a subscriber of its exact deliver subject, not to a wildcard over
+    it), read as one queue."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+        self.inbox = nc.new_inbox()
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._subs: list[Any] = []
+
+    async def open(self, streams: Sequence[str]) -> None:
+        for stream in streams:
+            self._subs.append(
+                await self.nc.subscribe(deliver_to(self.inbox, stream), cb=self._queue.put)
+            )
+
+    async def next_msg(self, timeout: float) -> Msg:
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    def caught_up(self) -> bool:
+        """Nothing received is left unread."""
+        return self._queue.empty() and all(s.pending_msgs == 0 for s in self._subs)
+
+    async def close(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
 async def replay(
     nc: NatsClient,
     start: Callable[[str, Cursor], Coroutine[Any, Any, Cursor]],
+    streams: Sequence[str],
     *,
     follow: bool = True,
     ticks: bool = False,
     after: Cursor | None = None,
 ) -> AsyncGenerator[tuple[str, int, Msg] | None, None]:
     """(stream, stream sequence, message) of a replay the gateway pushes into a private inbox,
-    from one stream or several: `start(inbox, last)` asks for it from after `last` (per
-    stream; at first `after`, or nothing: from the first) and returns, per stream, the newest
-    sequence when it began. Without `follow`, up to those. With `ticks`, None about every
+    from one stream or several (`streams`): `start(inbox, last)` asks for it from after `last`
+    (per stream; at first `after`, or nothing: from the first), each stream's consumer
+    delivering to `deliver_to(inbox, stream)`, and returns, per stream, the newest sequence
+    when it began. Without `follow`, up to those. With `ticks`, None about every
     second while nothing arrives, for a reader with deadlines of its own. Resumes after a lost
     connection, a gap or a silent consumer for RESUME_WINDOW_S: nothing is lost, nothing is
     repeated."""
@@ -128,13 +168,13 @@ async def replay(
 
     resume_by = time.monotonic() + RESUME_WINDOW_S
     while not done():
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        inbox = _Inbox(nc)
         try:
-            began = await start(inbox, dict(last))
+            await inbox.open(streams)
+            began = await start(inbox.inbox, dict(last))
             if not follow and ends is None:
                 ends = began
-            async for item in _pushed(nc, sub, last, done, ticks):
+            async for item in _pushed(inbox, streams, last, done, ticks):
                 if item is not None:
                     resume_by = time.monotonic() + RESUME_WINDOW_S
                 yield item
@@ -147,26 +187,26 @@ async def replay(
                 ) from None
             await asyncio.sleep(0.25)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await inbox.close()
 
 
 async def watch_messages(
     nc: NatsClient,
+    stream: str,
     start: Callable[[str, int], Coroutine[Any, Any, WatchReply]],
     end: int | None,
     *,
     follow: bool = True,
 ) -> AsyncGenerator[tuple[int, Msg], None]:
-    """(stream sequence, message) of a replay of one stream (see `replay`): `start(inbox,
+    """(stream sequence, message) of a replay of one stream (see `replay`): `start(deliver,
     first_seq)` asks for it. Without `follow`, up to the newest message when it began; with
     `end`, up to that sequence."""
 
     async def begin(inbox: str, last: Cursor) -> Cursor:
-        reply = await start(inbox, max(last.values(), default=0) + 1)
+        reply = await start(deliver_to(inbox, stream), max(last.values(), default=0) + 1)
         return {reply.stream: reply.last_seq if end is None else end}
 
-    items = replay(nc, begin, follow=follow and end is None)
+    items = replay(nc, begin, [stream], follow=follow and end is None)
     async with contextlib.aclosing(items) as messages:
         async for item in messages:
             if item is not None:
@@ -174,27 +214,40 @@ async def watch_messages(
 
 
 async def _pushed(
-    nc: NatsClient, sub: Any, last: Cursor, done: Callable[[], bool], ticks: bool
+    inbox: _Inbox,
+    streams: Sequence[str],
+    last: Cursor,
+    done: Callable[[], bool],
+    ticks: bool,
 ) -> AsyncGenerator[tuple[str, int, Msg] | None, None]:
+    """The messages of a replay's consumers (one per stream in `streams`); _Restart on a gap,
+    or when any one of them is silent (neither a message nor a heartbeat) for SILENT_S."""
     delivered: Cursor = {}  # per stream (one consumer each), the consumer sequence
-    heard = time.monotonic()
+    heard: dict[str, float] = dict.fromkeys(streams, time.monotonic())
     while not done():
         try:
-            msg = await sub.next_msg(timeout=1.0)
-        except nats.errors.TimeoutError:
-            if time.monotonic() - heard > SILENT_S:
-                raise _Restart("no heartbeat") from None
+            msg = await inbox.next_msg(timeout=1.0)
+        except TimeoutError:
+            if quiet := _silent(heard):  # a second with nothing at all: all was read
+                raise _Restart(f"no heartbeat from the {quiet} consumer") from None
             if ticks:
                 yield None
             continue
-        heard = time.monotonic()
-        if not (msg.reply or "").startswith("$JS.ACK."):
-            await _control(nc, msg, delivered)
+        meta = msg.metadata if (msg.reply or "").startswith("$JS.ACK.") else None
+        # a status message comes on its consumer's deliver subject; a message, on its own
+        stream = msg.subject.rsplit(".", 1)[-1] if meta is None else meta.stream
+        heard[stream] = time.monotonic()
+        if inbox.caught_up() and _silent(heard):
+            # One consumer busy, the other silent? First read what the server sent up to
+            # now (a round trip: a heartbeat still unread comes before its answer).
+            await inbox.nc.flush(timeout=int(SILENT_S))
+            if inbox.caught_up() and (quiet := _silent(heard)):
+                raise _Restart(f"no heartbeat from the {quiet} consumer")
+        if meta is None:
+            await _control(inbox.nc, msg, stream, delivered)
             if ticks:
                 yield None
             continue
-        meta = msg.metadata
-        stream = meta.stream
         if meta.sequence.consumer != delivered.get(stream, 0) + 1:
             raise _Restart("gap")
         delivered[stream] = meta.sequence.consumer
@@ -205,7 +258,14 @@ async def _pushed(
         yield stream, seq, msg
 
 
-async def _control(nc: NatsClient, msg: Msg, delivered: Cursor) -> None:
+def _silent(heard: dict[str, float]) -> str:
+    """A stream whose consumer has sent neither a message nor a heartbeat for SILENT_S (its
+    server is gone, or it was removed: what it would have sent never comes); "" if none."""
+    now = time.monotonic()
+    return next((stream for stream, at in heard.items() if now - at > SILENT_S), "")
+
+
+async def _control(nc: NatsClient, msg: Msg, stream: str, delivered: Cursor) -> None:
     """A status message of the replay's consumers. A flow-control request is answered (where
     the gateway asks for flow control, the server sends no more until then: a large result's
     parts come no faster than this client takes them), and so is a heartbeat saying the
@@ -220,7 +280,7 @@ async def _control(nc: NatsClient, msg: Msg, delivered: Cursor) -> None:
     if stalled:
         await nc.publish(stalled, b"")
     sent = headers.get("Nats-Last-Consumer", "")
-    if sent.isdigit() and int(sent) > 0 and int(sent) not in delivered.values():
+    if sent.isdigit() and int(sent) > delivered.get(stream, 0):
         raise _Restart("gap before a heartbeat")
 
 
@@ -304,25 +364,27 @@ class Feed:
         began: Cursor = {}
         """Per stream, its newest message when the feed began: it resumes after it at least."""
 
-        async def watch(inbox: str, stream: str, last: Cursor) -> None:
-            body: dict[str, Any] = {"filter": filters[stream], "deliver": inbox}
+        async def watch(inbox: str, stream: str, last: Cursor) -> int:
+            body: dict[str, Any] = {"filter": filters[stream], "deliver": deliver_to(inbox, stream)}
             if stream in began:
                 body["from_seq"] = max(last.get(stream, 0), began[stream]) + 1
             else:
                 body["after_last"] = True
             reply = await self.client._call("watch", body, WatchReply)
             began.setdefault(stream, reply.last_seq)
+            return reply.last_seq
 
         async def start(inbox: str, last: Cursor) -> Cursor:
             if self._ready.done():
                 self._drop_routes()
-            await asyncio.gather(*(watch(inbox, stream, last) for stream in filters))
+            newest = await asyncio.gather(*(watch(inbox, stream, last) for stream in filters))
             if not self._ready.done():
                 self._ready.set_result(True)
-            return {}
+            return dict(zip(filters, newest, strict=True))
 
         try:
-            async with contextlib.aclosing(replay(self.client.nc, start)) as items:
+            feed = replay(self.client.nc, start, list(filters))
+            async with contextlib.aclosing(feed) as items:
                 async for item in items:
                     if item is None:
                         continue
@@ -518,14 +580,18 @@ class AsyncJob:
         """The job's events (with `logs`, its output lines too, from the LOGS stream) from the
         first; see `replay` and `_Ordered`."""
 
-        async def start(deliver: str, last: Cursor) -> Cursor:
+        async def start(inbox: str, last: Cursor) -> Cursor:
             body: dict[str, Any] = {
                 "job_id": self.job_id,
-                "deliver": deliver,
+                "deliver": deliver_to(inbox, subjects.JOBS_STREAM),
                 "from_seq": last.get(subjects.JOBS_STREAM, 0) + 1,
             }
             if logs:
-                body.update(logs=True, from_log_seq=last.get(subjects.LOGS_STREAM, 0) + 1)
+                body.update(
+                    logs=True,
+                    log_deliver=deliver_to(inbox, subjects.LOGS_STREAM),
+                    from_log_seq=last.get(subjects.LOGS_STREAM, 0) + 1,
+                )
             reply = await self.client._call("watch", body, WatchReply)
             ends = {subjects.JOBS_STREAM: reply.last_seq}
             if logs:
@@ -541,7 +607,8 @@ class AsyncJob:
                     for out in order.take(event, time.monotonic()):
                         yield out
             # the route cannot go on: the job's own replay goes on right after `last`
-        items = replay(self.client.nc, start, follow=follow, ticks=logs, after=last)
+        streams = [subjects.JOBS_STREAM, subjects.LOGS_STREAM] if logs else [subjects.JOBS_STREAM]
+        items = replay(self.client.nc, start, streams, follow=follow, ticks=logs, after=last)
         async with contextlib.aclosing(items) as messages:
             async for item in messages:
                 event = None if item is None else order.believe(item[2])
@@ -703,14 +770,15 @@ async def gather_parts(
     each message `take` accepts, until `into` is complete or none came for PART_WAIT_S (parts
     still on their way are waited for; the caller checks `into.complete`)."""
 
-    async def start(deliver: str, last: Cursor) -> Cursor:
+    async def start(inbox: str, last: Cursor) -> Cursor:
         first = last.get(subjects.RESULTS_STREAM, 0) + 1
+        deliver = deliver_to(inbox, subjects.RESULTS_STREAM)
         body = {"filter": subject, "deliver": deliver, "from_seq": first}
         reply = await job.client._call("watch", body, WatchReply)
         return {reply.stream: reply.last_seq}
 
     heard = time.monotonic()
-    items = replay(job.client.nc, start, ticks=True)
+    items = replay(job.client.nc, start, [subjects.RESULTS_STREAM], ticks=True)
     async with contextlib.aclosing(items) as messages:
         async for item in messages:
             part = None if item is None else take(item[2])

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import msgspec
 
-from cumulus._jobs import LOG_WAIT_S, AsyncJob, Logs, print_lines, replay
+from cumulus._jobs import LOG_WAIT_S, AsyncJob, Logs, deliver_to, print_lines, replay
 from cumulus._options import JobOptions
 from cumulus._packaging import package_function
 from shared import events as ev
@@ -239,16 +239,17 @@ class _Follower:
     async def results(self) -> None:
         filter_ = f"results.{self.client.user}.{self.job.job_id}.>"
 
-        async def start(deliver: str, last: dict[str, int]) -> dict[str, int]:
+        async def start(inbox: str, last: dict[str, int]) -> dict[str, int]:
             body = {
                 "filter": filter_,
-                "deliver": deliver,
+                "deliver": deliver_to(inbox, subjects.RESULTS_STREAM),
                 "from_seq": last.get(subjects.RESULTS_STREAM, 0) + 1,
             }
             reply = await self.client._call("watch", body, _WatchReply)
             return {reply.stream: reply.last_seq}
 
-        async with contextlib.aclosing(replay(self.client.nc, start)) as items:
+        answers = replay(self.client.nc, start, [subjects.RESULTS_STREAM])
+        async with contextlib.aclosing(answers) as items:
             async for item in items:
                 if item is None or not item[2].subject.endswith("." + subjects.MAP_EVENT):
                     continue

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from cumulus import AsyncClient
-from cumulus._jobs import Cursor, replay
+from cumulus._jobs import Cursor, deliver_to, replay
 from shared import events as ev
 from shared import subjects
 from shared.errors import CumulusError
@@ -156,16 +156,20 @@ class Board:
         began: dict[str, int] = {}
 
         async def start(inbox: str, last: Cursor) -> Cursor:
-            body: dict[str, Any] = {"filter": subject, "deliver": inbox}
+            body: dict[str, Any] = {
+                "filter": subject,
+                "deliver": deliver_to(inbox, subjects.JOBS_STREAM),
+            }
             if began:
                 body["from_seq"] = max(last.get(subjects.JOBS_STREAM, 0), began["seq"]) + 1
             else:
                 body["after_last"] = True
             reply = await self.client.request(op, body)
             began.setdefault("seq", int(reply.get("last_seq", 0)))
-            return {}
+            return {subjects.JOBS_STREAM: int(reply.get("last_seq", 0))}
 
-        async with contextlib.aclosing(replay(self.client.nc, start)) as items:
+        events = replay(self.client.nc, start, [subjects.JOBS_STREAM])
+        async with contextlib.aclosing(events) as items:
             async for item in items:
                 if item is not None:
                     yield item

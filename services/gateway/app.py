@@ -427,6 +427,8 @@ class Gateway(EventService[JobTable]):
         if req.job_id and not observer:
             req.job_id = await self._resolve(user, req.job_id)
         _subject(req.deliver, "deliver")
+        if req.log_deliver:
+            _subject(req.log_deliver, "log_deliver")
         if req.filter:
             _subject(req.filter, "filter")
         req.from_seq = max(1, min(req.from_seq, MAX_SEQ))

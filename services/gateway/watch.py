@@ -40,7 +40,11 @@ class WatchRequest(msgspec.Struct, kw_only=True):
     `results.<user>.>` (an observer's `cumulus.observe.watch`: any under `jobs.>`, `logs.>`,
     `results.>`)."""
     logs: bool = False
-    """With `job_id`: the job's output lines too (stream LOGS), into the same inbox."""
+    """With `job_id`: the job's output lines too (stream LOGS), into `log_deliver`."""
+    log_deliver: str = ""
+    """With `logs`: the caller's inbox subject the output lines are pushed to ("": `deliver`).
+    A subject of its own lets the caller tell the two consumers' heartbeats apart, and so
+    notice one of them lost while the other still beats."""
     from_log_seq: int = 1
     """Where in the LOGS stream the output starts (the stream sequence after the last line
     the caller has)."""
@@ -131,10 +135,11 @@ async def _push(js: JetStreamContext, stream: str, subject: str, deliver: str, f
 async def watch(
     js: JetStreamContext, user: str, req: WatchRequest, *, observer: bool = False
 ) -> WatchReply:
-    if not inbox_allowed(user, req.deliver, observer):
-        raise InvalidArgument(
-            f"Watch delivery to {req.deliver!r} refused: use your own inbox", field="deliver"
-        )
+    for field, deliver in (("deliver", req.deliver), ("log_deliver", req.log_deliver)):
+        if (deliver or field == "deliver") and not inbox_allowed(user, deliver, observer):
+            raise InvalidArgument(
+                f"Watch delivery to {deliver!r} refused: use your own inbox", field=field
+            )
     if observer or req.filter:
         subject = _filter(user, req, observer)
         stream = subjects.stream_of(subject)
@@ -156,5 +161,6 @@ async def watch(
     if req.logs:
         output = subjects.job_logs(req.job_id, user)
         reply.last_log_seq = await _last(js, subjects.LOGS_STREAM, output) or 0
-        await _push(js, subjects.LOGS_STREAM, output, req.deliver, req.from_log_seq)
+        deliver = req.log_deliver or req.deliver
+        await _push(js, subjects.LOGS_STREAM, output, deliver, req.from_log_seq)
     return reply

@@ -258,9 +258,12 @@ async def test_jobs_survive_the_job_stream_leader_killed(
         for i in range(3, 10):  # submitted during the election and after
             await submit(i)
             await asyncio.sleep(0.3)
-        results = await asyncio.wait_for(
-            asyncio.gather(*(job.result(timeout=90) for job in jobs)), 100
-        )
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(job.result(timeout=90) for job in jobs)), 100
+            )
+        except TimeoutError as exc:
+            raise AssertionError(await _why_unfinished(nats_cluster, services, jobs)) from exc
         assert results == [i + 1 for i in range(10)]
         finished_at = time.time()
         services.check_alive()
@@ -362,6 +365,24 @@ async def _job_stream(nc: NatsClient) -> list[tuple[float, str, str]]:
                 return out
     finally:
         await sub.unsubscribe()
+
+
+async def _why_unfinished(cluster: NatsCluster, services: Services, jobs: list[Any]) -> str:
+    """What the stream holds of each job that has not ended, and what the services warned."""
+    admin = await connect(cluster, "admin", "admin")
+    try:
+        stored = await _job_stream(admin)
+    finally:
+        await admin.close()
+    lines = []
+    for job in jobs:
+        names = [name for _, job_id, name in stored if job_id == job.job_id]
+        if not any(name in TERMINAL for name in names):
+            lines.append(f"{job.job_id} unfinished; stored: {names}")
+    for name, proc in services.procs.items():
+        said = proc.log_path.read_text(errors="replace").splitlines()
+        lines += [f"{name}: {line[:300]}" for line in said if '"level": "info"' not in line][-30:]
+    return "\n".join(lines)
 
 
 def _largest_gap(stored: list[tuple[float, str, str]], since: float, until: float) -> float:

@@ -223,6 +223,10 @@ def plausible(fuzz: Fuzz) -> dict[str, st.SearchStrategy[Any]]:
         "from_seq": st.integers(min_value=-5, max_value=2**64 + 5),
         "logs": st.booleans(),
         "from_log_seq": st.integers(min_value=-5, max_value=2**64 + 5),
+        "log_deliver": st.sampled_from(
+            ["", "_INBOX.user.fuzz.abc.LOGS", "_INBOX.user.other.x", "logs.x"]
+        )
+        | (tokens | nasty).map(lambda t: f"_INBOX.user.{USER}.{t}"),
         "filter": st.sampled_from(
             ["", "jobs.fuzz.>", "jobs.fuzz.*.*.*", "jobs.>", "jobs.other.>", "jobs.fuzz.a b"]
             + ["logs.fuzz.>", "results.fuzz.>", "logs.>"]
@@ -255,7 +259,7 @@ FIELDS = {
     "jobs": ["user", "status", "limit"],
     "workers": [],
     "health": [],
-    "watch": ["job_id", "deliver", "from_seq", "filter", "logs", "from_log_seq"],
+    "watch": ["job_id", "deliver", "from_seq", "filter", "logs", "from_log_seq", "log_deliver"],
     "upload": ["code_ref", "size", "offset", "data"],
     "secret_put": ["name", "value"],
     "secret_list": [],

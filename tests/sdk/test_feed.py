@@ -16,6 +16,7 @@ import pytest
 import cumulus._jobs as jobs_mod
 from cumulus import AsyncClient, package_function
 from services.stack import Stack
+from shared import subjects
 from shared.errors import InvalidArgument
 
 BURST = 300
@@ -24,6 +25,14 @@ BURST = 300
 
 def echo(x: int) -> int:
     return x
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    print("napping", flush=True)
+    time.sleep(seconds)
+    return seconds
 
 
 def chatty(n: int) -> int:
@@ -86,6 +95,50 @@ async def test_handles_go_on_with_the_jobs_replay_when_the_feed_stops(stack: Sta
         assert len(out.getvalue().splitlines()) == 3
         # the next submit starts a new feed
         assert await client.run(echo, 7, gpu=0.1, logs=None) == 7
+
+
+async def _lose_job_watches(stack: Stack) -> list[str]:
+    """Remove every watch consumer over the job stream, as a server's death takes its R1
+    consumers (those over the output stream keep beating). The names removed."""
+    admin = await stack.connect()
+    try:
+        js = admin.jetstream()
+        names = [
+            c.name
+            for c in await js.consumers_info(subjects.JOBS_STREAM)
+            if c.name.startswith("watch-")
+        ]
+        for name in names:
+            await js.delete_consumer(subjects.JOBS_STREAM, name)
+        return names
+    finally:
+        await admin.close()
+
+
+async def test_a_feed_that_loses_its_job_consumer_hands_its_jobs_to_their_replay(
+    stack: Stack,
+) -> None:
+    async with AsyncClient(profile=stack.profile()) as client:
+        job = await client.submit(nap, 3.0, gpu=0.1)
+        assert await _lose_job_watches(stack)  # the feed's, its output one still beating
+        # The feed hears nothing from its job consumer: within SILENT_S it starts again and
+        # the handle goes on with the job's own replay, long before its route would give up.
+        assert await job.result(timeout=25) == 3.0
+        assert await client.run(echo, 8, gpu=0.1, logs=None, timeout=30) == 8
+
+
+async def test_a_jobs_replay_that_loses_its_event_consumer_starts_again(stack: Stack) -> None:
+    async with AsyncClient(profile=stack.profile()) as client:
+        job = client.get_job((await client.submit(nap, 4.0, gpu=0.1)).job_id)  # no route
+        out = io.StringIO()
+        waiting = asyncio.create_task(job.result(timeout=40, logs=out))
+        deadline = asyncio.get_running_loop().time() + 20
+        while "napping" not in out.getvalue():  # its replay (events and output) has begun
+            assert asyncio.get_running_loop().time() < deadline, "no output within 20 s"
+            await asyncio.sleep(0.1)
+        assert await _lose_job_watches(stack)  # the feed's and the replay's event consumer
+        assert await waiting == 4.0
+        assert out.getvalue().splitlines() == ["napping"]
 
 
 async def test_a_submit_of_a_job_id_used_before_follows_the_jobs_replay(stack: Stack) -> None:
