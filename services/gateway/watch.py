@@ -80,6 +80,13 @@ def inbox_allowed(user: str, deliver: str, observer: bool) -> bool:
     return not observer and role == "user" and name == user
 
 
+def _own_inbox(user: str, deliver: str, observer: bool, field: str) -> None:
+    if not inbox_allowed(user, deliver, observer):
+        raise InvalidArgument(
+            f"Watch delivery to {deliver!r} refused: use your own inbox", field=field
+        )
+
+
 def _filter(user: str, req: WatchRequest, observer: bool) -> str:
     """The subject a watch by filter follows, checked: the caller's own (any, for observers),
     under a prefix of a job stream."""
@@ -135,11 +142,9 @@ async def _push(js: JetStreamContext, stream: str, subject: str, deliver: str, f
 async def watch(
     js: JetStreamContext, user: str, req: WatchRequest, *, observer: bool = False
 ) -> WatchReply:
-    for field, deliver in (("deliver", req.deliver), ("log_deliver", req.log_deliver)):
-        if (deliver or field == "deliver") and not inbox_allowed(user, deliver, observer):
-            raise InvalidArgument(
-                f"Watch delivery to {deliver!r} refused: use your own inbox", field=field
-            )
+    _own_inbox(user, req.deliver, observer, "deliver")
+    if req.log_deliver:
+        _own_inbox(user, req.log_deliver, observer, "log_deliver")
     if observer or req.filter:
         subject = _filter(user, req, observer)
         stream = subjects.stream_of(subject)
